@@ -1,0 +1,100 @@
+"""CNN image classifier: stages of Conv2D -> norm -> ReLU, max-pooling between stages, then
+global average pooling, dropout and a linear classifier. Any input size, any class count."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import keras
+import tensorflow as tf
+
+from tfmstep.data import images as image_data
+from tfmstep.errors import UserError
+from tfmstep.registry import register
+
+NORMS = ("batch", "group", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class CNNConfig:
+    # Data. image_shape/num_classes of None take the dataset's own.
+    dataset: str = image_data.OFFLINE_DATASET  # "digits" (offline) | TFDS name | "npz"
+    data_file: str = ""  # for dataset="npz"
+    image_shape: Optional[tuple[int, ...]] = None  # (height, width, channels)
+    num_classes: Optional[int] = None
+    augment: bool = False  # random crop + horizontal flip (natural images, not digits)
+    # Model.
+    filters: tuple[int, ...] = (32, 64)  # one stage per entry
+    convs_per_stage: int = 2
+    norm: str = "batch"
+    groups: int = 8  # for norm="group"
+    dropout: float = 0.1
+    l2: float = 0.0  # kernel L2; AdamW weight decay (trainer flag) is usually the better knob
+
+    def __post_init__(self):
+        if self.norm not in NORMS:
+            raise UserError(f"bad norm {self.norm!r}; choose one of {', '.join(NORMS)}")
+        if not self.filters or min(self.filters) < 1 or self.convs_per_stage < 1:
+            raise UserError("filters must be a non-empty tuple of positive ints, convs_per_stage >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.image_shape is not None and (len(self.image_shape) != 3 or min(self.image_shape) < 1):
+            raise UserError(f"image_shape must be (height, width, channels), got {self.image_shape}")
+
+    def resolved(self) -> "CNNConfig":
+        """Fill image_shape/num_classes from the dataset when they are not set."""
+        if self.image_shape is not None and self.num_classes is not None:
+            return self
+        train_images, train_labels = image_data.load_arrays(self.dataset, self.data_file)["train"]
+        return dataclasses.replace(
+            self, image_shape=self.image_shape or tuple(int(d) for d in train_images.shape[1:]),
+            num_classes=self.num_classes or int(train_labels.max()) + 1)
+
+
+def classification_loss(labels, logits):
+    """Per-example sparse cross-entropy and accuracy."""
+    logits = tf.cast(logits, tf.float32)
+    loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.cast(labels, tf.int32),
+                                                          logits=logits)
+    correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), tf.cast(labels, tf.int32)),
+                      tf.float32)
+    return loss, {"accuracy": correct}
+
+
+def cnn_dataset(config: CNNConfig, split: str, batch_size: int, seed: int = 0, start_batch: int = 0):
+    config = config.resolved()
+    arrays = image_data.load_arrays(config.dataset, config.data_file)
+    images, labels = arrays["train" if split == "train" else "test"]
+    return image_data.make_dataset(images, labels, config.image_shape, split, batch_size, seed,
+                                   start_batch, config.augment)
+
+
+@register("cnn_classifier", config_class=CNNConfig, loss=classification_loss, dataset=cnn_dataset,
+          presets={
+              "tiny": dict(filters=(8,), convs_per_stage=1, dropout=0.0),
+              "cifar10": dict(dataset="cifar10", filters=(32, 64, 128), augment=True),
+          })
+def build_cnn_classifier(config: CNNConfig) -> keras.Model:
+    """Conv2D classifier of images (BatchNorm/GroupNorm, dropout, L2); outputs logits."""
+    config = config.resolved()
+    regularizer = keras.regularizers.L2(config.l2) if config.l2 else None
+    inputs = keras.Input(shape=config.image_shape, name="images")
+    x = inputs
+    for stage, width in enumerate(config.filters):
+        for i in range(config.convs_per_stage):
+            x = keras.layers.Conv2D(width, 3, padding="same", use_bias=config.norm == "none",
+                                    kernel_regularizer=regularizer, name=f"stage{stage}_conv{i}")(x)
+            if config.norm == "batch":
+                x = keras.layers.BatchNormalization(name=f"stage{stage}_bn{i}")(x)
+            elif config.norm == "group":
+                x = keras.layers.GroupNormalization(min(config.groups, width), name=f"stage{stage}_gn{i}")(x)
+            x = keras.layers.ReLU()(x)
+        if stage < len(config.filters) - 1 and min(x.shape[1], x.shape[2]) >= 2:
+            x = keras.layers.MaxPooling2D(name=f"stage{stage}_pool")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    if config.dropout:
+        x = keras.layers.Dropout(config.dropout)(x)
+    logits = keras.layers.Dense(config.num_classes, kernel_regularizer=regularizer, dtype="float32",
+                                name="logits")(x)
+    return keras.Model(inputs, logits, name="cnn_classifier")

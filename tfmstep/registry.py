@@ -1,0 +1,156 @@
+"""One registry of model families: a builder, its config dataclass, presets, loss and data.
+
+A family registers itself with ``@register(...)`` on its builder. Everything else -- ``tfmstep.build``,
+the trainer, the export module, the tests -- looks models up here, so a new model is usable (and tested)
+by being registered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, Callable, Mapping
+
+from tfmstep.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """What the rest of the package needs to know about one model family.
+
+    build:    config -> keras.Model (ordinary Keras model; ``model.fit`` works too).
+    loss:     (labels, outputs) -> (per_example_loss [B], {metric: per_example_value [B]}).
+              Per-example values let the shared step scale correctly across replicas.
+    dataset:  (config, split, batch_size, seed, start_batch) -> tf.data.Dataset of (inputs, labels).
+              The "train" split is infinite and batch k depends only on (seed, k): that is what makes
+              resume exact. Other splits are finite and ordered.
+    """
+
+    name: str
+    config_class: type
+    build: Callable[[Any], Any]
+    loss: Callable[[Any, Any], tuple]
+    dataset: Callable[..., Any]
+    presets: Mapping[str, Mapping[str, Any]]
+    description: str = ""
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(name: str, *, config_class: type, loss: Callable, dataset: Callable,
+             presets: Mapping[str, Mapping[str, Any]] | None = None) -> Callable:
+    """Decorator: ``@register("cnn_classifier", config_class=..., loss=..., dataset=...)`` on a builder."""
+    if not dataclasses.is_dataclass(config_class):
+        raise TypeError(f"config_class for {name!r} must be a dataclass")
+
+    def decorate(build_fn: Callable) -> Callable:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is registered twice")
+        presets_ = dict(presets or {})
+        presets_.setdefault("default", {})
+        for preset_name, values in presets_.items():  # presets are checked once, at import
+            _apply_overrides(config_class(), values, f"preset {name}/{preset_name}")
+        doc = (build_fn.__doc__ or "").strip().splitlines()
+        _REGISTRY[name] = ModelSpec(name, config_class, build_fn, loss, dataset, presets_,
+                                    doc[0] if doc else "")
+        return build_fn
+
+    return decorate
+
+
+def _ensure_models_imported() -> None:
+    import tfmstep.models  # noqa: F401  (registers the built-in families)
+
+
+def list_models() -> list[str]:
+    _ensure_models_imported()
+    return sorted(_REGISTRY)
+
+
+def get_spec(name: str) -> ModelSpec:
+    _ensure_models_imported()
+    if name not in _REGISTRY:
+        raise UserError(f"unknown model {name!r}; registered models: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def get_config(name: str, preset: str = "default", **overrides: Any):
+    """The config dataclass of ``name`` with ``preset`` applied, then ``overrides``."""
+    spec = get_spec(name)
+    if preset not in spec.presets:
+        raise UserError(f"unknown preset {preset!r} for model {name!r}; "
+                        f"presets: {', '.join(sorted(spec.presets))}")
+    config = _apply_overrides(spec.config_class(), spec.presets[preset], f"preset {preset!r}")
+    return _apply_overrides(config, overrides, f"model {name!r}")
+
+
+def build(name: str, preset: str = "default", **overrides: Any):
+    """Build registered model ``name`` (a ``keras.Model``) from its preset and overrides."""
+    spec = get_spec(name)
+    return spec.build(get_config(name, preset, **overrides))
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, str]:
+    """``["depth=3", "dropout=0.1"]`` -> ``{"depth": "3", "dropout": "0.1"}`` (values coerced later)."""
+    overrides = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"bad --config value {item!r}: expected key=value")
+        overrides[key.strip()] = value.strip()
+    return overrides
+
+
+def _apply_overrides(config, overrides: Mapping[str, Any], where: str):
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    hints = typing.get_type_hints(type(config))
+    values = {}
+    for key, value in overrides.items():
+        if key not in fields:
+            raise UserError(f"unknown config field {key!r} for {where}; valid fields: "
+                            f"{', '.join(sorted(fields))}")
+        values[key] = _coerce(value, hints[key], key, where)
+    return dataclasses.replace(config, **values)
+
+
+def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
+    """Check (and, for strings from the command line, parse) one override against its field type."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Union:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() == "none"):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, where)
+    if origin is tuple:
+        elem = args[0] if args else str
+        if isinstance(value, str):
+            value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"bad value {value!r} for {key!r} in {where}: expected a tuple of "
+                            f"{elem.__name__}")
+        return tuple(_coerce(v.strip() if isinstance(v, str) else v, elem, key, where) for v in value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise UserError(f"bad value {value!r} for {key!r} in {where}: expected true/false")
+    if hint in (int, float):
+        if isinstance(value, bool):
+            raise UserError(f"bad value {value!r} for {key!r} in {where}: expected {hint.__name__}")
+        try:
+            if hint is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            converted = hint(value)
+        except (TypeError, ValueError):
+            raise UserError(f"bad value {value!r} for {key!r} in {where}: expected "
+                            f"{hint.__name__}") from None
+        return converted
+    if hint is str:
+        if not isinstance(value, str):
+            raise UserError(f"bad value {value!r} for {key!r} in {where}: expected str")
+        return value
+    return value

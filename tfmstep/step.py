@@ -1,0 +1,154 @@
+"""THE compiled training step, shared by every model in the zoo.
+
+``make_steps`` builds, for any registered model, a train function that runs ``steps_per_call`` optimizer
+steps in one ``tf.function`` call, and an eval function. Each single step (forward, backward, clipping and
+the optimizer update) is one XLA cluster when ``jit_compile`` is on. The multi-step loop around it is a
+plain ``tf.function`` ``while`` loop: measured on CPU, putting the loop itself under XLA was much slower
+than looping over single jitted steps (see DESIGN.md). Under a ``tf.distribute.Strategy`` each replica runs
+the step on its share of the global batch; losses are scaled by the *global* batch size so the summed
+gradients equal single-device training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable
+
+import keras
+import tensorflow as tf
+
+from tfmstep.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    total_steps: int = 1000
+    min_lr_ratio: float = 0.0  # cosine decays to learning_rate * min_lr_ratio
+    clip_norm: float = 1.0  # global-norm clipping of the full (all-replica) gradient; 0 disables
+    beta_1: float = 0.9
+    beta_2: float = 0.999
+
+
+def make_optimizer(config: OptimizerConfig) -> keras.optimizers.Optimizer:
+    """AdamW with linear warmup then cosine decay (both from Keras; nothing hand-rolled)."""
+    warmup = max(0, min(config.warmup_steps, config.total_steps - 1))
+    schedule = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0 if warmup else config.learning_rate,
+        decay_steps=max(1, config.total_steps - warmup),
+        alpha=config.min_lr_ratio,
+        warmup_target=config.learning_rate if warmup else None,
+        warmup_steps=warmup,
+    )
+    return keras.optimizers.AdamW(learning_rate=schedule, weight_decay=config.weight_decay,
+                                  beta_1=config.beta_1, beta_2=config.beta_2)
+
+
+def current_learning_rate(optimizer: keras.optimizers.Optimizer) -> float:
+    lr = optimizer.learning_rate
+    return float(lr.numpy() if hasattr(lr, "numpy") else lr)
+
+
+@dataclasses.dataclass
+class Steps:
+    """The compiled functions for one model/optimizer/strategy."""
+
+    train: Callable  # train(distributed_iterator, num_steps) -> {"loss": [n], metric: [n]}
+    eval: Callable  # eval(distributed_batch) -> {"loss_sum", metric+"_sum", "count"}
+    train_single: Callable  # one replica-local step (for XLA pre-flight and benchmarks)
+
+
+def make_steps(model: keras.Model, optimizer: keras.optimizers.Optimizer, loss_fn: Callable,
+               *, global_batch_size: int, strategy: tf.distribute.Strategy | None = None,
+               jit_compile: bool = False, clip_norm: float = 1.0) -> Steps:
+    """Build the train and eval functions for ``model``.
+
+    ``loss_fn(labels, outputs) -> (per_example_loss, {name: per_example_metric})``.
+    Create ``model`` and ``optimizer`` (and call ``optimizer.build``) under ``strategy.scope()``.
+    """
+    strategy = strategy or tf.distribute.get_strategy()
+    num_replicas = strategy.num_replicas_in_sync
+    variables = model.trainable_variables
+
+    def replica_step(inputs, labels):
+        with tf.GradientTape() as tape:
+            outputs = model(inputs, training=True)
+            per_example_loss, metrics = loss_fn(labels, outputs)
+            loss = tf.nn.compute_average_loss(per_example_loss, global_batch_size=global_batch_size)
+            if model.losses:  # weight regularisers, halting costs: counted once across replicas
+                loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
+        grads = tape.gradient(loss, variables)
+        if num_replicas > 1:
+            # Keras clips each replica's partial gradient *before* its all-reduce; global-norm clipping
+            # must see the summed gradient, so reduce here, clip, and hand Keras 1/n of it to re-sum.
+            grads = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads)
+        if clip_norm > 0:
+            grads, _ = tf.clip_by_global_norm(grads, clip_norm)
+        if num_replicas > 1:
+            grads = [g / num_replicas for g in grads]
+        optimizer.apply(grads, variables)
+        out = {"loss": loss}
+        for name, value in metrics.items():
+            out[name] = tf.nn.compute_average_loss(tf.cast(value, tf.float32),
+                                                   global_batch_size=global_batch_size)
+        return out
+
+    compiled_step = tf.function(replica_step, jit_compile=jit_compile, reduce_retracing=True)
+
+    def next_step(iterator):
+        inputs, labels = next(iterator)
+        per_replica = strategy.run(compiled_step, args=(inputs, labels))
+        return {k: tf.cast(strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None), tf.float32)
+                for k, v in per_replica.items()}
+
+    @tf.function
+    def train(iterator, num_steps):
+        """Run ``num_steps`` (>= 1, a tensor so changing it does not retrace) steps; per-step values."""
+        first = next_step(iterator)  # outside the loop: it fixes the metric names for the TensorArrays
+        history = {k: tf.TensorArray(tf.float32, size=num_steps).write(0, v) for k, v in first.items()}
+        for i in tf.range(1, num_steps):
+            values = next_step(iterator)
+            history = {k: history[k].write(i, values[k]) for k in history}
+        return {k: v.stack() for k, v in history.items()}
+
+    def replica_eval(inputs, labels):
+        outputs = model(inputs, training=False)
+        per_example_loss, metrics = loss_fn(labels, outputs)
+        sums = {"loss_sum": tf.reduce_sum(tf.cast(per_example_loss, tf.float32)),
+                "count": tf.cast(tf.shape(per_example_loss)[0], tf.float32)}
+        for name, value in metrics.items():
+            sums[name + "_sum"] = tf.reduce_sum(tf.cast(value, tf.float32))
+        return sums
+
+    compiled_eval = tf.function(replica_eval, jit_compile=jit_compile, reduce_retracing=True)
+
+    @tf.function
+    def evaluate(batch):
+        inputs, labels = batch
+        per_replica = strategy.run(compiled_eval, args=(inputs, labels))
+        return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
+                for k, v in per_replica.items()}
+
+    return Steps(train=train, eval=evaluate, train_single=compiled_step)
+
+
+def preflight_xla(steps: Steps, inputs, labels, model_name: str) -> None:
+    """Compile the jitted step once, before training, and turn an XLA failure into one clear line.
+
+    Only lowers to HLO (nothing runs, no variable changes). Without this, an op XLA cannot compile
+    shows up as a long stack trace after the first data has been read. Single-replica only: the
+    replica step needs a replica context to all-reduce, which only ``strategy.run`` gives.
+    """
+    try:
+        steps.train_single.experimental_get_compiler_ir(inputs, labels)(stage="hlo")
+    except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError, ValueError) as e:
+        message = str(e)
+        ops = sorted(set(re.findall(r"\b([A-Z][A-Za-z0-9]+) \(No registered", message)))
+        ops += sorted(set(re.findall(r"unsupported operations[^\n]*\n?[^\n]*?([A-Z]\w+)", message)))
+        first = message.strip().splitlines()[0] if message.strip() else type(e).__name__
+        what = f"ops {', '.join(ops)}" if ops else first
+        raise UserError(f"XLA cannot compile the train step of {model_name!r} ({what}); "
+                        f"run with --nojit_compile to train without XLA") from e
