@@ -33,13 +33,15 @@ class ModelSpec:
     dataset: Callable[..., Any]
     presets: Mapping[str, Mapping[str, Any]]
     description: str = ""
+    xla_on_cpu: bool = True  # the trainer's jit_compile default on CPU (measured per family)
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
 
 
 def register(name: str, *, config_class: type, loss: Callable, dataset: Callable,
-             presets: Mapping[str, Mapping[str, Any]] | None = None) -> Callable:
+             presets: Mapping[str, Mapping[str, Any]] | None = None,
+             xla_on_cpu: bool = True) -> Callable:
     """Decorator: ``@register("cnn_classifier", config_class=..., loss=..., dataset=...)`` on a builder."""
     if not dataclasses.is_dataclass(config_class):
         raise TypeError(f"config_class for {name!r} must be a dataclass")
@@ -53,7 +55,7 @@ def register(name: str, *, config_class: type, loss: Callable, dataset: Callable
             _apply_overrides(config_class(), values, f"preset {name}/{preset_name}")
         doc = (build_fn.__doc__ or "").strip().splitlines()
         _REGISTRY[name] = ModelSpec(name, config_class, build_fn, loss, dataset, presets_,
-                                    doc[0] if doc else "")
+                                    doc[0] if doc else "", xla_on_cpu)
         return build_fn
 
     return decorate

@@ -1,0 +1,1 @@
+"""Command-line programs (thin absl mains; the work is in the library)."""

@@ -1,0 +1,76 @@
+"""Train a registered model: ``tfmstep-train`` or ``python tools/train.py``.
+
+  tfmstep-train --flagfile=models/cnn_digits.flags
+  tfmstep-train --model=cnn_classifier --preset=tiny --config=dropout=0.2 --workdir=/tmp/run --steps=200
+
+Rerun the same command on the same --workdir to resume exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+from absl import app, flags, logging
+
+from tfmstep import registry, trainer
+from tfmstep.errors import UserError
+
+_DEFAULTS = trainer.TrainConfig()
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("model", "cnn_classifier", f"Registered model: {', '.join(registry.list_models())}.")
+flags.DEFINE_string("preset", "default", "Named preset of the model's config.")
+flags.DEFINE_multi_string("config", [], "Model config override key=value (repeatable), e.g. dropout=0.2.")
+flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, metrics). Reuse it to resume.")
+flags.DEFINE_integer("steps", _DEFAULTS.steps, "Total optimizer steps.", lower_bound=1)
+flags.DEFINE_integer("batch_size", _DEFAULTS.batch_size, "Global batch size.", lower_bound=1)
+flags.DEFINE_float("learning_rate", _DEFAULTS.learning_rate, "Peak learning rate (AdamW).")
+flags.DEFINE_float("weight_decay", _DEFAULTS.weight_decay, "AdamW decoupled weight decay.")
+flags.DEFINE_integer("warmup_steps", _DEFAULTS.warmup_steps, "Linear warmup steps before cosine decay.",
+                     lower_bound=0)
+flags.DEFINE_float("clip_norm", _DEFAULTS.clip_norm, "Global gradient-norm clip (0 disables).",
+                   lower_bound=0.0)
+flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"],
+                  "XLA for the step; auto uses the model family's measured default for this device.")
+flags.DEFINE_integer("steps_per_call", _DEFAULTS.steps_per_call, "Optimizer steps per compiled call.",
+                     lower_bound=1)
+flags.DEFINE_integer("log_every", _DEFAULTS.log_every, "Steps between progress lines.", lower_bound=1)
+flags.DEFINE_integer("checkpoint_every", _DEFAULTS.checkpoint_every, "Steps between checkpoints.",
+                     lower_bound=1)
+flags.DEFINE_integer("keep_checkpoints", _DEFAULTS.keep_checkpoints, "Checkpoints kept.", lower_bound=1)
+flags.DEFINE_integer("eval_every", _DEFAULTS.eval_every, "Steps between evaluations (0: at the end).",
+                     lower_bound=0)
+flags.DEFINE_integer("eval_batches", _DEFAULTS.eval_batches, "Batches per evaluation (0: all).",
+                     lower_bound=0)
+flags.DEFINE_integer("seed", _DEFAULTS.seed, "Seed for initialisation and the data stream.")
+flags.DEFINE_enum("mixed_precision", "", list(trainer.MIXED_PRECISION), "Mixed-precision policy.")
+flags.DEFINE_enum("distribute", _DEFAULTS.distribute, list(trainer.STRATEGIES), "tf.distribute strategy.")
+flags.mark_flag_as_required("workdir")
+
+
+def train_config_from_flags() -> trainer.TrainConfig:
+    values = {f.name: FLAGS[f.name].value for f in dataclasses.fields(trainer.TrainConfig)}
+    values["jit_compile"] = {"auto": None, "true": True, "false": False}[FLAGS.jit_compile]
+    return trainer.TrainConfig(**values)
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        config = train_config_from_flags()
+        trainer.train(FLAGS.model, FLAGS.workdir, preset=FLAGS.preset,
+                      overrides=registry.parse_overrides(FLAGS.config), config=config)
+    except UserError as e:
+        logging.flush()
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run() -> None:
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
