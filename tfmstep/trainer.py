@@ -82,10 +82,21 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
     return tf.distribute.get_strategy()
 
 
-def resolve_jit_compile(config: TrainConfig, spec: registry.ModelSpec) -> bool:
+def resolve_jit_compile(config: TrainConfig, spec: registry.ModelSpec,
+                        strategy: tf.distribute.Strategy) -> bool:
+    on_accelerator = bool(tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
+    try:
+        local_replicas = len(strategy.extended.worker_devices)
+    except (RuntimeError, AttributeError):  # the default strategy has no worker_devices
+        local_replicas = 1
+    if local_replicas > 1 and not on_accelerator:
+        # Several replicas on CPU devices of one host: XLA cannot place a replica's cluster on a second
+        # logical CPU ("variable on a different device"), so the replicas run the plain step.
+        if config.jit_compile:
+            logging.warning("jit_compile is not supported with several CPU replicas; running without XLA.")
+        return False
     if config.jit_compile is not None:
         return config.jit_compile
-    on_accelerator = bool(tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
     return True if on_accelerator else spec.xla_on_cpu
 
 
@@ -205,7 +216,7 @@ def train(model_name: str, workdir: str, preset: str = "default",
     if restored:
         logging.info("Resumed from %s at step %d.", restored, start)
 
-    jit_compile = resolve_jit_compile(config, run.spec)
+    jit_compile = resolve_jit_compile(config, run.spec, strategy)
     steps = step_lib.make_steps(run.model, run.optimizer, run.spec.loss,
                                 global_batch_size=config.batch_size, strategy=strategy,
                                 jit_compile=jit_compile, clip_norm=config.clip_norm)

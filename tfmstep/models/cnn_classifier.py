@@ -72,7 +72,7 @@ def cnn_dataset(config: CNNConfig, split: str, batch_size: int, seed: int = 0, s
 
 @register("cnn_classifier", config_class=CNNConfig, loss=classification_loss, dataset=cnn_dataset,
           presets={
-              "tiny": dict(filters=(8,), convs_per_stage=1, dropout=0.0),
+              "tiny": dict(filters=(8, 16), convs_per_stage=1, dropout=0.0),
               "cifar10": dict(dataset="cifar10", filters=(32, 64, 128), augment=True),
           },
           xla_on_cpu=False)  # XLA's CPU convolutions were slower than oneDNN's in the benchmark
