@@ -137,8 +137,12 @@ class _Run:
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
             # Batches consumed from the train stream; the stream is rebuilt at this position on resume.
             self.data_position = tf.Variable(0, dtype=tf.int64, trainable=False, name="data_position")
+        # Keras does not hand its layers' SeedGenerator states (dropout masks) to tf.train.Checkpoint;
+        # without them a resumed run would draw different masks.
+        rng_states = [v for v in self.model.non_trainable_variables if v.name == "seed_generator_state"]
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
-                                              step=self.step, data_position=self.data_position)
+                                              step=self.step, data_position=self.data_position,
+                                              rng_states=rng_states)
         self.manager = tf.train.CheckpointManager(self.checkpoint, os.path.join(workdir, "checkpoints"),
                                                   max_to_keep=config.keep_checkpoints)
 

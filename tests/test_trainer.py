@@ -1,0 +1,132 @@
+"""The trainer and tools/train.py: exact resume after SIGKILL, NaN guard, bad input handling."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import tfmstep
+from tfmstep import trainer
+
+# A small CNN with BatchNorm *and* dropout, so moving statistics and the dropout RNG are part of what
+# must resume exactly.
+CNN = dict(filters="8,16", convs_per_stage="1", dropout="0.5")
+TRAIN_ARGS = ["--model=cnn_classifier", "--preset=default", "--batch_size=16", "--learning_rate=3e-3",
+              "--warmup_steps=20", "--steps_per_call=4", "--log_every=20", "--eval_every=0",
+              "--eval_batches=2", "--jit_compile=false"] + [f"--config={k}={v}" for k, v in CNN.items()]
+
+
+def _train_cli(repo, *args, wait=True, env_extra=None):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env_extra or {}))
+    cmd = [sys.executable, os.path.join(repo, "tools", "train.py"), *args]
+    if not wait:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _log(workdir):
+    with open(os.path.join(workdir, "train_log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_run_killed_mid_training_resumes_bit_exact(tmp_path, repo_root):
+    steps = ["--steps=400", "--checkpoint_every=8"]
+    straight = tmp_path / "straight"
+    result = _train_cli(repo_root, *TRAIN_ARGS, *steps, f"--workdir={straight}")
+    assert result.returncode == 0, result.stderr[-2000:]
+
+    killed = tmp_path / "killed"
+    process = _train_cli(repo_root, *TRAIN_ARGS, *steps, f"--workdir={killed}", wait=False)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "checkpoint").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (killed / "metrics.json").exists(), "the run finished before it could be killed"
+    killed_at = len(_log(killed))
+    assert 0 < killed_at < 400
+
+    result = _train_cli(repo_root, *TRAIN_ARGS, *steps, f"--workdir={killed}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Resumed from" in result.stderr
+    resumed_log, straight_log = _log(killed), _log(straight)
+    assert [e["step"] for e in resumed_log] == list(range(1, 401))  # no replayed, no lost steps
+    assert resumed_log == straight_log  # losses equal bit for bit (JSON keeps float64 repr)
+
+    resumed_model = trainer.load_trained(str(killed))[0]
+    straight_model = trainer.load_trained(str(straight))[0]
+    for a, b in zip(resumed_model.weights, straight_model.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+
+
+def test_nan_loss_stops_training_and_keeps_last_good_checkpoint(tmp_path):
+    config = trainer.TrainConfig(steps=40, batch_size=16, learning_rate=1.0, warmup_steps=0,
+                                 clip_norm=0.0, checkpoint_every=10, eval_every=0, eval_batches=1,
+                                 steps_per_call=10, log_every=10, jit_compile=False)
+    workdir = str(tmp_path / "run")
+    trainer.train("cnn_classifier", workdir, "tiny", config=config)  # a good run to step 40
+    good = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+    # The same workdir continued with an absurd learning rate: the loss overflows.
+    blown = trainer.TrainConfig(**{**config.__dict__, "steps": 200, "learning_rate": 1e30})
+    with pytest.raises(trainer.TrainingDiverged, match=r"loss became (nan|inf).*ckpt-40.*was kept"):
+        trainer.train("cnn_classifier", workdir, "tiny", config=blown)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == good
+
+
+def test_workdir_of_another_model_config_is_refused_untouched(tmp_path):
+    workdir = str(tmp_path / "run")
+    config = trainer.TrainConfig(steps=4, batch_size=8, eval_batches=1, jit_compile=False)
+    trainer.train("cnn_classifier", workdir, "tiny", config=config)
+    before = open(os.path.join(workdir, "config.json")).read()
+    with pytest.raises(tfmstep.UserError, match="holds a run with overrides"):
+        trainer.train("cnn_classifier", workdir, "tiny", {"dropout": 0.3}, config=config)
+    assert open(os.path.join(workdir, "config.json")).read() == before
+
+
+def _tree_digest(path):
+    digest = hashlib.sha256()
+    for root, _, files in sorted(os.walk(path)):
+        for name in sorted(files):
+            with open(os.path.join(root, name), "rb") as f:
+                digest.update(name.encode() + f.read())
+    return digest.hexdigest()
+
+
+def test_cli_bad_input_gives_one_error_line_and_nonzero_exit(tmp_path, repo_root):
+    workdir = tmp_path / "run"
+    ok = _train_cli(repo_root, "--model=cnn_classifier", "--preset=tiny", "--steps=4", "--batch_size=8",
+                    "--eval_batches=1", "--jit_compile=false", f"--workdir={workdir}")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    assert metrics["step"] == 4 and 0.0 <= metrics["eval"]["accuracy"] <= 1.0
+    # Corrupt the latest checkpoint's data file.
+    data_file = next(p for p in (workdir / "checkpoints").iterdir() if ".data-" in p.name)
+    data_file.write_bytes(b"garbage" * 10)
+    saved = _tree_digest(workdir)
+
+    cases = {
+        "unknown model": (["--model=resnet9000"], "unknown model 'resnet9000'"),
+        "unknown config field": (["--config=widht=3"], "unknown config field 'widht'"),
+        "missing data file": (["--config=dataset=npz", f"--config=data_file={tmp_path}/none.npz"],
+                              "data file not found"),
+        "corrupt checkpoint": (["--steps=8"], "is corrupt or belongs to another model"),
+    }
+    for name, (args, message) in cases.items():
+        base = ["--model=cnn_classifier", "--preset=tiny", "--batch_size=8", "--jit_compile=false",
+                f"--workdir={workdir}"]
+        if name == "missing data file":
+            base[-1] = f"--workdir={tmp_path / 'other'}"
+        result = _train_cli(repo_root, *base, *args)
+        assert result.returncode == 2, (name, result.stderr[-1500:])
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and message in errors[0], (name, result.stderr[-1500:])
+    assert _tree_digest(workdir) == saved  # nothing already saved was changed
+
+    bad_flag = _train_cli(repo_root, "--steps=many", f"--workdir={workdir}")
+    assert bad_flag.returncode != 0 and "--steps" in bad_flag.stderr
