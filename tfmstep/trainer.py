@@ -100,6 +100,18 @@ def resolve_jit_compile(config: TrainConfig, spec: registry.ModelSpec,
     return True if on_accelerator else spec.xla_on_cpu
 
 
+def _worker_workdir(workdir: str, strategy: tf.distribute.Strategy) -> str:
+    """Multi-worker runs: the chief owns the workdir; every other worker writes (the same checkpoints,
+    as each must take part in saving) under workdir/workers/<id>, so nothing is written twice."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.cluster_spec().as_dict():
+        return workdir
+    is_chief = resolver.task_type == "chief" or (
+        resolver.task_type == "worker" and resolver.task_id == 0
+        and "chief" not in resolver.cluster_spec().as_dict())
+    return workdir if is_chief else os.path.join(workdir, "workers", str(resolver.task_id))
+
+
 def _run_record(model_name, preset, overrides, config: TrainConfig) -> dict:
     return {"model": model_name, "preset": preset, "overrides": dict(overrides),
             "train": dataclasses.asdict(config)}
@@ -209,6 +221,7 @@ def train(model_name: str, workdir: str, preset: str = "default",
     if config.mixed_precision:
         keras.mixed_precision.set_global_policy(config.mixed_precision)
     strategy = make_strategy(config.distribute)
+    workdir = _worker_workdir(workdir, strategy)
     run = _Run(model_name, preset, overrides, config, workdir, strategy)
     restored = run.restore_latest()
     os.makedirs(workdir, exist_ok=True)
