@@ -1,0 +1,53 @@
+"""Benchmarks, side by side in one run: training throughput (tfmstep step vs Keras fit vs eager) and
+MFU for every registered model, per-step inference time, and multi-worker scaling.
+
+  python tools/benchmark.py --out=benchmarks            # everything (~15 min on 2 cores)
+  python tools/benchmark.py --sections=training --models=cnn_classifier --steps=20 --repeats=2
+"""
+
+import os
+import platform
+import sys
+
+from absl import app, flags, logging
+
+import tfmstep
+from tfmstep import benchmark
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("sections", ["training", "inference", "scaling"], "What to measure.")
+flags.DEFINE_list("models", [], "Models for the training section (default: every registered model).")
+flags.DEFINE_integer("batch_size", 128, "Training batch size.", lower_bound=1)
+flags.DEFINE_integer("steps", 50, "Timed training steps per repeat.", lower_bound=1)
+flags.DEFINE_integer("repeats", 3, "Timed repeats per setting (median and spread reported).", lower_bound=1)
+flags.DEFINE_string("out", "benchmarks", "Output directory (results.json, README.md, PNGs).")
+
+
+def main(argv):
+    del argv
+    results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}"}
+    try:
+        models = FLAGS.models or tfmstep.list_models()
+        for name in models:
+            tfmstep.get_spec(name)
+    except tfmstep.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if "training" in FLAGS.sections:
+        results["peak_matmul_flops"] = benchmark.matmul_peak_flops()
+        results["training"] = []
+        for name in models:
+            logging.info("Benchmarking training of %s", name)
+            results["training"].append(benchmark.benchmark_training(
+                name, batch_size=FLAGS.batch_size, steps=FLAGS.steps, repeats=FLAGS.repeats,
+                peak_flops=results["peak_matmul_flops"]))
+    if "inference" in FLAGS.sections:
+        results["inference_steps"] = benchmark.inference_step_times()
+    if "scaling" in FLAGS.sections:
+        results["scaling"] = benchmark.scaling_report()
+    command = "python tools/benchmark.py " + " ".join(sys.argv[1:])
+    print(benchmark.write_report(results, FLAGS.out, command.strip()))
+
+
+if __name__ == "__main__":
+    app.run(main)
