@@ -130,3 +130,18 @@ def test_cli_bad_input_gives_one_error_line_and_nonzero_exit(tmp_path, repo_root
 
     bad_flag = _train_cli(repo_root, "--steps=many", f"--workdir={workdir}")
     assert bad_flag.returncode != 0 and "--steps" in bad_flag.stderr
+
+
+def test_mixed_bfloat16_training_runs_and_restores_the_global_policy(tmp_path):
+    import keras
+
+    config = trainer.TrainConfig(steps=6, batch_size=8, eval_batches=1, steps_per_call=3,
+                                 mixed_precision="mixed_bfloat16", jit_compile=True)
+    metrics = trainer.train("cnn_classifier", str(tmp_path / "run"), "tiny", config=config)
+    assert np.isfinite(metrics["eval"]["loss"])
+    assert keras.mixed_precision.global_policy().name == "float32"
+
+
+def test_float16_policy_is_refused_with_the_reason():
+    with pytest.raises(tfmstep.UserError, match="mixed_bfloat16"):
+        trainer.TrainConfig(mixed_precision="mixed_float16")

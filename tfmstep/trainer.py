@@ -218,8 +218,16 @@ def train(model_name: str, workdir: str, preset: str = "default",
     registry.get_config(model_name, preset, **overrides)  # fail on bad input before touching the workdir
     _check_workdir_matches(workdir, record)
     keras.utils.set_random_seed(config.seed)
+    previous_policy = keras.mixed_precision.global_policy()
     if config.mixed_precision:
         keras.mixed_precision.set_global_policy(config.mixed_precision)
+    try:
+        return _train(model_name, workdir, preset, overrides, config, record)
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+
+
+def _train(model_name, workdir, preset, overrides, config: TrainConfig, record: dict) -> dict:
     strategy = make_strategy(config.distribute)
     workdir = _worker_workdir(workdir, strategy)
     run = _Run(model_name, preset, overrides, config, workdir, strategy)
