@@ -380,3 +380,53 @@ INFERENCE_STEP_TIMERS: dict[str, Callable] = {"cnn_classifier": cnn_per_layer_ti
 def inference_step_times() -> dict:
     return {name: timer() for name, timer in INFERENCE_STEP_TIMERS.items()
             if name in registry.list_models()}
+
+
+def _latencies(call: Callable, repeats: int) -> dict:
+    call()  # warm-up (tracing, allocation)
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        seconds.append(time.perf_counter() - start)
+    return percentile_summary(seconds)
+
+
+def served_path_latency(model: keras.Model, saved_model_dir: str, signature: str, input_name: str,
+                        tflite_paths: dict, batch, repeats: int = 200) -> list:
+    """p50/p99 of one request through: the Keras call, the SavedModel signature, each .tflite file.
+
+    ``batch`` is a numpy array of inputs; every path gets the same values at batch sizes 1 and 32.
+    """
+    from ai_edge_litert.interpreter import Interpreter
+
+    loaded = tf.saved_model.load(saved_model_dir)
+    serving_fn = loaded.signatures[signature]
+    keras_fn = tf.function(lambda x: model(x, training=False))
+    rows = []
+    for batch_size in (1, 32):
+        x = np.asarray(batch[:batch_size])
+        x_t = tf.constant(x)
+        rows.append({"path": "keras call (tf.function)", "batch": batch_size,
+                     **_latencies(lambda: keras_fn(x_t), repeats)})
+        rows.append({"path": f"SavedModel '{signature}'", "batch": batch_size,
+                     **_latencies(lambda: serving_fn(**{input_name: x_t}), repeats)})
+        for label, path in tflite_paths.items():
+            interpreter = Interpreter(model_path=path, num_threads=os.cpu_count())
+            detail = interpreter.get_input_details()[0]
+            interpreter.resize_tensor_input(detail["index"], (batch_size,) + tuple(detail["shape"][1:]))
+            interpreter.allocate_tensors()
+            detail = interpreter.get_input_details()[0]
+            if detail["dtype"] in (np.int8, np.uint8):
+                scale, zero = detail["quantization"]
+                feed = np.clip(np.round(x / scale + zero), np.iinfo(detail["dtype"]).min,
+                               np.iinfo(detail["dtype"]).max).astype(detail["dtype"])
+            else:
+                feed = x.astype(detail["dtype"])
+
+            def invoke(interpreter=interpreter, index=detail["index"], feed=feed):
+                interpreter.set_tensor(index, feed)
+                interpreter.invoke()
+
+            rows.append({"path": f"TF-Lite {label}", "batch": batch_size, **_latencies(invoke, repeats)})
+    return rows
