@@ -122,12 +122,20 @@ class ChainTransformer(keras.Model):
         self.config = config
         c = config
         values = c.num_classes + 1  # 0 = not given
+        # Embeddings on the scale of the layer-normalised state, so the injected input is not drowned
+        # out by the state in later iterations.
+        init = keras.initializers.RandomNormal(stddev=0.5)
         names = c.num_names + 1
-        self.name_embedding = keras.layers.Embedding(names, c.width, name="name_embedding")
-        self.parent_embedding = keras.layers.Embedding(names, c.width, name="parent_embedding")
+        self.name_embedding = keras.layers.Embedding(names, c.width, embeddings_initializer=init,
+                                                      name="name_embedding")
+        # Names and parent names share one table: matching "my parent" to "your name" is then one
+        # linear map learned from every pair, instead of a separate alignment per name.
+        self.parent_projection = keras.layers.Dense(c.width, use_bias=False, name="parent_projection",
+                                                    kernel_initializer="orthogonal")
         self.op_embedding = keras.layers.Embedding(chains.num_ops(c.task, c.modulus), c.width,
-                                                   name="op_embedding")
-        self.value_embedding = keras.layers.Embedding(values, c.width, name="value_embedding")
+                                                   embeddings_initializer=init, name="op_embedding")
+        self.value_embedding = keras.layers.Embedding(values, c.width, embeddings_initializer=init,
+                                                      name="value_embedding")
         count = 1 if c.looped else c.layers
         self.blocks = [LoopBlock(c.width, c.heads, c.mlp_dim, c.dropout, c.relative_clip, name=f"block{i}")
                        for i in range(count)]
@@ -136,8 +144,9 @@ class ChainTransformer(keras.Model):
         self.halt_head = keras.layers.Dense(1, name="halt_head", bias_initializer="zeros")
 
     def build(self, input_shape=None):
-        for layer in (self.name_embedding, self.parent_embedding, self.op_embedding, self.value_embedding):
+        for layer in (self.name_embedding, self.op_embedding, self.value_embedding):
             layer.build((None, None))
+        self.parent_projection.build((None, None, self.config.width))
         for block in self.blocks:
             block.build((None, None, self.config.width))
         for layer in (self.head_norm, self.head, self.halt_head):
@@ -154,7 +163,8 @@ class ChainTransformer(keras.Model):
         c = self.config
         ops = tf.cast(inputs["op"], tf.int32)
         mask = ops > 0
-        x = (self.name_embedding(inputs["name"]) + self.parent_embedding(inputs["parent"])
+        x = (self.name_embedding(inputs["name"])
+             + self.parent_projection(self.name_embedding(inputs["parent"]))
              + self.op_embedding(ops) + self.value_embedding(inputs["value"]))
         length = tf.shape(ops)[1]
         positions = tf.range(length)
@@ -281,7 +291,7 @@ def count_parameters(config: ChainConfig) -> int:
               # Looped, ~0.1M parameters.
               "default": dict(width=64, heads=2, mlp_dim=256),
               # Non-looped stack of `layers` distinct blocks with about the looped default's parameter count.
-              "baseline": dict(looped=False, width=24, heads=2, mlp_dim=96, layers=10),
+              "baseline": dict(looped=False, width=24, heads=2, mlp_dim=64, layers=10),
           })
 def build_chain_transformer(config: ChainConfig) -> keras.Model:
     """Looped Transformer with learned halting for multi-hop chains (or its stacked baseline)."""
