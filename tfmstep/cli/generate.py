@@ -1,0 +1,51 @@
+"""Generate text from a trained language model.
+
+  python tools/generate.py --workdir=workdirs/lstm_stdlib --prompt="def " --decoder=beam --beam_width=4
+"""
+
+import sys
+
+from absl import app, flags
+
+from tfmstep import trainer
+from tfmstep.errors import UserError
+from tfmstep.models import lstm_lm
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Workdir of a trained lstm_lm run.")
+flags.DEFINE_string("prompt", "def ", "Text to continue.")
+flags.DEFINE_enum("decoder", "greedy", list(lstm_lm.DECODERS), "Decoding method.")
+flags.DEFINE_integer("max_new_tokens", 200, "Tokens (bytes) to generate.", lower_bound=1)
+flags.DEFINE_float("temperature", 1.0, "Sampling temperature.", lower_bound=1e-3)
+flags.DEFINE_integer("top_k", 0, "Sample from the k most likely tokens (0: all).", lower_bound=0)
+flags.DEFINE_float("top_p", 1.0, "Sample from the smallest set with this probability.", lower_bound=0.0,
+                   upper_bound=1.0)
+flags.DEFINE_integer("seed", 0, "Sampling seed (same seed, same text).")
+flags.DEFINE_integer("beam_width", 4, "Beams for --decoder=beam.", lower_bound=1)
+flags.DEFINE_float("length_penalty", 0.0, "Beam ranking: log_prob / length**length_penalty.")
+flags.mark_flag_as_required("workdir")
+
+
+def main(argv):
+    del argv
+    try:
+        model, _, spec = trainer.load_trained(FLAGS.workdir)
+        if spec.name != "lstm_lm":
+            raise UserError(f"{FLAGS.workdir} holds a {spec.name} run, not a language model")
+        text, log_prob = lstm_lm.generate_text(
+            model, FLAGS.prompt, decoder=FLAGS.decoder, max_new_tokens=FLAGS.max_new_tokens,
+            temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed,
+            beam_width=FLAGS.beam_width, length_penalty=FLAGS.length_penalty)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(FLAGS.prompt + text)
+    print(f"[{FLAGS.decoder}: log-probability {log_prob:.2f} nats]", file=sys.stderr)
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,138 @@
+"""Interpolated Kneser-Ney n-gram language model on integer tokens: the baseline the LSTM must beat.
+
+Counts are sorted numpy arrays of 64-bit n-gram keys, looked up with ``searchsorted``, so fitting and
+scoring a whole split are a few vectorised passes per order, at any order. Chen & Goodman's
+interpolated KN: the highest order uses raw counts, lower orders use continuation counts (how many
+distinct tokens precede an n-gram), each with one absolute discount D = n1 / (n1 + 2 n2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from tfmstep.errors import UserError
+
+
+_MULTIPLIERS = np.random.default_rng(12345).integers(1, 2**63, size=64, dtype=np.uint64) | np.uint64(1)
+
+
+def _hash(columns: list) -> np.ndarray:
+    """One 64-bit key per row of token columns: sum of token * odd random multiplier (wrapping).
+
+    Sorting int keys is what makes counting fast at any order. Two distinct n-grams share a key with
+    probability ~2^-64, i.e. never in practice for corpora of millions of tokens.
+    """
+    key = np.zeros(len(columns[0]) if columns else 1, np.uint64)
+    with np.errstate(over="ignore"):
+        for j, column in enumerate(columns):
+            key = key + column.astype(np.uint64) * _MULTIPLIERS[j]
+    return key
+
+
+def _windows(tokens: np.ndarray, n: int) -> list:
+    """Columns of all n-grams of ``tokens``: column j holds the j-th token of each n-gram."""
+    count = len(tokens) - n + 1
+    return [tokens[j:j + count] for j in range(n)]
+
+
+@dataclasses.dataclass
+class _Table:
+    """For one order: sorted n-gram keys with counts, and per-context totals and distinct followers."""
+
+    keys: np.ndarray
+    counts: np.ndarray
+    context_keys: np.ndarray
+    context_totals: np.ndarray
+    context_types: np.ndarray
+    discount: float
+
+    @classmethod
+    def from_columns(cls, columns: list, weights: np.ndarray | None = None) -> "_Table":
+        """``columns`` of n-grams (repeated n-grams counted, or ``weights`` per row)."""
+        keys, first, inverse = np.unique(_hash(columns), return_index=True, return_inverse=True)
+        counts = np.bincount(inverse, weights=weights).astype(np.int64)
+        context_rows = _hash([c[first] for c in columns[:-1]]) if len(columns) > 1 else \
+            np.zeros(len(keys), np.uint64)
+        context_keys, context_index = np.unique(context_rows, return_inverse=True)
+        totals = np.bincount(context_index, weights=counts).astype(np.int64)
+        types = np.bincount(context_index).astype(np.int64)
+        n1, n2 = int(np.sum(counts == 1)), int(np.sum(counts == 2))
+        discount = n1 / (n1 + 2 * n2) if n1 + n2 else 0.5
+        return cls(keys, counts, context_keys, totals, types, min(max(discount, 0.05), 0.95))
+
+    @staticmethod
+    def lookup(table_keys: np.ndarray, values: np.ndarray, queries: np.ndarray) -> np.ndarray:
+        if not len(table_keys):
+            return np.zeros(len(queries), np.int64)
+        index = np.minimum(np.searchsorted(table_keys, queries), len(table_keys) - 1)
+        return np.where(table_keys[index] == queries, values[index], 0)
+
+
+class KneserNey:
+    """``KneserNey(order, vocab_size).fit(train_tokens)``; ``bits_per_token(tokens)``."""
+
+    def __init__(self, order: int, vocab_size: int):
+        if order < 1:
+            raise UserError(f"n-gram order must be >= 1, got {order}")
+        if order > len(_MULTIPLIERS):
+            raise UserError(f"n-gram order must be <= {len(_MULTIPLIERS)}, got {order}")
+        self.order = order
+        self.vocab = vocab_size
+
+    def fit(self, tokens: np.ndarray) -> "KneserNey":
+        tokens = np.asarray(tokens, np.int64)
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab):
+            raise UserError(f"tokens must be in [0, {self.vocab})")
+        self.tables = {}
+        for n in range(1, self.order + 1):
+            if n == self.order:
+                self.tables[n] = _Table.from_columns(_windows(tokens, n))
+            else:
+                # Continuation count of an n-gram: distinct tokens seen before it = distinct
+                # (n+1)-grams that end with it.
+                longer = _windows(tokens, n + 1)
+                _, first = np.unique(_hash(longer), return_index=True)
+                self.tables[n] = _Table.from_columns([c[first] for c in longer[1:]])
+        return self
+
+    def log2_probs(self, tokens: np.ndarray, context: np.ndarray | None = None) -> np.ndarray:
+        """log2 P(token_i | previous order-1 tokens) for every token; ``context`` precedes ``tokens``."""
+        tokens = np.asarray(tokens, np.int64)
+        history = self.order - 1
+        if context is None or history == 0:
+            context = np.zeros(0, np.int64)
+        else:
+            context = np.asarray(context, np.int64)[-history:]
+        full = np.concatenate([context, tokens])
+        positions = np.arange(len(context), len(full))
+        prob = np.full(len(tokens), 1.0 / self.vocab)
+        for n in range(1, self.order + 1):
+            table = self.tables[n]
+            valid = positions - (n - 1) >= 0  # enough history for this order
+            starts = np.where(valid, positions - (n - 1), 0)
+            columns = [full[starts + j] for j in range(n)]
+            count = table.lookup(table.keys, table.counts, _hash(columns))
+            contexts = _hash(columns[:-1]) if n > 1 else np.zeros(len(positions), np.uint64)
+            total = table.lookup(table.context_keys, table.context_totals, contexts)
+            types = table.lookup(table.context_keys, table.context_types, contexts)
+            seen = valid & (total > 0)
+            safe_total = np.maximum(total, 1)
+            interpolated = (np.maximum(count - table.discount, 0) / safe_total
+                            + table.discount * types / safe_total * prob)
+            prob = np.where(seen, interpolated, prob)
+        return np.log2(prob)
+
+    def bits_per_token(self, tokens: np.ndarray, context: np.ndarray | None = None) -> float:
+        return float(-np.mean(self.log2_probs(tokens, context)))
+
+
+def best_order(train: np.ndarray, validation: np.ndarray, vocab_size: int, orders=range(1, 13)) -> dict:
+    """Fit every order; the best is chosen on validation (there is no separate test split for it)."""
+    results = {}
+    for order in orders:
+        model = KneserNey(order, vocab_size).fit(train)
+        results[order] = model.bits_per_token(validation, context=train)
+    best = min(results, key=results.get)
+    return {"bits_per_token_by_order": results, "best_order": best, "best_bits_per_token": results[best]}
