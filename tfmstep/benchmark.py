@@ -373,8 +373,56 @@ def _plot_steps(name: str, rows: list, path: str) -> None:
     plt.close(fig)
 
 
+def lstm_per_token_times(name: str = "lstm_lm", preset: str = "default", prompt_tokens: int = 64,
+                         new_tokens: int = 64, beam_width: int = 4, repeats: int = 50) -> list:
+    """Time per token of generation (batch 1): reading the prompt, a greedy step, a beam-search step.
+
+    Share = that phase's part of one generation of ``new_tokens`` after a ``prompt_tokens`` prompt.
+    """
+    from tfmstep.models import lstm_lm
+
+    model = _fresh(registry.get_spec(name), registry.get_config(name, preset))
+    step = lstm_lm.make_step_fn(model)
+    vocab = model.output_shape[-1]
+
+    def prefill_token(args):
+        tokens, state = args
+        return step(tokens, state)[1]
+
+    def greedy_token(args):
+        tokens, state = args
+        logits, state = step(tokens, state)
+        return tf.argmax(logits, -1, output_type=tf.int32), state
+
+    def beam_token(args):
+        tokens, state = args  # k beams of one prompt
+        logits, state = step(tokens, state)
+        scores = tf.reshape(tf.nn.log_softmax(logits), [1, beam_width * vocab])
+        _, chosen = tf.math.top_k(scores, k=beam_width)
+        parent = chosen[0] // vocab
+        return chosen[0] % vocab, tf.gather(state, parent)
+
+    one = (tf.zeros([1], tf.int32), lstm_lm.initial_state(model, 1))
+    beams = (tf.zeros([beam_width], tf.int32), lstm_lm.initial_state(model, beam_width))
+    rows = [
+        {"step": "prompt token (prefill)", **percentile_summary(time_in_loop(prefill_token, one, repeats)),
+         "tokens": prompt_tokens},
+        {"step": "greedy token", **percentile_summary(time_in_loop(greedy_token, one, repeats)),
+         "tokens": new_tokens},
+        {"step": f"beam token (width {beam_width})",
+         **percentile_summary(time_in_loop(beam_token, beams, repeats)), "tokens": new_tokens},
+    ]
+    greedy_total = rows[0]["mean_ms"] * prompt_tokens + rows[1]["mean_ms"] * new_tokens
+    beam_total = rows[0]["mean_ms"] * prompt_tokens + rows[2]["mean_ms"] * new_tokens
+    rows[0]["share"] = rows[0]["mean_ms"] * prompt_tokens / greedy_total  # of a greedy generation
+    rows[1]["share"] = rows[1]["mean_ms"] * new_tokens / greedy_total
+    rows[2]["share"] = rows[2]["mean_ms"] * new_tokens / beam_total  # of a beam generation
+    return rows
+
+
 # name -> () -> rows of per-step timings; families register how their "steps" are timed.
-INFERENCE_STEP_TIMERS: dict[str, Callable] = {"cnn_classifier": cnn_per_layer_times}
+INFERENCE_STEP_TIMERS: dict[str, Callable] = {"cnn_classifier": cnn_per_layer_times,
+                                              "lstm_lm": lstm_per_token_times}
 
 
 def inference_step_times() -> dict:
