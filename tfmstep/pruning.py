@@ -1,0 +1,195 @@
+"""Magnitude pruning to a target sparsity with a polynomial schedule, during fine-tuning, on Keras 3.
+
+tensorflow-model-optimization (``tfmot.sparsity.keras``) only supports Keras 2 (tf-keras), so this is a
+small re-implementation of its ``PolynomialDecay`` + magnitude ``prune_low_magnitude`` for Keras 3: every
+``frequency`` steps between ``begin_step`` and ``end_step`` each prunable kernel keeps its largest-magnitude
+weights and zeroes the rest, the pruned fraction following
+
+    s(t) = s_final + (s_initial - s_final) * (1 - (t - begin) / (end - begin)) ** power   (Zhu & Gupta 2017)
+
+Fine-tuning runs through the shared step (``tfmstep.step.make_steps``): ``frequency`` optimizer steps per
+compiled call, then the masks are re-applied, so a pruned weight is zero whenever the model is read
+(evaluation, checkpoints, export). Masks only ever grow: a weight once pruned stays pruned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfmstep import registry, step as step_lib
+from tfmstep.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class PruningConfig:
+    target_sparsity: float = 0.8
+    initial_sparsity: float = 0.0
+    begin_step: int = 0
+    end_step: int = 200  # the target is reached here; fine-tuning may continue after it
+    frequency: int = 10  # steps between mask updates (= optimizer steps per compiled call)
+    power: float = 3.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.initial_sparsity <= self.target_sparsity < 1.0:
+            raise UserError(f"need 0 <= initial_sparsity <= target_sparsity < 1, got "
+                            f"{self.initial_sparsity}, {self.target_sparsity}")
+        if self.begin_step < 0 or self.end_step <= self.begin_step:
+            raise UserError(f"need 0 <= begin_step < end_step, got {self.begin_step}, {self.end_step}")
+        if self.frequency < 1:
+            raise UserError(f"frequency must be >= 1, got {self.frequency}")
+
+
+def polynomial_sparsity(step: int, config: PruningConfig) -> float:
+    """The scheduled sparsity at ``step`` (0 before begin_step, the target after end_step)."""
+    if step < config.begin_step:
+        return 0.0
+    progress = min(1.0, (step - config.begin_step) / (config.end_step - config.begin_step))
+    return config.target_sparsity + (config.initial_sparsity - config.target_sparsity) * (
+        1.0 - progress) ** config.power
+
+
+def prunable_weights(model: keras.Model) -> list:
+    """Kernels of Dense/Conv/LSTM layers (rank >= 2, trainable): where the parameters are. Biases,
+    norms and embeddings are left dense, as tfmot does by default for the first two."""
+    return [v for v in model.trainable_variables
+            if len(v.shape) >= 2 and v.path.rsplit("/", 1)[-1] in ("kernel", "recurrent_kernel")]
+
+
+class MagnitudePruner:
+    """Per-weight binary masks; ``update(sparsity)`` prunes the smallest surviving magnitudes."""
+
+    def __init__(self, model: keras.Model):
+        self.weights = prunable_weights(model)
+        if not self.weights:
+            raise UserError(f"model {model.name} has no prunable kernels")
+        self.masks = [np.ones(v.shape, np.float32) for v in self.weights]
+
+    def update(self, sparsity: float) -> None:
+        for i, variable in enumerate(self.weights):
+            values = np.abs(np.asarray(variable.numpy()) * self.masks[i]).reshape(-1)
+            prune = int(round(sparsity * values.size))
+            if prune <= int((self.masks[i] == 0).sum()):
+                continue  # never un-prune
+            order = np.argsort(values, kind="stable")  # pruned weights (0) come first
+            mask = np.ones(values.size, np.float32)
+            mask[order[:prune]] = 0.0
+            self.masks[i] = mask.reshape(variable.shape)
+        self.apply()
+
+    def apply(self) -> None:
+        for variable, mask in zip(self.weights, self.masks):
+            variable.assign(variable.numpy() * mask)
+
+    def sparsity(self) -> float:
+        """Fraction of exactly-zero values over all prunable kernels (measured, not scheduled)."""
+        zeros = sum(int((np.asarray(v.numpy()) == 0).sum()) for v in self.weights)
+        return zeros / sum(int(np.prod(v.shape)) for v in self.weights)
+
+
+def fine_tune_with_pruning(model: keras.Model, model_name: str, model_config, pruning: PruningConfig, *,
+                           steps: int, batch_size: int = 64, learning_rate: float = 1e-3, seed: int = 0,
+                           jit_compile: bool | None = None) -> dict:
+    """Fine-tune ``model`` in place while pruning it; returns {"sparsity", "eval": {...}, "history"}."""
+    if steps < pruning.end_step:
+        raise UserError(f"steps ({steps}) must be >= the pruning end_step ({pruning.end_step})")
+    spec = registry.get_spec(model_name)
+    optimizer = step_lib.make_optimizer(step_lib.OptimizerConfig(
+        learning_rate=learning_rate, warmup_steps=0, total_steps=steps, weight_decay=0.0,
+        min_lr_ratio=0.1))
+    optimizer.build(model.trainable_variables)
+    steps_fn = step_lib.make_steps(model, optimizer, spec.loss, global_batch_size=batch_size,
+                                   jit_compile=spec.xla_on_cpu if jit_compile is None else jit_compile)
+    iterator = iter(spec.dataset(model_config, "train", batch_size, seed=seed))
+    pruner = MagnitudePruner(model)
+    history = []
+    step = 0
+    while step < steps:
+        if pruning.begin_step <= step <= pruning.end_step:
+            pruner.update(polynomial_sparsity(step, pruning))
+        num = min(pruning.frequency, steps - step)
+        losses = steps_fn.train(iterator, tf.constant(num, tf.int32))["loss"].numpy()
+        pruner.apply()  # the optimizer moved pruned weights off zero during the call
+        step += num
+        history.append({"step": step, "loss": float(losses.mean()), "sparsity": pruner.sparsity()})
+    pruner.update(pruning.target_sparsity)  # exactly the target at the end
+    return {"sparsity": pruner.sparsity(), "eval": evaluate(model, model_name, model_config, steps_fn),
+            "history": history}
+
+
+def evaluate(model: keras.Model, model_name: str, model_config, steps_fn=None, batch_size: int = 64) -> dict:
+    """Mean loss and metrics on the validation split (the trainer's evaluation, without a workdir)."""
+    spec = registry.get_spec(model_name)
+    totals: dict = {}
+    for inputs, labels in spec.dataset(model_config, "validation", batch_size):
+        loss, metrics = spec.loss(labels, model(inputs, training=False))
+        for name, value in {"loss": loss, **metrics}.items():
+            totals[name] = totals.get(name, 0.0) + float(tf.reduce_sum(tf.cast(value, tf.float32)))
+        totals["count"] = totals.get("count", 0.0) + float(tf.shape(loss)[0])
+    count = totals.pop("count", 0.0)
+    if not count:
+        raise UserError(f"the validation split of {model_name} is empty")
+    return {name: value / count for name, value in totals.items()}
+
+
+def pruning_sweep(model: keras.Model, model_name: str, model_config, output_dir: str,
+                  sparsities: list, steps: int, batch_size: int = 64, learning_rate: float = 1e-3,
+                  formats=("fp32", "int8")) -> dict:
+    """For each target sparsity (0 = the same fine-tuning without pruning): fine-tune a copy of ``model``
+    while pruning, export it to TF-Lite, and measure validation metrics and gzip size of each file."""
+    if any(not 0.0 <= s < 1.0 for s in sparsities):
+        raise UserError(f"sparsities must be in [0, 1), got {sparsities}")
+    spec = registry.get_spec(model_name)
+    rows = [{"sparsity_target": None, "label": "trained (no fine-tuning)",
+             "eval": evaluate(model, model_name, model_config), **_lite_sizes(
+                 model, model_name, model_config, formats, output_dir, "trained")}]
+    for target in sorted(set([0.0] + list(sparsities))):
+        copy = spec.build(model_config)
+        copy.set_weights(model.get_weights())
+        schedule = PruningConfig(target_sparsity=target, end_step=max(1, (2 * steps) // 3),
+                                 frequency=min(10, max(1, steps // 10)))
+        result = fine_tune_with_pruning(copy, model_name, model_config, schedule, steps=steps,
+                                        batch_size=batch_size, learning_rate=learning_rate)
+        rows.append({"sparsity_target": target, "label": f"fine-tuned, sparsity {target:g}",
+                     "sparsity_measured": round(result["sparsity"], 4), "eval": result["eval"],
+                     **_lite_sizes(copy, model_name, model_config, formats, output_dir, f"s{target:g}")})
+    return {"model": model_name, "steps": steps, "learning_rate": learning_rate, "rows": rows}
+
+
+def _lite_sizes(model, model_name, model_config, formats, output_dir, tag) -> dict:
+    from tfmstep.export import signatures as signatures_lib, tflite
+
+    serving = signatures_lib.servable(model_name, model, model_config)
+    out = {}
+    for fmt in formats:
+        flatbuffer = tflite.convert(model, model_name, model_config, fmt, servable=serving)
+        os.makedirs(os.path.join(output_dir, "pruned"), exist_ok=True)
+        with open(os.path.join(output_dir, "pruned", f"{model_name}_{tag}_{fmt}.tflite"), "wb") as f:
+            f.write(flatbuffer)
+        comparison = tflite.compare_with_keras(model, model_name, model_config, flatbuffer, servable=serving)
+        out[f"tflite_{fmt}"] = {**tflite.sizes(flatbuffer), "metrics": comparison["tflite"],
+                                "agreement": comparison["agreement"]}
+    return out
+
+
+def pruning_table(report: dict) -> str:
+    """Markdown: validation metrics and TF-Lite sizes (raw / gzip) per sparsity."""
+    rows = report["rows"]
+    formats = [k for k in rows[0] if k.startswith("tflite_")]
+    metric_names = list(rows[0]["eval"])
+    header = (["model", "sparsity (measured)"] + [f"Keras {m}" for m in metric_names]
+              + [f"{f} {m}" for f in formats for m in ("accuracy", "bytes", "gzip bytes")])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row["label"], "-" if row.get("sparsity_measured") is None else f"{row['sparsity_measured']:.3f}"]
+        cells += [f"{row['eval'][m]:.4f}" for m in metric_names]
+        for fmt in formats:
+            entry = row[fmt]
+            accuracy = entry["metrics"].get("accuracy", entry["metrics"].get("token_accuracy", float("nan")))
+            cells += [f"{accuracy:.4f}", str(entry["bytes"]), str(entry["gzip_bytes"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
