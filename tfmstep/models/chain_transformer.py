@@ -182,8 +182,8 @@ class ChainTransformer(keras.Model):
             use_halting = not training
         if return_steps is None:
             return_steps = bool(training)
-        if not c.looped:
-            num_loops = c.layers
+        if not c.looped:  # a plain stack: every layer runs once, no halting
+            num_loops, use_halting = c.layers, False
         elif num_loops is None:
             num_loops = c.train_loops if training else c.max_loops
         batch = tf.shape(ops)[0]
