@@ -171,8 +171,12 @@ def test_generate_signature_rejects_bad_arguments(name, exported):
         serving.predict_rest(generate, {"inputs": {"text": ["def "], "max_length": 0, "beam_width": 1}})
     with pytest.raises(serving.BadRequest, match="at least 1 byte"):
         serving.predict_rest(generate, {"inputs": {"text": ["def ", ""], "max_length": 4, "beam_width": 1}})
-    reply = serving.predict_rest(generate, {"inputs": {"text": ["def ", "x"], "max_length": 5, "beam_width": 4}})
+    body = {"signature_name": "generate", "inputs": {"text": ["def ", "x"], "max_length": 5, "beam_width": 4}}
+    reply = serving.predict_rest(loaded, json.dumps(body))  # picked by signature_name, as the server does
     assert np.asarray(reply["outputs"]["tokens"]).shape == (2, 5)
+    assert [len(t) for t in reply["outputs"]["tokens"]] == [5, 5]
+    with pytest.raises(serving.BadRequest, match="unknown signature_name 'nope'"):
+        serving.predict_rest(loaded, {"signature_name": "nope", "inputs": {"text": ["a"]}})
 
 
 def test_versions_increase_and_old_ones_are_kept(tmp_path):

@@ -88,3 +88,20 @@ def test_export_tflite_writes_the_file(tmp_path, servables):
     path = tflite.export_tflite(model, "cnn_classifier", config, "fp16", str(tmp_path), servable=servable)
     assert path.endswith("cnn_classifier_fp16.tflite")
     assert open(path, "rb").read(8)[4:8] == b"TFL3"  # the flatbuffer file identifier
+
+
+def test_unrolled_lstm_copy_computes_what_the_model_computes():
+    keras.utils.set_random_seed(0)
+    model, config = tfmstep.build("lstm_lm", "tiny"), tfmstep.get_config("lstm_lm", "tiny")
+    unrolled = signatures.unrolled_copy(model, config.seq_len)
+    assert all(layer.unroll for layer in unrolled.layers if isinstance(layer, keras.layers.LSTM))
+    tokens = np.random.default_rng(0).integers(0, 256, size=(3, config.seq_len)).astype(np.int32)
+    np.testing.assert_allclose(unrolled(tokens).numpy(), model(tokens).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_an_lstm_left_as_a_loop_is_refused_with_the_op_name():
+    model, config = tfmstep.build("lstm_lm", "tiny"), tfmstep.get_config("lstm_lm", "tiny")
+    servable = signatures.servable("lstm_lm", model, config)
+    servable.tflite_fn = lambda tokens: {"logits": model(tokens, training=False)}  # not unrolled
+    with pytest.raises(UserError, match="no TF-Lite builtin \\(TensorList"):
+        tflite.convert(model, "lstm_lm", config, "fp32", servable=servable)

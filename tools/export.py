@@ -53,8 +53,12 @@ def load_model():
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    import tensorflow as tf
+
     from tfmstep import export, pruning
     from tfmstep.errors import UserError
+
+    tf.get_logger().setLevel("WARNING")  # SavedModel/converter chatter; our own progress stays
 
     try:
         formats = export.check_formats(FLAGS.formats)

@@ -88,6 +88,10 @@ def parse_rest_request(body: str | bytes | Mapping, signature) -> tuple[dict, st
             raise BadRequest(f"request body is not JSON: {e}") from None
     if not isinstance(body, Mapping) or (("instances" in body) == ("inputs" in body)):
         raise BadRequest('request must be a JSON object with exactly one of "instances" or "inputs"')
+    extra = sorted(set(body) - {"instances", "inputs", "signature_name"})
+    if extra:
+        raise BadRequest(f"unknown request field(s) {', '.join(extra)}; expected \"signature_name\" and "
+                         f"one of \"instances\" / \"inputs\"")
     specs = signature_inputs(signature)
     if "instances" in body:
         instances = body["instances"]
@@ -157,8 +161,23 @@ def graph_error_line(error: tf.errors.OpError) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
-def predict_rest(signature, body: str | bytes | Mapping) -> dict:
-    """Parse a REST body, run the signature, format the response: the server's path, without a server."""
+def predict_rest(signature_or_loaded, body: str | bytes | Mapping) -> dict:
+    """Parse a REST body, run the signature, format the response: the server's path, without a server.
+
+    ``signature_or_loaded``: one signature, or a loaded SavedModel whose signature is picked by the
+    body's "signature_name" (default "serving_default"), as TF Serving does."""
+    if isinstance(body, (str, bytes)):
+        try:
+            body = json.loads(body)
+        except ValueError as e:
+            raise BadRequest(f"request body is not JSON: {e}") from None
+    signature = signature_or_loaded
+    if hasattr(signature_or_loaded, "signatures"):
+        name = body.get("signature_name", "serving_default") if isinstance(body, Mapping) else ""
+        if name not in signature_or_loaded.signatures:
+            raise BadRequest(f"unknown signature_name {name!r}; the model serves "
+                             f"{', '.join(sorted(signature_or_loaded.signatures))}")
+        signature = signature_or_loaded.signatures[name]
     feeds, fmt = parse_rest_request(body, signature)
     try:
         outputs = signature(**{name: tf.constant(value) for name, value in feeds.items()})

@@ -280,7 +280,7 @@ def language_model_servable(name: str, model: keras.Model, config) -> Servable:
 
 
 def unrolled_copy(model: keras.Model, sequence_length: int) -> keras.Model:
-    """The same functional model (shared weights copied) with every RNN layer unrolled at a fixed length."""
+    """A copy of the functional model (weights copied now) with every RNN layer unrolled at a fixed length."""
 
     def clone_layer(layer):
         layer_config = layer.get_config()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import shutil
 import tempfile
 import weakref
@@ -121,13 +122,14 @@ def _output_specs(servable: signatures_lib.Servable) -> list:
 
 
 def _first_op_error(lines: list) -> str:
-    for line in lines:
-        if line.startswith(("TF Select ops:", "Flex ops:")):
-            return f"needs TF select ops ({line.split(':', 1)[1].strip()}), which LiteRT refuses"
-    for line in lines:
-        if "op" in line.lower() and ("not supported" in line or "unsupported" in line or "failed" in line):
-            return line.strip()[:300]
-    return (lines[0] if lines else "unknown error")[:300]
+    """One line naming the TF ops that have no TF-Lite builtin (from the converter's MLIR errors)."""
+    text = "\n".join(lines)
+    select = re.findall(r"TF Select ops: ([^\n]+)", text)
+    ops = sorted(set(re.findall(r"'tf\.(\w+)' op", text)) | {o.strip() for o in ",".join(select).split(",") if o.strip()})
+    if ops:
+        return f"TF ops with no TF-Lite builtin ({', '.join(ops)}); LiteRT refuses TF select ops"
+    meaningful = [line for line in lines if line.strip() and not line.startswith("<unknown>")]
+    return (meaningful[0] if meaningful else "unknown converter error").strip()[:300]
 
 
 def op_names(flatbuffer: bytes) -> list[str]:
