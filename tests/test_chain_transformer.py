@@ -158,12 +158,12 @@ def test_evaluation_writes_json_png_and_table_for_a_trained_run(tmp_path):
     trainer.train("chain_transformer", workdir, preset="tiny",
                   config=trainer.TrainConfig(steps=4, batch_size=8, steps_per_call=2, eval_every=0,
                                              checkpoint_every=4, log_every=2, jit_compile=False))
-    report = evaluate_chains.run([workdir], ["looped"], str(tmp_path / "out"), "t", max_length_factor=2,
+    report = evaluate_chains.run([workdir], ["looped"], str(tmp_path / "out"), "t", max_length_factor=1,
                                  examples=6, batch_size=4)
     with open(tmp_path / "out" / "t.json") as f:
         saved = json.load(f)
     rows = saved["runs"]["looped"]["per_length"]
-    assert [r["length"] for r in rows] == list(range(1, 7))  # 2 x train_max_len=3
+    assert [r["length"] for r in rows] == [1, 2, 3]  # 1 x train_max_len=3
     assert all(0.0 <= r["exact_match"] <= r["token_accuracy"] + 1e-9 or r["exact_match"] == 0.0 for r in rows)
     assert all("forced_exact_match" in r for r in rows)
     assert os.path.getsize(tmp_path / "out" / "t.png") > 1000

@@ -10,8 +10,10 @@ parent's answer) and, for roots only, a given ``value``. The answer of token i i
 - ``running_sum``: running sum mod p (parity for p=2) over a sequence a_0..a_L, in order. No names: the
   parent of element j is element j-1, found through the model's relative-position bias.
 - ``pointer``: pointer chasing in a random forest with distractor edges: every node points to its
-  successor, a sink is its own answer, and each node's answer is the sink it reaches. The start node is
-  L hops from its sink; distractor nodes hang off the main chain or start their own chains.
+  successor, a sink carries a given label (one of ``modulus``), and each node's answer is the label of
+  the sink it reaches. The start node is L hops from its sink; distractor nodes hang off the main chain
+  or start chains of their own that end in differently labelled sinks. (Answering the sink's *name*, one
+  of ``num_names`` classes, trained far slower: 0.60 exact match after 3000 steps.)
 - ``kinship``: relation composition in a random family tree: "person j is R of person parent(j)"; the
   answer of every person is their relation to the root person, i.e. R_j composed with the parent's
   answer. Relations compose like the symmetric group S3 (6 relations, not commutative: the order of the
@@ -55,7 +57,7 @@ def tokens_for_length(task: str, length: int) -> int:
 
 
 def num_classes(task: str, modulus: int, num_names: int) -> int:
-    return {"lego": modulus, "running_sum": modulus, "pointer": num_names + 1, "kinship": len(S3)}[task]
+    return {"lego": modulus, "running_sum": modulus, "pointer": modulus, "kinship": len(S3)}[task]
 
 
 def num_ops(task: str, modulus: int) -> int:
@@ -73,7 +75,7 @@ def validate_task(task: str, modulus: int, num_names: int, train_min_len: int, t
         raise UserError(f"train_max_len ({train_max_len}) must be >= train_min_len ({train_min_len})")
     if test_max_len < 1:
         raise UserError(f"chain length must be >= 1, got test_max_len={test_max_len}")
-    if task in ("lego", "running_sum") and modulus < 2:
+    if task in ("lego", "running_sum", "pointer") and modulus < 2:
         raise UserError(f"modulus must be >= 2 for task {task!r}, got {modulus}")
     longest = max(train_max_len, test_max_len)
     needed = tokens_for_length(task, longest)
@@ -135,7 +137,7 @@ def generate_problem(task: str, length: int, rng: np.random.Generator, modulus: 
             answers[i] = add if p < 0 else (answers[p] + add) % modulus
         elif task == "pointer":
             ops[i] = 2
-            answers[i] = names[i] if p < 0 else answers[p]
+            answers[i] = rng.integers(modulus) if p < 0 else answers[p]
         else:  # kinship
             relation = rng.integers(len(S3))
             ops[i] = 2 + relation

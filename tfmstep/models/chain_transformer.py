@@ -38,7 +38,7 @@ class ChainConfig:
     train_min_len: int = 1
     train_max_len: int = 8
     test_max_len: int = 32  # longest chain of the "test" split (and the name vocabulary check)
-    modulus: int = 5  # lego / running_sum (2 = running parity)
+    modulus: int = 5  # answer classes of lego / running_sum (2 = running parity) / pointer sink labels
     num_names: int = 80  # name vocabulary (lego, pointer, kinship): >= tokens of the longest problem
     eval_examples: int = 512
     # Model.
@@ -206,6 +206,9 @@ class ChainTransformer(keras.Model):
                 step_halts.append(halt_logits)
                 steps_used += 1.0 - tf.cast(halted, tf.float32)
                 halted = halted | halted_now(halt_logits)
+            if not c.looped:
+                steps_used = tf.fill([batch], float(num_loops))
+            # (In training, steps_used is where halting would have stopped: a metric, not a freeze.)
             outputs = {"logits": logits, "halt_logits": halt_logits, "steps_used": steps_used}
             if return_steps:
                 outputs["step_logits"] = tf.stack(step_logits, axis=1)
