@@ -36,6 +36,7 @@ flags.DEFINE_integer("prune_steps", 300, "Fine-tuning steps per sparsity (target
                      lower_bound=1)
 flags.DEFINE_float("prune_learning_rate", 1e-3, "Fine-tuning learning rate.")
 flags.DEFINE_integer("prune_batch_size", 64, "Fine-tuning batch size.", lower_bound=1)
+flags.DEFINE_integer("prune_min_elements", 0, "Kernels with fewer weights are left dense.", lower_bound=0)
 
 
 def load_model():
@@ -66,7 +67,8 @@ def main(argv) -> None:
         if FLAGS.prune_sparsities:
             report = pruning.pruning_sweep(model, name, config, FLAGS.export_base,
                                            [float(s) for s in FLAGS.prune_sparsities], FLAGS.prune_steps,
-                                           FLAGS.prune_batch_size, FLAGS.prune_learning_rate)
+                                           FLAGS.prune_batch_size, FLAGS.prune_learning_rate,
+                                           min_elements=FLAGS.prune_min_elements)
             table = pruning.pruning_table(report)
         else:
             report = export.export_all(model, name, config, FLAGS.export_base, formats,

@@ -52,6 +52,8 @@ def export_all(model: keras.Model, model_name: str, config, export_base: str, fo
                                       servable=serving)
             report["artifacts"][fmt] = {"path": path, "bytes": _tree_size(path),
                                         "signatures": sorted(serving.signatures)}
+            if compare:
+                report["artifacts"][fmt].update(reloaded_vs_keras(path, serving))
             continue
         lite_format = fmt[len("tflite_"):]
         path = export_tflite(model, model_name, config, lite_format, os.path.join(export_base, "tflite"),
@@ -75,6 +77,26 @@ def export_all(model: keras.Model, model_name: str, config, export_base: str, fo
     return report
 
 
+def reloaded_vs_keras(version_dir: str, serving) -> dict:
+    """Reload the SavedModel, replay its warmup requests and compare every output with plain Keras."""
+    import numpy as np
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(version_dir)
+    results = saved_model.run_warmup_requests(version_dir, loaded)
+    max_diff, mismatched = 0.0, []
+    for signature_name, outputs in results.items():
+        expected = serving.keras_reference(signature_name, serving.warmup_inputs[signature_name])
+        for key, want in expected.items():
+            got, want = np.asarray(outputs[key]), np.asarray(want)
+            if got.dtype.kind == "f":
+                max_diff = max(max_diff, float(np.max(np.abs(got - want))))
+            elif not np.array_equal(got, want):
+                mismatched.append(f"{signature_name}/{key}")
+    return {"warmup_requests_run": sorted(results), "reloaded_max_abs_diff": max_diff,
+            "reloaded_mismatched_outputs": mismatched}
+
+
 def _tree_size(path: str) -> int:
     return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names)
 
@@ -90,7 +112,11 @@ def export_table(report: dict) -> str:
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for fmt, entry in artifacts.items():
         metrics = entry.get("metrics", {})
-        cells = [fmt, str(entry.get("bytes", "")), str(entry.get("gzip_bytes", "-")),
+        note = ""
+        if "reloaded_max_abs_diff" in entry:
+            note = (f" (reloaded vs Keras: max abs diff {entry['reloaded_max_abs_diff']:.2g}, "
+                    f"{len(entry['reloaded_mismatched_outputs'])} integer outputs differ)")
+        cells = [fmt + note, str(entry.get("bytes", "")), str(entry.get("gzip_bytes", "-")),
                  f"{entry['size_vs_fp32']:.3f}" if "size_vs_fp32" in entry else "-"]
         cells += [f"{metrics[m]:.4f}" if m in metrics else "-" for m in metric_names]
         cells += [f"{entry['agreement']:.4f}" if "agreement" in entry else "-",
