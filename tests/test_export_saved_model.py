@@ -61,11 +61,26 @@ def test_version_directory_has_the_tf_serving_layout(name, exported):
     assert info["model"] == name and info["signatures"] == sorted(servable.signatures)
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_saved_model_cli_lists_named_signatures_and_outputs(name, exported):
-    _, _, _, path, loaded = exported(name)
+def _saved_model_cli_show_all(path, capsys):
+    """What `saved_model_cli show --all` prints, run in-process (the CLI itself is checked once below)."""
+    from tensorflow.python.tools import saved_model_cli
+
+    capsys.readouterr()
+    saved_model_cli._show_all(path)
+    return capsys.readouterr().out
+
+
+def test_saved_model_cli_command_shows_the_signatures(exported):
+    path = exported("cnn_classifier")[3]
     shown = subprocess.run(["saved_model_cli", "show", "--dir", path, "--all"], capture_output=True,
                            text=True, check=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")).stdout
+    assert "signature_def['serving_default']" in shown and "outputs['probabilities']" in shown
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_saved_model_cli_lists_named_signatures_and_outputs(name, exported, capsys):
+    _, _, _, path, loaded = exported(name)
+    shown = _saved_model_cli_show_all(path, capsys)
     for signature_name, function in loaded.signatures.items():
         assert f"signature_def['{signature_name}']" in shown
         for output_name in function.structured_outputs:
