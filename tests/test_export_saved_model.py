@@ -112,6 +112,22 @@ def test_reloaded_signatures_give_the_keras_outputs(name, exported):
 
 
 @pytest.mark.parametrize("name", MODELS)
+def test_generic_default_path_exports_any_model(name, tmp_path):
+    """The path a newly registered family gets before it has an entry in signatures.FAMILIES."""
+    keras.utils.set_random_seed(0)
+    model, config = tfmstep.build(name, "tiny"), tfmstep.get_config(name, "tiny")
+    generic = signatures.generic_servable(name, model, config)
+    path = saved_model.export_saved_model(model, name, config, str(tmp_path), servable=generic)
+    loaded = tf.saved_model.load(path)
+    inputs = generic.warmup_inputs["serving_default"]
+    outputs = loaded.signatures["serving_default"](**{k: tf.constant(v) for k, v in inputs.items()})
+    assert not any(key.startswith("output_") for key in outputs)
+    _assert_outputs_equal({k: v.numpy() for k, v in outputs.items()},
+                          {k: np.asarray(v) for k, v in generic.keras_reference("serving_default", inputs).items()},
+                          "generic")
+
+
+@pytest.mark.parametrize("name", MODELS)
 def test_warmup_file_parses_as_prediction_logs_that_run(name, exported):
     _, _, servable, path, loaded = exported(name)
     requests = warmup.read_warmup_requests(os.path.join(path, warmup.WARMUP_FILE))
@@ -260,3 +276,11 @@ def test_bad_export_arguments_fail_with_one_line(tmp_path):
         export.check_formats(["saved_model", "onnx"])
     with pytest.raises(UserError, match="no export format"):
         export.check_formats([])
+
+
+@pytest.mark.parametrize("name", [n for n in MODELS if n == "lstm_lm"])
+def test_next_token_logits_rejects_an_empty_text(name, exported):
+    _, _, _, _, loaded = exported(name)
+    for _ in range(3):  # the check must win every time, not race the gather it guards
+        with pytest.raises(serving.BadRequest, match="at least 1 byte"):
+            serving.predict_rest(loaded.signatures["next_token_logits"], {"instances": ["abc", ""]})

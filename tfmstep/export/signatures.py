@@ -81,12 +81,15 @@ def _dict_inputs(model: keras.Model) -> bool:
                 and not isinstance(model.inputs, dict))
 
 
-def _named_outputs(outputs) -> dict:
+def _named_outputs(outputs, model: keras.Model) -> dict:
+    """Outputs under meaningful names: a dict's keys, else the functional model's output layer names."""
     if isinstance(outputs, Mapping):
         return {key: value for key, value in outputs.items()}
-    if isinstance(outputs, (list, tuple)):
-        return {f"output_{i}": value for i, value in enumerate(outputs)}
-    return {"outputs": outputs}
+    flat = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+    names = list(getattr(model, "output_names", None) or [])
+    if len(names) != len(flat) or len(set(names)) != len(names):
+        names = ["outputs"] if len(flat) == 1 else [f"outputs_{i}" for i in range(len(flat))]
+    return dict(zip(names, flat))
 
 
 def _example_inputs(name: str, config, input_specs: dict, batch_size: int = 2) -> dict:
@@ -108,16 +111,16 @@ def generic_servable(name: str, model: keras.Model, config) -> Servable:
         first = next(iter(kwargs.values()))
         with tf.control_dependencies([_check_nonempty(first, next(iter(kwargs)))]):
             packed = dict(kwargs) if dict_inputs else first
-            return _named_outputs(model(packed, training=False))
+            return _named_outputs(model(packed, training=False), model)
 
     example = _example_inputs(name, config, input_specs)
     outputs = _named_outputs(model(dict(example) if dict_inputs else next(iter(example.values())),
-                                   training=False))
+                                   training=False), model)
     primary = "logits" if "logits" in outputs else next(iter(outputs))
 
     def reference(signature_name, inputs):
         return _named_outputs(model(dict(inputs) if dict_inputs else next(iter(inputs.values())),
-                                    training=False))
+                                    training=False), model)
 
     return Servable(
         signatures={"serving_default": Signature(call_model, input_specs)},
@@ -202,8 +205,8 @@ def language_model_servable(name: str, model: keras.Model, config) -> Servable:
         tokens = text_to_tokens(text)
         lengths = tokens.row_lengths()
         checks.append(tf.debugging.assert_positive(lengths, message="every text must have at least 1 byte"))
-        with tf.control_dependencies(checks):
-            return tf.identity(tokens.to_tensor(default_value=-1)), tf.cast(lengths, tf.int32)
+        with tf.control_dependencies(checks):  # nothing downstream may run on an invalid request
+            return tf.identity(tokens.to_tensor(default_value=-1)), tf.cast(tf.identity(lengths), tf.int32)
 
     def next_token_logits(text):
         padded, lengths = prompt_tokens(text)
@@ -221,9 +224,11 @@ def language_model_servable(name: str, model: keras.Model, config) -> Servable:
             tf.debugging.Assert(tf.reduce_any(tf.equal(beam_width, BEAM_WIDTHS)),
                                 [f"beam_width must be one of {BEAM_WIDTHS}, got", beam_width]),
         ]
-        with tf.control_dependencies(checks):
-            batch = tf.shape(padded)[0]
-            state = (lstm_lm.initial_state(model, batch), tf.zeros([batch, vocab], tf.float32))
+        with tf.control_dependencies(checks):  # everything downstream waits for the checks
+            padded = tf.identity(padded)
+            max_length, beam_width = tf.identity(max_length), tf.identity(beam_width)
+        batch = tf.shape(padded)[0]
+        state = (lstm_lm.initial_state(model, batch), tf.zeros([batch, vocab], tf.float32))
 
         def greedy():
             return decoding.sample(step_fn, padded, state, max_length, greedy=True)
