@@ -113,7 +113,8 @@ class LoopBlock(keras.layers.Layer):
         tokens = tf.reduce_sum(tf.cast(key_mask, scores.dtype), axis=1)
         log_tokens = tf.math.log(tf.maximum(tokens, 2.0))[:, None, None, None]
         scores *= self.length_scale[None, :, None, None] * log_tokens
-        scores = tf.where(key_mask[:, None, None, :], scores, tf.cast(-1e9, scores.dtype))
+        # A reshape, not key_mask[:, None, None, :]: that strided slice of a bool has no TF-Lite builtin.
+        scores = tf.where(tf.reshape(key_mask, [batch, 1, 1, length]), scores, tf.cast(-1e9, scores.dtype))
         weights = tf.nn.softmax(scores, axis=-1)
         attended = tf.reshape(tf.einsum("bhqk,bkhd->bqhd", weights, v), [batch, length, self.width])
         h = h + self.dropout(self.attn_out(attended), training=training)
