@@ -35,12 +35,6 @@ def servables():
 @pytest.mark.parametrize("name", MODELS)
 def test_tflite_uses_builtin_ops_only_and_matches_keras(name, fmt, servables):
     model, config, servable = servables(name)
-    if servable.tflite_blocker:
-        # A known limitation of the family (see signatures.py): it must still fail clearly, naming the op.
-        # When the family is fixed this fails: remove its tflite_blocker.
-        with pytest.raises(UserError, match=servable.tflite_blocker):
-            tflite.convert(model, name, config, fmt, servable=servable, representative_examples=8)
-        return
     flatbuffer = tflite.convert(model, name, config, fmt, servable=servable, representative_examples=16)
     names = tflite.check_builtin_ops(flatbuffer, name)
     assert not [n for n in names if n.startswith("CUSTOM:")]

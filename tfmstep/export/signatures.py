@@ -51,7 +51,6 @@ class Servable:
     # (signature_name, inputs) -> the outputs computed in plain Keras, one example at a time where the
     # serving function batches or pads: what the reloaded SavedModel is checked against.
     keras_reference: Callable | None = None
-    tflite_blocker: str | None = None  # why this family cannot convert yet (the tests check it still fails)
 
 
 def _check_nonempty(tensor, what: str):
@@ -326,10 +325,6 @@ def chain_servable(name: str, model: keras.Model, config) -> Servable:
 
     servable.signatures = {"serving_default": Signature(answer, input_specs)}
     servable.keras_reference = reference
-    # The bool key-mask slicing key_mask[:, None, None, :] in LoopBlock.call lowers to a StridedSlice with
-    # new axes that TF-Lite has no builtin for; tf.reshape(key_mask, [batch, 1, 1, length]) converts
-    # (checked: all four formats, WHILE builtin). Until chain_transformer.py changes, TF-Lite is refused.
-    servable.tflite_blocker = "StridedSlice"
     servable.tflite_fn = raw_outputs
     servable.tflite_input_signature = input_specs
     servable.primary_output = "logits"
