@@ -76,15 +76,21 @@ def time_tfmstep(spec, config, batch_size, *, jit_compile, steps_per_call, steps
     return _summarise(f"tfmstep jit={jit_compile} steps_per_call={steps_per_call}", rates)
 
 
-class _SpecLoss(keras.losses.Loss):
-    """The family's per-example loss as a Keras loss, so ``compile``/``fit`` trains the same objective."""
+class _SpecLossModel(keras.Model):
+    """The model with the family's loss as its ``compute_loss`` (Keras' hook for custom objectives), so
+    ``compile``/``fit`` trains the same objective even when outputs and labels are dicts of other keys."""
 
-    def __init__(self, loss_fn):
-        super().__init__(name="spec_loss")
+    def __init__(self, inner: keras.Model, loss_fn: Callable):
+        super().__init__(name="spec_loss_model")
+        self.inner = inner
         self.loss_fn = loss_fn
 
-    def call(self, y_true, y_pred):
-        return self.loss_fn(y_true, y_pred)[0]
+    def call(self, inputs, training=False):
+        return self.inner(inputs, training=training)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        loss = tf.reduce_mean(self.loss_fn(y, y_pred)[0])
+        return loss + tf.add_n(self.losses) if self.losses else loss
 
 
 class _EpochTimer(keras.callbacks.Callback):
@@ -101,10 +107,9 @@ class _EpochTimer(keras.callbacks.Callback):
 
 def time_keras_fit(spec, config, batch_size, *, jit_compile, steps_per_execution, steps, repeats,
                    default_optimizer=False) -> Timing:
-    model = _fresh(spec, config)
+    model = _SpecLossModel(_fresh(spec, config), spec.loss)
     optimizer = "adam" if default_optimizer else _optimizer()
-    model.compile(optimizer=optimizer, loss=_SpecLoss(spec.loss), jit_compile=jit_compile,
-                  steps_per_execution=steps_per_execution)
+    model.compile(optimizer=optimizer, jit_compile=jit_compile, steps_per_execution=steps_per_execution)
     timer = _EpochTimer()
     # Epoch 1 includes tracing and compilation; it is dropped.
     model.fit(_fixed_batches(spec, config, batch_size), steps_per_epoch=steps, epochs=repeats + 1,
