@@ -175,7 +175,8 @@ def forward_flops_per_example(model: keras.Model, inputs) -> float:
     loops get an analytic count from ``ANALYTIC_FORWARD_FLOPS`` instead.
     """
     specs = tf.nest.map_structure(lambda t: tf.TensorSpec((1,) + tuple(t.shape[1:]), t.dtype), inputs)
-    concrete = tf.function(lambda x: model(x, training=False)).get_concrete_function(specs)
+    # training=True: the graph that is trained (a looped model unrolls its training iterations there).
+    concrete = tf.function(lambda x: model(x, training=True)).get_concrete_function(specs)
     options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
     options["output"] = "none"
     profile = tf.compat.v1.profiler.profile(graph=concrete.graph, run_meta=tf.compat.v1.RunMetadata(),
@@ -437,9 +438,37 @@ def lstm_per_token_times(name: str = "lstm_lm", preset: str = "default", prompt_
     return rows
 
 
+def chain_per_loop_times(name: str = "chain_transformer", preset: str = "default", batch_size: int = 32,
+                         repeats: int = 30, many: int = 16) -> list:
+    """Time of one reasoning-loop iteration vs the fixed cost (embeddings + answer head), batch 32.
+
+    Per-iteration samples are (time of ``many`` forced loops - mean time of 1 loop) / (many - 1). Shares
+    are of a run that halts after the median number of loops on the validation problems.
+    """
+    spec = registry.get_spec(name)
+    config = registry.get_config(name, preset)
+    model = _fresh(spec, config)
+    inputs, _ = next(iter(spec.dataset(config, "validation", batch_size)))
+    one = time_in_loop(lambda x: model(x, training=False, num_loops=1, use_halting=False), inputs, repeats)
+    full = time_in_loop(lambda x: model(x, training=False, num_loops=many, use_halting=False), inputs,
+                        repeats)
+    per_loop = [(t - float(np.mean(one))) / (many - 1) for t in full]
+    loops = float(np.median(model(inputs, training=False)["steps_used"].numpy()))
+    fixed_ms = (float(np.mean(one)) - float(np.mean(per_loop))) * 1e3
+    loop_ms = float(np.mean(per_loop)) * 1e3
+    total = fixed_ms + loops * loop_ms
+    return [
+        {"step": "embeddings + answer head (fixed)", **percentile_summary(
+            [t - float(np.mean(per_loop)) for t in one]), "share": fixed_ms / total},
+        {"step": f"one loop iteration (x{loops:g} at halting)", **percentile_summary(per_loop),
+         "share": loops * loop_ms / total},
+    ]
+
+
 # name -> () -> rows of per-step timings; families register how their "steps" are timed.
 INFERENCE_STEP_TIMERS: dict[str, Callable] = {"cnn_classifier": cnn_per_layer_times,
-                                              "lstm_lm": lstm_per_token_times}
+                                              "lstm_lm": lstm_per_token_times,
+                                              "chain_transformer": chain_per_loop_times}
 
 
 def inference_step_times() -> dict:
