@@ -361,6 +361,11 @@ def write_report(results: dict, out_dir: str, command: str) -> str:
         parts.append("")
         _plot_steps(name, rows, os.path.join(out_dir, f"{name}_steps.png"))
         parts.append(f"![{name}]({name}_steps.png)\n")
+    if "serving" in results:
+        entry = results["serving"]
+        parts.append(f"## Served-path latency: {entry['model']} (one request, ms)\n")
+        parts.append(_table(entry["rows"], ["path", "batch", "p50_ms", "p99_ms", "mean_ms", "std_ms"]))
+        parts.append("\n" + ", ".join(f"{k} = **{v:.2f}x**" for k, v in entry["ratios"].items()) + "\n")
     if "scaling" in results:
         s = results["scaling"]
         parts.append("## Multi-worker scaling (MultiWorkerMirroredStrategy, 2 workers on localhost)\n")
@@ -524,3 +529,33 @@ def served_path_latency(model: keras.Model, saved_model_dir: str, signature: str
 
             rows.append({"path": f"TF-Lite {label}", "batch": batch_size, **_latencies(invoke, repeats)})
     return rows
+
+
+def served_latency_report(name: str = "cnn_classifier", preset: str = "default", repeats: int = 200) -> dict:
+    """Export ``name`` (SavedModel + the four TF-Lite formats) to a temporary directory and time one
+    request through each path next to the Keras call."""
+    import tempfile
+
+    from tfmstep import export
+
+    spec = registry.get_spec(name)
+    config = registry.get_config(name, preset)
+    model = _fresh(spec, config)
+    serving = export.servable(name, model, config)
+    signature = serving.signatures["serving_default"]
+    input_name = next(iter(signature.input_signature))
+    batches = [x for x, _ in spec.dataset(config, "validation", 32).take(1)]
+    with tempfile.TemporaryDirectory() as tmp:
+        report = export.export_all(model, name, config, tmp, compare=False)
+        tflite_paths = {fmt[len("tflite_"):]: entry["path"] for fmt, entry in report["artifacts"].items()
+                        if fmt.startswith("tflite_")}
+        rows = served_path_latency(model, report["artifacts"]["saved_model"]["path"], "serving_default",
+                                   input_name, tflite_paths, batches[0].numpy(), repeats)
+    by = {(r["path"], r["batch"]): r["p50_ms"] for r in rows}
+    ratios = {}
+    for batch in (1, 32):
+        keras_p50 = by[("keras call (tf.function)", batch)]
+        ratios[f"saved_model_vs_keras_p50_batch{batch}"] = by[("SavedModel 'serving_default'", batch)] / keras_p50
+        if ("TF-Lite int8", batch) in by and ("TF-Lite fp32", batch) in by:
+            ratios[f"int8_vs_fp32_p50_batch{batch}"] = by[("TF-Lite int8", batch)] / by[("TF-Lite fp32", batch)]
+    return {"model": name, "rows": rows, "ratios": ratios}

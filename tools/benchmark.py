@@ -15,7 +15,7 @@ import tfmstep
 from tfmstep import benchmark
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("sections", ["training", "inference", "scaling"], "What to measure.")
+flags.DEFINE_list("sections", ["training", "inference", "serving", "scaling"], "What to measure.")
 flags.DEFINE_list("models", [], "Models for the training section (default: every registered model).")
 flags.DEFINE_integer("batch_size", 128, "Training batch size.", lower_bound=1)
 flags.DEFINE_integer("steps", 50, "Timed training steps per repeat.", lower_bound=1)
@@ -43,6 +43,8 @@ def main(argv):
                 peak_flops=results["peak_matmul_flops"]))
     if "inference" in FLAGS.sections:
         results["inference_steps"] = benchmark.inference_step_times()
+    if "serving" in FLAGS.sections:
+        results["serving"] = benchmark.served_latency_report()
     if "scaling" in FLAGS.sections:
         results["scaling"] = benchmark.scaling_report()
     command = "python tools/benchmark.py " + " ".join(sys.argv[1:])
