@@ -88,7 +88,7 @@ def make_steps(model: keras.Model, optimizer: keras.optimizers.Optimizer, loss_f
         if clip_norm > 0:
             grads, _ = tf.clip_by_global_norm(grads, clip_norm)
         if num_replicas > 1:
-            grads = [g / num_replicas for g in grads]
+            grads = [None if g is None else g / num_replicas for g in grads]
         optimizer.apply(grads, variables)
         out = {"loss": loss}
         for name, value in metrics.items():
