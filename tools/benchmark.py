@@ -13,6 +13,7 @@ from absl import app, flags, logging
 
 import tfmstep
 from tfmstep import benchmark
+from tfmstep.cli import exit_on_user_error
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("sections", ["training", "inference", "serving", "scaling"], "What to measure.")
@@ -26,13 +27,10 @@ flags.DEFINE_string("out", "benchmarks", "Output directory (results.json, README
 def main(argv):
     del argv
     results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}"}
-    try:
+    with exit_on_user_error():
         models = FLAGS.models or tfmstep.list_models()
         for name in models:
             tfmstep.get_spec(name)
-    except tfmstep.UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     if "training" in FLAGS.sections:
         results["peak_matmul_flops"] = benchmark.matmul_peak_flops()
         results["training"] = []

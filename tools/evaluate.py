@@ -9,7 +9,7 @@ Writes results/chain/<name>.json and .png and prints the table.
 
 from absl import app, flags
 
-from tfmstep.errors import UserError
+from tfmstep.cli import exit_on_user_error
 
 flags.DEFINE_list("workdirs", [], "Trained chain_transformer workdirs (tools/train.py --workdir).")
 flags.DEFINE_list("labels", [], "One label per workdir (default: the workdir's name).")
@@ -26,11 +26,9 @@ def main(argv):
     del argv
     from tfmstep import evaluate_chains
 
-    try:
+    with exit_on_user_error():
         report = evaluate_chains.run(FLAGS.workdirs, FLAGS.labels or None, FLAGS.output_dir, FLAGS.name,
                                      FLAGS.max_length_factor, FLAGS.examples, FLAGS.batch_size, FLAGS.seed)
-    except UserError as e:
-        raise SystemExit(f"error: {e}") from None
     print(evaluate_chains.format_table(report))
     print(f"wrote {FLAGS.output_dir}/{FLAGS.name}.json and .png")
 

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Trained run directory (tools/train.py --workdir).")
@@ -57,11 +56,11 @@ def main(argv) -> None:
     import tensorflow as tf
 
     from tfmstep import export, pruning
-    from tfmstep.errors import UserError
+    from tfmstep.cli import exit_on_user_error
 
     tf.get_logger().setLevel("WARNING")  # SavedModel/converter chatter; our own progress stays
 
-    try:
+    with exit_on_user_error():
         formats = export.check_formats(FLAGS.formats)
         model, config, name = load_model()
         if FLAGS.prune_sparsities:
@@ -75,10 +74,6 @@ def main(argv) -> None:
                                        version=FLAGS.version, compare=FLAGS.compare,
                                        max_eval_batches=FLAGS.max_eval_batches)
             table = export.export_table(report)
-    except UserError as e:
-        logging.flush()
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     print(table)
     if FLAGS.report:
         os.makedirs(os.path.dirname(FLAGS.report) or ".", exist_ok=True)

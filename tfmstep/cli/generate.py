@@ -8,6 +8,7 @@ import sys
 from absl import app, flags
 
 from tfmstep import trainer
+from tfmstep.cli import exit_on_user_error
 from tfmstep.errors import UserError
 from tfmstep.models import lstm_lm
 
@@ -28,7 +29,7 @@ flags.mark_flag_as_required("workdir")
 
 def main(argv):
     del argv
-    try:
+    with exit_on_user_error():
         model, _, spec = trainer.load_trained(FLAGS.workdir)
         if spec.name != "lstm_lm":
             raise UserError(f"{FLAGS.workdir} holds a {spec.name} run, not a language model")
@@ -36,9 +37,6 @@ def main(argv):
             model, FLAGS.prompt, decoder=FLAGS.decoder, max_new_tokens=FLAGS.max_new_tokens,
             temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed,
             beam_width=FLAGS.beam_width, length_penalty=FLAGS.length_penalty)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     print(FLAGS.prompt + text)
     print(f"[{FLAGS.decoder}: log-probability {log_prob:.2f} nats]", file=sys.stderr)
 

@@ -5,12 +5,11 @@
 
 import json
 import os
-import sys
 
 from absl import app, flags
 
 from tfmstep import ngram, registry
-from tfmstep.errors import UserError
+from tfmstep.cli import exit_on_user_error
 from tfmstep.models import lstm_lm
 
 FLAGS = flags.FLAGS
@@ -22,14 +21,11 @@ flags.DEFINE_string("output", "", "Optional JSON output path.")
 
 def main(argv):
     del argv
-    try:
+    with exit_on_user_error():
         config = registry.get_config("lstm_lm", FLAGS.preset, **registry.parse_overrides(FLAGS.config))
         splits = lstm_lm.token_splits(config)
         result = ngram.best_order(splits["train"], splits["validation"], config.vocab_size,
                                   orders=range(1, FLAGS.max_order + 1))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     print("| order | validation bits/token | perplexity |\n|---|---|---|")
     for order, bits in result["bits_per_token_by_order"].items():
         print(f"| {order} | {bits:.4f} | {2 ** bits:.3f} |")

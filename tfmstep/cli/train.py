@@ -9,12 +9,11 @@ Rerun the same command on the same --workdir to resume exactly where it stopped.
 from __future__ import annotations
 
 import dataclasses
-import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from tfmstep import registry, trainer
-from tfmstep.errors import UserError
+from tfmstep.cli import exit_on_user_error
 
 _DEFAULTS = trainer.TrainConfig()
 FLAGS = flags.FLAGS
@@ -58,14 +57,10 @@ def train_config_from_flags() -> trainer.TrainConfig:
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    try:
+    with exit_on_user_error():
         config = train_config_from_flags()
         trainer.train(FLAGS.model, FLAGS.workdir, preset=FLAGS.preset,
                       overrides=registry.parse_overrides(FLAGS.config), config=config)
-    except UserError as e:
-        logging.flush()
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 def run() -> None:
