@@ -1,39 +1,27 @@
-"""The LSTM language model: text data, stateful generation, and the generate tool's errors."""
+"""The LSTM language model: its loss, stateful generation, weight tying, subword vocabularies."""
+
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import tfmstep
+from tfmstep import trainer
 from tfmstep.models import lstm_lm
 
 
-def test_offline_corpus_is_the_standard_library_source_with_a_fixed_split():
+def test_loss_skips_context_labels():
+    logits = tf.math.log(tf.constant([[[0.5, 0.5], [0.9, 0.1], [0.2, 0.8]]]))
+    loss, metrics = lstm_lm.lm_loss(tf.constant([[-1, 0, 0]]), logits)
+    assert loss.numpy()[0] == pytest.approx(-(np.log(0.9) + np.log(0.2)) / 2, rel=1e-5)
+    assert metrics["accuracy"].numpy()[0] == pytest.approx(0.5)
+
+
+def test_bits_per_byte_is_nats_over_ln2_for_byte_tokens():
     config = tfmstep.get_config("lstm_lm", "tiny")
-    splits = lstm_lm.token_splits(config)
-    assert len(splits["train"]) + len(splits["validation"]) == config.max_corpus_bytes
-    assert len(splits["validation"]) == pytest.approx(0.1 * config.max_corpus_bytes, abs=1)
-    assert b"import" in bytes(splits["train"][:20000].astype(np.uint8).tolist())
-    np.testing.assert_array_equal(lstm_lm.token_splits(config)["validation"], splits["validation"])
-
-
-def test_labels_are_the_inputs_shifted_by_one_token():
-    config = tfmstep.get_config("lstm_lm", "tiny")
-    inputs, labels = next(iter(lstm_lm.lm_dataset(config, "validation", 2)))
-    np.testing.assert_array_equal(inputs[:, 1:].numpy(), labels[:, :-1].numpy())
-
-
-def test_missing_text_file_is_a_clear_error(tmp_path):
-    config = tfmstep.get_config("lstm_lm", "tiny", text_file=str(tmp_path / "missing.txt"))
-    with pytest.raises(tfmstep.UserError, match="text file not found"):
-        lstm_lm.token_splits(config)
-
-
-def test_local_text_file_is_used(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text("to be or not to be " * 200)
-    config = tfmstep.get_config("lstm_lm", "tiny", text_file=str(path))
-    assert bytes(lstm_lm.token_splits(config)["train"][:9].astype(np.uint8).tolist()) == b"to be or "
+    assert lstm_lm.bits_per_byte(config, np.log(2.0) * 1.5) == pytest.approx(1.5)
 
 
 def test_stateful_step_matches_the_full_sequence_model():
@@ -59,3 +47,35 @@ def test_tied_weights_need_matching_sizes():
         tfmstep.get_config("lstm_lm", tie_weights=True, embedding_dim=64, units=128)
     model = tfmstep.build("lstm_lm", "tiny", tie_weights=True, embedding_dim=32, units=32)
     assert model(tf.zeros((1, 4), tf.int32)).shape == (1, 4, 256)
+
+
+def test_sentencepiece_model_generates_text_through_its_vocabulary(tmp_path):
+    config = tfmstep.get_config("lstm_lm", "tiny", tokenizer="sentencepiece", vocab_size=400,
+                                vocab_file=str(tmp_path / "vocab.spm"))
+    model = tfmstep.get_spec("lstm_lm").build(config)
+    inputs, _ = next(iter(lstm_lm.lm_dataset(config, "train", 2)))
+    assert model(inputs).shape == (2, config.seq_len, 400)
+    text, log_prob = lstm_lm.generate_text(model, "import os\n", max_new_tokens=4,
+                                           tokenizer=lstm_lm.make_tokenizer(config))
+    assert isinstance(text, str) and log_prob < 0
+
+
+def test_bad_decoder_and_empty_prompt_are_clear_errors():
+    model = tfmstep.build("lstm_lm", "tiny")
+    with pytest.raises(tfmstep.UserError, match="unknown decoder"):
+        lstm_lm.generate_text(model, "x", decoder="nucleus")
+    with pytest.raises(tfmstep.UserError, match="prompt must not be empty"):
+        lstm_lm.generate_text(model, "")
+
+
+def test_generate_tool_prints_the_prompt_and_its_continuation(tmp_path, repo_root):
+    workdir = str(tmp_path / "run")
+    trainer.train("lstm_lm", workdir, preset="tiny",
+                  config=trainer.TrainConfig(steps=2, batch_size=4, eval_batches=1, checkpoint_every=2,
+                                             steps_per_call=2))
+    result = subprocess.run([sys.executable, f"{repo_root}/tools/generate.py", f"--workdir={workdir}",
+                             "--prompt=import ", "--decoder=beam", "--beam_width=2", "--max_new_tokens=6"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("import ")
+    assert "beam: log-probability" in result.stderr

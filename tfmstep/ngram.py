@@ -1,9 +1,11 @@
 """Interpolated Kneser-Ney n-gram language model on integer tokens: the baseline the LSTM must beat.
 
 Counts are sorted numpy arrays of 64-bit n-gram keys, looked up with ``searchsorted``, so fitting and
-scoring a whole split are a few vectorised passes per order, at any order. Chen & Goodman's
+scoring a whole split are a few vectorised passes per order, at any order. Chen & Goodman's modified
 interpolated KN: the highest order uses raw counts, lower orders use continuation counts (how many
-distinct tokens precede an n-gram), each with one absolute discount D = n1 / (n1 + 2 n2).
+distinct tokens precede an n-gram); each order discounts n-grams seen once, twice and three or more
+times by D1, D2, D3+ estimated from its count-of-counts (Y = n1 / (n1 + 2 n2), Dk = k - (k + 1) Y
+n_{k+1} / n_k), and gives the discounted mass to the next lower order.
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ class _Table:
     counts: np.ndarray
     context_keys: np.ndarray
     context_totals: np.ndarray
-    context_types: np.ndarray
-    discount: float
+    context_discounted: np.ndarray  # per context: sum of the discounts of its n-grams (lower-order mass)
+    discounts: np.ndarray  # [D1, D2, D3+]
 
     @classmethod
     def from_columns(cls, columns: list, weights: np.ndarray | None = None) -> "_Table":
@@ -57,10 +59,21 @@ class _Table:
             np.zeros(len(keys), np.uint64)
         context_keys, context_index = np.unique(context_rows, return_inverse=True)
         totals = np.bincount(context_index, weights=counts).astype(np.int64)
-        types = np.bincount(context_index).astype(np.int64)
-        n1, n2 = int(np.sum(counts == 1)), int(np.sum(counts == 2))
-        discount = n1 / (n1 + 2 * n2) if n1 + n2 else 0.5
-        return cls(keys, counts, context_keys, totals, types, min(max(discount, 0.05), 0.95))
+        discounts = cls.modified_discounts(counts)
+        discounted = np.bincount(context_index, weights=discounts[np.minimum(counts, 3) - 1])
+        return cls(keys, counts, context_keys, totals, discounted, discounts)
+
+    @staticmethod
+    def modified_discounts(counts: np.ndarray) -> np.ndarray:
+        n1, n2, n3, n4 = (int(np.sum(counts == k)) for k in (1, 2, 3, 4))
+        if not (n1 and n2 and n3 and n4):  # too few counts to estimate: one plain discount
+            return np.full(3, 0.75)
+        y = n1 / (n1 + 2 * n2)
+        discounts = np.array([1 - 2 * y * n2 / n1, 2 - 3 * y * n3 / n2, 3 - 4 * y * n4 / n3])
+        return np.clip(discounts, 0.05, np.array([0.95, 1.95, 2.95]))
+
+    def discount(self, counts: np.ndarray) -> np.ndarray:
+        return np.where(counts > 0, self.discounts[np.clip(counts, 1, 3) - 1], 0.0)
 
     @staticmethod
     def lookup(table_keys: np.ndarray, values: np.ndarray, queries: np.ndarray) -> np.ndarray:
@@ -116,11 +129,10 @@ class KneserNey:
             count = table.lookup(table.keys, table.counts, _hash(columns))
             contexts = _hash(columns[:-1]) if n > 1 else np.zeros(len(positions), np.uint64)
             total = table.lookup(table.context_keys, table.context_totals, contexts)
-            types = table.lookup(table.context_keys, table.context_types, contexts)
+            lower_mass = table.lookup(table.context_keys, table.context_discounted, contexts)
             seen = valid & (total > 0)
             safe_total = np.maximum(total, 1)
-            interpolated = (np.maximum(count - table.discount, 0) / safe_total
-                            + table.discount * types / safe_total * prob)
+            interpolated = (np.maximum(count - table.discount(count), 0) + lower_mass * prob) / safe_total
             prob = np.where(seen, interpolated, prob)
         return np.log2(prob)
 

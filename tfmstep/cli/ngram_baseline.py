@@ -1,10 +1,11 @@
 """Kneser-Ney n-gram baseline on exactly the LSTM LM's tokens and split; picks the order on validation.
 
-  python tools/ngram_baseline.py --max_order=15 --output=results/lstm/ngram.json
+  python tools/ngram_baseline.py --max_order=32 --output=results/lstm/ngram.json
 """
 
 import json
 import os
+import time
 
 from absl import app, flags
 
@@ -15,7 +16,7 @@ from tfmstep.models import lstm_lm
 FLAGS = flags.FLAGS
 flags.DEFINE_string("preset", "default", "lstm_lm preset whose corpus and split are used.")
 flags.DEFINE_multi_string("config", [], "lstm_lm config overrides key=value (corpus, text_file, ...).")
-flags.DEFINE_integer("max_order", 15, "Highest n-gram order tried.", lower_bound=1)
+flags.DEFINE_integer("max_order", 32, "Highest n-gram order tried.", lower_bound=1)
 flags.DEFINE_string("output", "", "Optional JSON output path.")
 
 
@@ -23,18 +24,26 @@ def main(argv):
     del argv
     with exit_on_user_error():
         config = registry.get_config("lstm_lm", FLAGS.preset, **registry.parse_overrides(FLAGS.config))
-        splits = lstm_lm.token_splits(config)
-        result = ngram.best_order(splits["train"], splits["validation"], config.vocab_size,
+        corpus = lstm_lm.tokenized_corpus(config)
+        start = time.time()
+        result = ngram.best_order(corpus.train, corpus.validation, config.vocab_size,
                                   orders=range(1, FLAGS.max_order + 1))
-    print("| order | validation bits/token | perplexity |\n|---|---|---|")
+        seconds = time.time() - start
+    per_byte = 1.0 / corpus.bytes_per_validation_token
+    print("| order | validation bits/token | perplexity | bits/byte |\n|---|---|---|---|")
     for order, bits in result["bits_per_token_by_order"].items():
-        print(f"| {order} | {bits:.4f} | {2 ** bits:.3f} |")
-    print(f"best: order {result['best_order']}, {result['best_bits_per_token']:.4f} bits/token")
+        print(f"| {order} | {bits:.4f} | {2 ** bits:.3f} | {bits * per_byte:.4f} |")
+    best_bits_per_byte = result["best_bits_per_token"] * per_byte
+    print(f"best: order {result['best_order']}, {result['best_bits_per_token']:.4f} bits/token, "
+          f"{best_bits_per_byte:.4f} bits/byte ({seconds:.0f} s for all orders)")
     if FLAGS.output:
         os.makedirs(os.path.dirname(FLAGS.output) or ".", exist_ok=True)
         with open(FLAGS.output, "w") as f:
-            json.dump({**result, "train_tokens": int(len(splits["train"])),
-                       "validation_tokens": int(len(splits["validation"]))}, f, indent=2)
+            json.dump({**result, "best_bits_per_byte": best_bits_per_byte,
+                       "tokenizer": config.tokenizer, "train_tokens": int(len(corpus.train)),
+                       "validation_tokens": int(len(corpus.validation)),
+                       "validation_bytes": corpus.validation_bytes, "seconds": round(seconds, 1),
+                       "method": "interpolated modified Kneser-Ney (D1, D2, D3+ per order)"}, f, indent=2)
 
 
 def run():

@@ -1,12 +1,24 @@
 """Text for language modelling: a local file or directory, TFDS ``tiny_shakespeare`` when prepared
 locally, and offline the Python standard library's own source (real text on every machine).
 
-Tokens are bytes (0..255) by default. The split is fixed: the last ``validation_fraction`` of the token
-stream is validation, the rest is train.
+Corpus ``python_stdlib``: the top-level ``*.py`` files of the running interpreter's standard library
+(``sysconfig.get_paths()["stdlib"]``, not its subpackages), sorted by file name, joined with a newline and
+cut at ``max_bytes``.
+
+Split (fixed): the corpus bytes are cut at the first newline at or after ``1 - validation_fraction`` of
+them; everything before is train, the rest validation. Both tokenizers see the same bytes, so their
+bits per byte are comparable.
+
+Tokens are bytes (0..255) by default. ``tokenizer="sentencepiece"`` uses a keras-hub
+``SentencePieceTokenizer`` whose vocabulary is trained on the train split once and written to
+``vocab_file``: that file is the vocabulary of the model (it sits in the workdir next to the
+checkpoints, so generation and export read the same one).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import os
 import sysconfig
 
@@ -19,7 +31,10 @@ from tfmstep.errors import UserError
 
 BYTE_VOCAB_SIZE = 256
 STDLIB_CORPUS = "python_stdlib"
-_cache: dict = {}
+TOKENIZERS = ("byte", "sentencepiece")
+IGNORED_LABEL = -1  # a label the loss skips: context tokens that are read but not scored
+_corpus_cache: dict = {}
+_tokenized_cache: dict = {}
 
 
 def stdlib_source_files() -> list:
@@ -41,11 +56,18 @@ def _read_paths(paths: list, max_bytes: int) -> bytes:
     return text[:max_bytes] if max_bytes else text
 
 
+def _stdlib_corpus(max_bytes: int) -> bytes:
+    data = _read_paths(stdlib_source_files(), max_bytes)
+    logging.info("Corpus: Python %s standard library sources (top-level *.py of %s, sorted by name), "
+                 "%d bytes.", sysconfig.get_python_version(), sysconfig.get_paths()["stdlib"], len(data))
+    return data
+
+
 def load_corpus(corpus: str, text_file: str = "", max_bytes: int = 0) -> bytes:
     """Raw bytes of the corpus; logs which corpus is used and any fallback."""
     key = (corpus, text_file, max_bytes)
-    if key in _cache:
-        return _cache[key]
+    if key in _corpus_cache:
+        return _corpus_cache[key]
     if text_file:
         if not os.path.exists(text_file):
             raise UserError(f"text file not found: {text_file}")
@@ -57,11 +79,9 @@ def load_corpus(corpus: str, text_file: str = "", max_bytes: int = 0) -> bytes:
         else:
             paths = [text_file]
         data = _read_paths(paths, max_bytes)
-        logging.info("Corpus: %s (%d bytes).", text_file, len(data))
+        logging.info("Corpus: %s (%d file(s), %d bytes).", text_file, len(paths), len(data))
     elif corpus == STDLIB_CORPUS:
-        data = _read_paths(stdlib_source_files(), max_bytes)
-        logging.info("Corpus: Python %s standard library sources, sorted by file name (%d bytes).",
-                     sysconfig.get_python_version(), len(data))
+        data = _stdlib_corpus(max_bytes)
     else:
         try:
             import tensorflow_datasets as tfds
@@ -69,47 +89,179 @@ def load_corpus(corpus: str, text_file: str = "", max_bytes: int = 0) -> bytes:
             ds = tfds.load(corpus, split="train", download=False)
             data = b"".join(x["text"] for x in tfds.as_numpy(ds))
             data = data[:max_bytes] if max_bytes else data
-            logging.info("Corpus: TFDS %s (%d bytes).", corpus, len(data))
-        except Exception as e:  # not prepared locally / no network
-            logging.warning("TFDS corpus %r is not available locally (%s); falling back to the offline "
+            logging.info("Corpus: TFDS %s, prepared locally (%d bytes).", corpus, len(data))
+        except Exception as e:  # not prepared locally / unknown name; never downloads
+            logging.warning("TFDS corpus %r is not available locally (%s); FALLING BACK to the offline "
                             "Python standard library sources.", corpus, type(e).__name__)
-            data = _read_paths(stdlib_source_files(), max_bytes)
+            data = _stdlib_corpus(max_bytes)
     if len(data) < 1000:
-        raise UserError(f"corpus has only {len(data)} bytes; a language model needs more text")
-    _cache[key] = data
+        raise UserError(f"corpus has only {len(data)} bytes; a language model needs at least 1000")
+    _corpus_cache[key] = data
     return data
 
 
-def split_tokens(tokens: np.ndarray, validation_fraction: float) -> dict:
-    cut = int(len(tokens) * (1.0 - validation_fraction))
-    return {"train": tokens[:cut], "validation": tokens[cut:]}
+def split_bytes(data: bytes, validation_fraction: float) -> tuple:
+    """(train bytes, validation bytes): cut at the first newline at or after the train fraction."""
+    cut = int(len(data) * (1.0 - validation_fraction))
+    newline = data.find(b"\n", cut)
+    if newline != -1 and newline < len(data) - 1:
+        cut = newline + 1
+    return data[:cut], data[cut:]
 
 
-def byte_tokens(data: bytes) -> np.ndarray:
-    return np.frombuffer(data, dtype=np.uint8).astype(np.int32)
+class ByteTokenizer:
+    """Bytes are the tokens: lossless for any text, vocabulary 256."""
+
+    vocabulary_size = BYTE_VOCAB_SIZE
+
+    def encode(self, data: bytes) -> np.ndarray:
+        return np.frombuffer(data, dtype=np.uint8).astype(np.int32)
+
+    def decode(self, ids) -> str:
+        return bytes(np.asarray(ids).astype(np.uint8).tolist()).decode("utf-8", errors="replace")
+
+
+class SentencePieceTokenizer:
+    """Subwords through keras-hub's ``SentencePieceTokenizer``.
+
+    The vocabulary is trained with the ``sentencepiece`` library directly (what keras-hub's
+    ``compute_sentence_piece_proto`` wraps) because that helper forces NFKC normalisation, which collapses
+    runs of spaces: indentation would be lost. Identity normalisation, whitespace-only pieces, newline as
+    a piece and byte fallback make the round trip text -> ids -> text exact.
+    """
+
+    def __init__(self, proto: bytes):
+        import keras_hub
+
+        self.tokenizer = keras_hub.tokenizers.SentencePieceTokenizer(proto=proto)
+        self.vocabulary_size = int(self.tokenizer.vocabulary_size())
+
+    @staticmethod
+    def train(data: bytes, vocab_size: int) -> bytes:
+        import sentencepiece
+
+        lines = data.decode("utf-8", errors="replace").split("\n")
+        proto = io.BytesIO()
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines), model_writer=proto, vocab_size=vocab_size, model_type="bpe",
+            normalization_rule_name="identity", remove_extra_whitespaces=False, byte_fallback=True,
+            user_defined_symbols=["\n"], allow_whitespace_only_pieces=True, split_digits=True,
+            character_coverage=1.0, max_sentence_length=1 << 16, pad_id=0, unk_id=1, bos_id=-1, eos_id=-1,
+            num_threads=1, minloglevel=2)
+        return proto.getvalue()
+
+    def encode(self, data: bytes) -> np.ndarray:
+        return np.asarray(self.tokenizer.tokenize(tf.constant(data.decode("utf-8", errors="replace"))),
+                          np.int32)
+
+    def decode(self, ids) -> str:
+        text = self.tokenizer.detokenize(tf.constant(np.asarray(ids, np.int32)))
+        return text.numpy().decode("utf-8", errors="replace") if hasattr(text, "numpy") else str(text)
+
+
+def load_or_train_sentencepiece(vocab_file: str, vocab_size: int, train_bytes: bytes) -> SentencePieceTokenizer:
+    """The vocabulary in ``vocab_file``; trained on ``train_bytes`` and written there if it is missing."""
+    if not vocab_file:
+        raise UserError("tokenizer=sentencepiece needs vocab_file (e.g. <workdir>/vocab.spm); it is trained "
+                        "on the train split if the file does not exist")
+    if os.path.exists(vocab_file):
+        with open(vocab_file, "rb") as f:
+            tokenizer = SentencePieceTokenizer(f.read())
+        logging.info("Vocabulary: %s (%d pieces).", vocab_file, tokenizer.vocabulary_size)
+    else:
+        proto = SentencePieceTokenizer.train(train_bytes, vocab_size)
+        os.makedirs(os.path.dirname(os.path.abspath(vocab_file)), exist_ok=True)
+        tmp = f"{vocab_file}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(proto)
+        os.replace(tmp, vocab_file)  # atomic: a reader never sees half a vocabulary
+        tokenizer = SentencePieceTokenizer(proto)
+        logging.info("Vocabulary: trained %d SentencePiece pieces on the train split, wrote %s.",
+                     tokenizer.vocabulary_size, vocab_file)
+    if tokenizer.vocabulary_size != vocab_size:
+        raise UserError(f"vocab_file {vocab_file} has {tokenizer.vocabulary_size} pieces but vocab_size is "
+                        f"{vocab_size}; set vocab_size={tokenizer.vocabulary_size} or use a new vocab_file")
+    return tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedCorpus:
+    train: np.ndarray
+    validation: np.ndarray
+    validation_bytes: int  # bytes of validation text: bits/byte = bits/token * tokens / bytes
+    tokenizer: object
+
+    @property
+    def bytes_per_validation_token(self) -> float:
+        return self.validation_bytes / max(len(self.validation), 1)
+
+
+def tokenized_corpus(corpus: str, text_file: str, max_bytes: int, validation_fraction: float,
+                     tokenizer: str = "byte", vocab_file: str = "",
+                     vocab_size: int = BYTE_VOCAB_SIZE) -> TokenizedCorpus:
+    key = (corpus, text_file, max_bytes, validation_fraction, tokenizer, vocab_file, vocab_size)
+    if key in _tokenized_cache:
+        return _tokenized_cache[key]
+    train_bytes, validation_bytes = split_bytes(load_corpus(corpus, text_file, max_bytes),
+                                                validation_fraction)
+    if tokenizer == "byte":
+        tok = ByteTokenizer()
+    elif tokenizer == "sentencepiece":
+        tok = load_or_train_sentencepiece(vocab_file, vocab_size, train_bytes)
+    else:
+        raise UserError(f"unknown tokenizer {tokenizer!r}; choose one of {', '.join(TOKENIZERS)}")
+    result = TokenizedCorpus(tok.encode(train_bytes), tok.encode(validation_bytes), len(validation_bytes),
+                             tok)
+    logging.info("Split: %d train / %d validation tokens (%s; validation = last %.0f%% of the bytes, "
+                 "%.2f bytes per token).", len(result.train), len(result.validation), tokenizer,
+                 100 * validation_fraction, result.bytes_per_validation_token)
+    _tokenized_cache[key] = result
+    return result
 
 
 def window_dataset(tokens: np.ndarray, split: str, seq_len: int, batch_size: int, seed: int,
-                   start_batch: int) -> tf.data.Dataset:
-    """(inputs [B, seq_len], next-token labels [B, seq_len]).
+                   start_batch: int, context: np.ndarray | None = None,
+                   eval_context: int = 0) -> tf.data.Dataset:
+    """(inputs [B, T], next-token labels [B, T]).
 
-    Train: windows at stateless random offsets keyed by (seed, example index), infinite.
-    Validation: consecutive non-overlapping windows, in order, finite.
+    Train: windows of ``seq_len`` at stateless random offsets keyed by (seed, example index), infinite.
+    Validation: consecutive non-overlapping chunks of ``seq_len`` scored tokens, in order, finite. Each is
+    preceded by ``eval_context`` tokens that the model reads but that are not scored (their labels are
+    ``IGNORED_LABEL``), taken from the tokens before it (the end of ``context`` -- the train split -- for
+    the first chunk): the model predicts every scored token with at least that much history, as the
+    n-gram baseline does.
     """
-    if len(tokens) < seq_len + 2:
-        raise UserError(f"{split} split has {len(tokens)} tokens, fewer than seq_len + 2 = {seq_len + 2}")
-    tokens_t = tf.constant(tokens, tf.int32)
     span = seq_len + 1
     if split == "train":
+        if len(tokens) < span + 1:
+            raise UserError(f"train split has {len(tokens)} tokens, fewer than seq_len + 2 = {span + 1}")
+        tokens_t = tf.constant(tokens, tf.int32)
         max_start = len(tokens) - span
 
         def window(seed_pair):
             start = tf.random.stateless_uniform([], seed_pair, maxval=max_start + 1, dtype=tf.int64)
             return tokens_t[start:start + span]
 
-        ds = example_seeds(seed, start_batch * batch_size).map(window).batch(batch_size, drop_remainder=True)
-    else:
-        starts = tf.range(0, len(tokens) - span + 1, seq_len, dtype=tf.int64)
-        ds = tf.data.Dataset.from_tensor_slices(starts).map(lambda s: tokens_t[s:s + span]).batch(batch_size)
-    return ds.map(lambda w: (w[:, :-1], w[:, 1:]), num_parallel_calls=tf.data.AUTOTUNE,
-                  deterministic=True).prefetch(2)
+        windows = example_seeds(seed, start_batch * batch_size).map(window).batch(batch_size,
+                                                                                  drop_remainder=True)
+        return windows.map(lambda w: (w[:, :-1], w[:, 1:]), num_parallel_calls=tf.data.AUTOTUNE,
+                           deterministic=True).prefetch(2)
+
+    if len(tokens) < span:
+        raise UserError(f"{split} split has {len(tokens)} tokens, fewer than seq_len + 1 = {span}")
+    history = np.asarray(context if context is not None else [], np.int32)[-eval_context:] \
+        if eval_context else np.zeros(0, np.int32)
+    stream = np.concatenate([history, tokens]).astype(np.int32)
+    offset = len(history)  # stream index of the first validation token
+    chunk_starts = np.arange(0, len(tokens) - span + 1, seq_len)
+    window_starts = np.maximum(offset + chunk_starts - eval_context, 0)
+    # Fixed-width windows; a chunk with less history than eval_context (only when the train split is
+    # shorter than it) scores the same seq_len tokens with what history there is.
+    width = eval_context + span
+    stream = np.concatenate([stream, np.zeros(width, np.int32)])
+    windows = np.stack([stream[s:s + width] for s in window_starts])
+    first_scored = (offset + chunk_starts - window_starts)[:, None]
+    position = np.arange(width - 1)[None, :]
+    ignored = (position < first_scored) | (position >= first_scored + seq_len)
+    labels = np.where(ignored, IGNORED_LABEL, windows[:, 1:])
+    return tf.data.Dataset.from_tensor_slices((windows[:, :-1], labels)).batch(batch_size).prefetch(2)

@@ -1,5 +1,9 @@
 """LSTM language model: Embedding -> stacked LSTM -> (LayerNorm) -> logits over the next token.
 
+Tokens are bytes by default, or SentencePiece subwords (``tokenizer="sentencepiece"``, vocabulary in
+``vocab_file``); see ``tfmstep/data/text.py`` for the corpora and the fixed split. The loss is the mean
+next-token cross-entropy in nats; ``bits_per_byte`` turns it into the number compared with the n-gram.
+
 Generation carries the LSTM (h, c) states from token to token (``make_step_fn``), so a long prompt is
 read once and each new token costs one cell step.
 """
@@ -25,8 +29,13 @@ class LSTMConfig:
     max_corpus_bytes: int = 2_000_000
     validation_fraction: float = 0.1
     seq_len: int = 128
+    # Validation reads this many tokens before each scored chunk without scoring them, so every scored
+    # token has that much history (the n-gram sees its full order - 1 tokens); 0: chunks start cold.
+    eval_context: int = 128
+    tokenizer: str = "byte"  # or "sentencepiece" (subwords through keras-hub)
+    vocab_file: str = ""  # sentencepiece vocabulary; trained on the train split and written here if missing
     # Model.
-    vocab_size: int = text_data.BYTE_VOCAB_SIZE
+    vocab_size: int = text_data.BYTE_VOCAB_SIZE  # sentencepiece: the number of pieces
     embedding_dim: int = 128
     units: int = 512
     layers: int = 1
@@ -46,26 +55,64 @@ class LSTMConfig:
             raise UserError(f"tie_weights needs embedding_dim == units ({self.embedding_dim} != {self.units})")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.vocab_size != text_data.BYTE_VOCAB_SIZE:
-            raise UserError(f"vocab_size must be {text_data.BYTE_VOCAB_SIZE} (byte-level tokens)")
+        if self.eval_context < 0:
+            raise UserError(f"eval_context must be >= 0, got {self.eval_context}")
+        if self.tokenizer not in text_data.TOKENIZERS:
+            raise UserError(f"unknown tokenizer {self.tokenizer!r}; choose one of "
+                            f"{', '.join(text_data.TOKENIZERS)}")
+        if self.tokenizer == "byte" and self.vocab_size != text_data.BYTE_VOCAB_SIZE:
+            raise UserError(f"vocab_size must be {text_data.BYTE_VOCAB_SIZE} with tokenizer=byte")
+        if self.tokenizer == "sentencepiece":
+            if not self.vocab_file:
+                raise UserError("tokenizer=sentencepiece needs vocab_file, e.g. "
+                                "--config=vocab_file=<workdir>/vocab.spm (trained there if missing)")
+            if self.vocab_size < 300:  # 256 byte-fallback pieces + specials + some merges
+                raise UserError(f"tokenizer=sentencepiece needs vocab_size >= 300, got {self.vocab_size}")
+
+
+def tokenized_corpus(config: LSTMConfig) -> text_data.TokenizedCorpus:
+    return text_data.tokenized_corpus(config.corpus, config.text_file, config.max_corpus_bytes,
+                                      config.validation_fraction, config.tokenizer, config.vocab_file,
+                                      config.vocab_size)
 
 
 def token_splits(config: LSTMConfig) -> dict:
-    data = text_data.load_corpus(config.corpus, config.text_file, config.max_corpus_bytes)
-    return text_data.split_tokens(text_data.byte_tokens(data), config.validation_fraction)
+    """{"train": tokens, "validation": tokens} of the fixed split (the n-gram baseline uses these)."""
+    corpus = tokenized_corpus(config)
+    return {"train": corpus.train, "validation": corpus.validation}
+
+
+def make_tokenizer(config: LSTMConfig):
+    """The model's tokenizer: ``encode(bytes) -> ids``, ``decode(ids) -> str``."""
+    if config.tokenizer == "byte":
+        return text_data.ByteTokenizer()
+    return tokenized_corpus(config).tokenizer
 
 
 def lm_loss(labels, logits):
-    """Per-sequence mean next-token cross-entropy (nats) and accuracy."""
+    """Per-sequence mean next-token cross-entropy (nats) and accuracy over the scored tokens (labels
+    equal to ``IGNORED_LABEL`` are context: read, not scored)."""
     logits = tf.cast(logits, tf.float32)
-    token_loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
-    correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32)
-    return tf.reduce_mean(token_loss, -1), {"accuracy": tf.reduce_mean(correct, -1)}
+    scored = tf.cast(labels != text_data.IGNORED_LABEL, tf.float32)
+    safe_labels = tf.maximum(labels, 0)
+    token_loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=safe_labels, logits=logits)
+    correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), safe_labels), tf.float32)
+    count = tf.maximum(tf.reduce_sum(scored, -1), 1.0)
+    return (tf.reduce_sum(token_loss * scored, -1) / count,
+            {"accuracy": tf.reduce_sum(correct * scored, -1) / count})
 
 
 def lm_dataset(config: LSTMConfig, split: str, batch_size: int, seed: int = 0, start_batch: int = 0):
-    tokens = token_splits(config)["train" if split == "train" else "validation"]
-    return text_data.window_dataset(tokens, split, config.seq_len, batch_size, seed, start_batch)
+    corpus = tokenized_corpus(config)
+    if split == "train":
+        return text_data.window_dataset(corpus.train, split, config.seq_len, batch_size, seed, start_batch)
+    return text_data.window_dataset(corpus.validation, split, config.seq_len, batch_size, seed, start_batch,
+                                    context=corpus.train, eval_context=config.eval_context)
+
+
+def bits_per_byte(config: LSTMConfig, nats_per_token: float) -> float:
+    """Validation loss in nats per token -> bits per byte of text (= bits/token for byte tokens)."""
+    return float(nats_per_token / np.log(2.0) / tokenized_corpus(config).bytes_per_validation_token)
 
 
 class TiedOutput(keras.layers.Layer):
@@ -84,7 +131,8 @@ class TiedOutput(keras.layers.Layer):
 
 @register("lstm_lm", config_class=LSTMConfig, loss=lm_loss, dataset=lm_dataset,
           presets={
-              "tiny": dict(embedding_dim=16, units=32, seq_len=32, max_corpus_bytes=100_000, dropout=0.0),
+              "tiny": dict(embedding_dim=16, units=32, seq_len=32, eval_context=16, max_corpus_bytes=100_000,
+                           dropout=0.0),
           },
           # Measured on a 2-core CPU: the XLA-compiled LSTM step ran 6x slower than the plain one.
           xla_on_cpu=False)
@@ -140,17 +188,15 @@ def make_step_fn(model: keras.Model):
     return step
 
 
-def bits_per_token(nats: float) -> float:
-    return float(nats / np.log(2.0))
-
-
 DECODERS = ("greedy", "sample", "beam")
 
 
 def generate_text(model: keras.Model, prompt: str, *, decoder: str = "greedy", max_new_tokens: int = 200,
                   temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                  beam_width: int = 4, length_penalty: float = 0.0) -> tuple:
-    """(generated text, its log-probability in nats) after ``prompt``, carrying the LSTM state."""
+                  beam_width: int = 4, length_penalty: float = 0.0, tokenizer=None) -> tuple:
+    """(generated text, its log-probability in nats) after ``prompt``, carrying the LSTM state.
+
+    ``tokenizer``: the model's (``make_tokenizer(config)``); bytes when None."""
     from tfmstep import decoding
 
     if decoder not in DECODERS:
@@ -159,7 +205,11 @@ def generate_text(model: keras.Model, prompt: str, *, decoder: str = "greedy", m
         raise UserError("the prompt must not be empty")
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    tokens = tf.constant([list(prompt.encode("utf-8"))], tf.int32)
+    tokenizer = tokenizer or text_data.ByteTokenizer()
+    prompt_ids = tokenizer.encode(prompt.encode("utf-8"))
+    if not len(prompt_ids):
+        raise UserError("the prompt has no tokens")
+    tokens = tf.constant([prompt_ids.tolist()], tf.int32)
     step = make_step_fn(model)
     state = initial_state(model, 1)
     if decoder == "beam":
@@ -168,5 +218,4 @@ def generate_text(model: keras.Model, prompt: str, *, decoder: str = "greedy", m
     else:
         out, log_prob = decoding.sample(step, tokens, state, max_new_tokens, greedy=decoder == "greedy",
                                         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    text = bytes(out.numpy()[0].astype(np.uint8).tolist()).decode("utf-8", errors="replace")
-    return text, float(log_prob.numpy()[0])
+    return tokenizer.decode(out.numpy()[0]), float(log_prob.numpy()[0])
