@@ -2,9 +2,13 @@
 
   <export_base>/<model_name>/<version>/saved_model.pb
                                        variables/
-                                       assets/
+                                       assets/                            (the LM's SentencePiece vocabulary)
                                        assets.extra/tf_serving_warmup_requests
                                        assets.extra/tfmstep_export.json   (model, config, signatures)
+
+A servable's ``vocab_file`` is saved as a ``tf.saved_model.Asset``: TF copies it to ``assets/<basename>``
+and lists it in the MetaGraph, so its path follows the version wherever it is copied; the info file names
+it (``"vocab_asset": "assets/vocab.spm"``).
 
 A version is built in ``<export_base>/<model_name>/.tmp-export-<pid>-<random>`` (same filesystem), its
 files fsynced, then renamed to its integer name. TF Serving only loads directories whose name is an
@@ -85,6 +89,12 @@ def build_archive(model: keras.Model, servable: signatures_lib.Servable) -> kera
     """One ExportArchive holding the model's variables and every named signature (no jit_compile)."""
     archive = keras.export.ExportArchive()
     archive.track(model)
+    for resource in servable.trackables:
+        archive.track(resource)
+    if servable.vocab_file:
+        # ExportArchive saves variables and the TrackableResources it finds, not Assets: the Asset has
+        # to hang off the object the archive saves to be written to assets/.
+        archive._tf_trackable.vocab_file = tf.saved_model.Asset(servable.vocab_file)
     for name, signature in servable.signatures.items():
         # One dict argument: the SavedModel signature's inputs are then named after its keys.
         archive.add_endpoint(name, _dict_argument(signature.fn),
@@ -126,9 +136,12 @@ def export_saved_model(model: keras.Model, model_name: str, config, export_base:
         build_archive(model, servable).write_out(temp_dir, verbose=False)
         os.makedirs(os.path.join(temp_dir, "assets"), exist_ok=True)  # vocabularies; TF Serving's layout
         count = _write_warmup(os.path.join(temp_dir, warmup.WARMUP_FILE), model_name, servable)
+        info = {"model": model_name, "config": _json_config(config),
+                "signatures": sorted(servable.signatures), "warmup_requests": count}
+        if servable.vocab_file:
+            info["vocab_asset"] = _vocab_asset(temp_dir, servable.vocab_file)
         with open(os.path.join(temp_dir, INFO_FILE), "w") as f:
-            json.dump({"model": model_name, "config": _json_config(config),
-                       "signatures": sorted(servable.signatures), "warmup_requests": count}, f, indent=2)
+            json.dump(info, f, indent=2)
         _fsync_tree(temp_dir)
         final = _rename_to_next_version(temp_dir, model_dir, version, existing)
     except BaseException:
@@ -136,6 +149,16 @@ def export_saved_model(model: keras.Model, model_name: str, config, export_base:
         raise
     logging.info("Exported %s version %s to %s", model_name, os.path.basename(final), final)
     return final
+
+
+def _vocab_asset(version_dir: str, vocab_file: str) -> str:
+    """The vocabulary's path relative to the version, checked to be the file that was given."""
+    relative = os.path.join("assets", os.path.basename(vocab_file))
+    copied = os.path.join(version_dir, relative)
+    with open(vocab_file, "rb") as source, open(copied, "rb") as f:
+        if f.read() != source.read():
+            raise RuntimeError(f"{copied} differs from {vocab_file}")
+    return relative
 
 
 def _write_warmup(path: str, model_name: str, servable: signatures_lib.Servable) -> int:
@@ -186,9 +209,16 @@ def has_xla_must_compile(version_dir: str) -> list[str]:
     return flagged
 
 
+def load(version_dir: str):
+    """``tf.saved_model.load`` with TF Text's ops registered (the SentencePiece LM's graph uses them)."""
+    import tensorflow_text  # noqa: F401  (registers SentencepieceOp & co. in this process)
+
+    return tf.saved_model.load(version_dir)
+
+
 def run_warmup_requests(version_dir: str, loaded=None) -> dict:
     """Replay the warmup file against the reloaded signatures, as TF Serving does; {signature: outputs}."""
-    loaded = loaded or tf.saved_model.load(version_dir)
+    loaded = loaded or load(version_dir)
     results = {}
     for signature_name, inputs in warmup.read_warmup_requests(os.path.join(version_dir, warmup.WARMUP_FILE)):
         if signature_name not in loaded.signatures:

@@ -2,7 +2,8 @@
 
 Driven by the registry. ``servable(name, model, config)`` returns a ``Servable`` for any registered model:
 a family listed in ``FAMILIES`` gets its own signatures (the classifier's ``probabilities``/``classes``,
-the language model's ``next_token_logits`` and ``generate`` with in-graph byte tokenisation, the chain
+the language model's ``next_token_logits`` and ``generate`` with in-graph tokenisation -- bytes, or its
+SentencePiece vocabulary, which then ships in the version's ``assets/`` --, the chain
 reasoner's ``answers``/``steps_used``); any other family gets the generic ``serving_default`` over the
 model's own inputs with its outputs under their own names. Special cases of a family live here and nowhere
 else, so the export, the tests and ``tools/export.py`` stay generic.
@@ -15,6 +16,7 @@ dimension, and refuses an empty batch with a clear in-graph error.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Callable, Mapping
 
 import keras
@@ -51,6 +53,12 @@ class Servable:
     # (signature_name, inputs) -> the outputs computed in plain Keras, one example at a time where the
     # serving function batches or pads: what the reloaded SavedModel is checked against.
     keras_reference: Callable | None = None
+    # A file the servable needs at serving time: copied into the version's assets/ as a
+    # tf.saved_model.Asset, so it moves with the model (TF Serving's place for vocabularies).
+    vocab_file: str | None = None
+    # Non-variable TF resources the serving functions use (the SentencePiece op's model), which the
+    # archive must track to save them.
+    trackables: list = dataclasses.field(default_factory=list)
 
 
 def _check_nonempty(tensor, what: str):
@@ -159,7 +167,7 @@ def classifier_servable(name: str, model: keras.Model, config) -> Servable:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Byte-level language model: text in, in-graph tokenisation, next-token logits and generation.
+# Language model: text in, in-graph tokenisation (bytes or SentencePiece), next-token logits and generation.
 
 _BYTE_STRINGS = [bytes([i]) for i in range(256)]
 
@@ -175,6 +183,70 @@ def tokens_to_text(tokens: tf.Tensor) -> tf.Tensor:
     """[B, T] byte tokens -> [B] strings (raw bytes; a client decodes them as UTF-8)."""
     table = tf.constant(_BYTE_STRINGS)
     return tf.strings.reduce_join(tf.gather(table, tf.clip_by_value(tokens, 0, 255)), axis=-1)
+
+
+@dataclasses.dataclass
+class TextCodec:
+    """How the LM's text becomes tokens and back: in the graph (serving) and in Python (the reference)."""
+
+    unit: str  # what one token is, for the empty-text error
+    to_tokens: Callable  # graph: [B] strings -> ragged [B, tokens] int32
+    to_text: Callable  # graph: [B, T] int32 ids -> [B] strings
+    encode: Callable  # Python: bytes -> int32 ids
+    decode: Callable  # Python: ids -> bytes, what the graph's text output holds
+    vocab_file: str | None = None  # shipped in assets/
+    trackables: list = dataclasses.field(default_factory=list)
+
+
+def byte_codec() -> TextCodec:
+    return TextCodec("byte", text_to_tokens, tokens_to_text,
+                     encode=lambda data: np.frombuffer(data, np.uint8).astype(np.int32),
+                     decode=lambda ids: bytes(np.asarray(ids).astype(np.uint8).tolist()))
+
+
+def sentencepiece_codec(config) -> TextCodec:
+    """The model's own vocabulary file, in the graph through keras-hub's SentencePieceTokenizer (TF Text's
+    SentencepieceOp / SentencepieceTokenizeOp / SentencepieceDetokenizeOp).
+
+    Read from ``config.vocab_file`` and never retrained here: a vocabulary made anew would not be the one
+    the weights were trained with.
+
+    The stock TF Serving model server has these ops: tensorflow/serving's model_servers/BUILD links
+    ``@org_tensorflow_text//tensorflow_text:ops_lib`` (which includes ``sentencepiece_tokenizer_cc``) into
+    ``server_lib``, since tensorflow/serving#1490 (2020); details in tfmstep/export/README.md."""
+    from tfmstep.data import text as text_data
+
+    path = config.vocab_file
+    if not path or not os.path.isfile(path):
+        raise UserError(f"the SentencePiece vocabulary {path!r} (vocab_file) is missing; the export needs "
+                        f"the file the model was trained with (a relative path is read from the current "
+                        f"directory)")
+    with open(path, "rb") as f:
+        proto = f.read()
+    try:
+        python_tokenizer = text_data.SentencePieceTokenizer(proto)
+    except Exception as e:  # not a SentencePiece model proto
+        raise UserError(f"vocab_file {path} is not a SentencePiece model ({type(e).__name__})") from None
+    if python_tokenizer.vocabulary_size != config.vocab_size:
+        raise UserError(f"vocab_file {path} has {python_tokenizer.vocabulary_size} pieces but the model's "
+                        f"vocab_size is {config.vocab_size}")
+    layer = python_tokenizer.tokenizer
+    layer(tf.constant(["x"]))  # a first call builds the layer; ExportArchive tracks only built layers
+
+    def to_tokens(text):
+        return tf.cast(layer.tokenize(text), tf.int32)
+
+    def decode(ids):
+        return python_tokenizer.decode(np.asarray(ids, np.int32)).encode("utf-8")
+
+    # The op holds the model proto as an attribute, so the graph is self-contained; the asset is the same
+    # bytes where TF Serving's layout expects a vocabulary (for clients, and to re-tokenise offline).
+    return TextCodec("SentencePiece token", to_tokens, layer.detokenize, encode=python_tokenizer.encode,
+                     decode=decode, vocab_file=path, trackables=[layer])
+
+
+def text_codec(config) -> TextCodec:
+    return sentencepiece_codec(config) if config.tokenizer == "sentencepiece" else byte_codec()
 
 
 def _masked_step(step_fn):
@@ -198,12 +270,14 @@ def language_model_servable(name: str, model: keras.Model, config) -> Servable:
 
     step_fn = _masked_step(lstm_lm.make_step_fn(model))
     vocab = int(config.vocab_size)
+    codec = text_codec(config)
 
     def prompt_tokens(text):
         checks = [_check_nonempty(text, "text")]
-        tokens = text_to_tokens(text)
+        tokens = codec.to_tokens(text)
         lengths = tokens.row_lengths()
-        checks.append(tf.debugging.assert_positive(lengths, message="every text must have at least 1 byte"))
+        checks.append(tf.debugging.assert_positive(
+            lengths, message=f"every text must have at least 1 {codec.unit}"))
         with tf.control_dependencies(checks):  # nothing downstream may run on an invalid request
             return tf.identity(tokens.to_tensor(default_value=-1)), tf.cast(tf.identity(lengths), tf.int32)
 
@@ -237,7 +311,7 @@ def language_model_servable(name: str, model: keras.Model, config) -> Servable:
 
         branch = tf.argmax(tf.cast(tf.equal(beam_width, BEAM_WIDTHS), tf.int32), output_type=tf.int32)
         tokens, log_prob = tf.switch_case(branch, [greedy] + [beam(w) for w in BEAM_WIDTHS[1:]])
-        return {"text": tokens_to_text(tokens), "tokens": tokens, "log_prob": log_prob}
+        return {"text": codec.to_text(tokens), "tokens": tokens, "log_prob": log_prob}
 
     text_spec = {"text": tf.TensorSpec([None], tf.string, name="text")}
     generate_spec = dict(text_spec, max_length=tf.TensorSpec([], tf.int32, name="max_length"),
@@ -252,10 +326,11 @@ def language_model_servable(name: str, model: keras.Model, config) -> Servable:
         return {"logits": tf.cast(unrolled(tokens, training=False), tf.float32)}
 
     def reference(signature_name, inputs):
-        """Each prompt alone (no padding), through the Keras model / the unbatched decoders."""
+        """Each prompt alone (no padding), tokenised in Python, through the Keras model / the unbatched
+        decoders."""
         rows = []
         for prompt in inputs["text"]:
-            tokens = tf.constant([list(prompt)], tf.int32)
+            tokens = tf.constant([codec.encode(prompt).tolist()], tf.int32)
             if signature_name in ("serving_default", "next_token_logits"):
                 last = keras.ops.convert_to_numpy(model(tokens, training=False))[0, -1]
                 rows.append({"next_token_logits": last, "next_token": np.argmax(last)})
@@ -268,7 +343,7 @@ def language_model_servable(name: str, model: keras.Model, config) -> Servable:
             else:
                 out, log_prob, _ = decoding.beam_search(plain_step, tokens, state, length, beam_width=width)
             rows.append({"tokens": out.numpy()[0], "log_prob": log_prob.numpy()[0],
-                         "text": bytes(out.numpy()[0].astype(np.uint8).tolist())})
+                         "text": codec.decode(out.numpy()[0])})
         return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
 
     logits_signature = Signature(next_token_logits, text_spec)
@@ -280,7 +355,8 @@ def language_model_servable(name: str, model: keras.Model, config) -> Servable:
                                     "beam_width": np.array(2, np.int32)}},
         tflite_fn=sequence_logits,
         tflite_input_signature={"tokens": tf.TensorSpec([None, config.seq_len], tf.int32, name="tokens")},
-        primary_output="logits", keras_reference=reference)
+        primary_output="logits", keras_reference=reference, vocab_file=codec.vocab_file,
+        trackables=list(codec.trackables))
 
 
 def unrolled_copy(model: keras.Model, sequence_length: int) -> keras.Model:
