@@ -1,13 +1,17 @@
 """The loop around the shared step: checkpoints, exact resume, TensorBoard, progress, NaN guard, eval.
 
 A workdir holds everything of one run:
-  config.json       model name, preset, overrides and TrainConfig (a resumed run must match it)
+  config.json       model name, preset, overrides and TrainConfig (a resumed run must match it), and the
+                    step settings in use (``step_settings``: jit_compile, steps_per_call, how they were
+                    chosen and, when auto-tuned, the steps/s of every candidate) -- reused on resume
   checkpoints/      tf.train.CheckpointManager: model, optimizer, step and input-pipeline position
   train_log.jsonl   one line per optimizer step (loss and metrics); truncated to the checkpoint on resume
   tensorboard/      scalars: train loss/metrics, learning rate, steps/s, eval loss/metrics
-  metrics.json      final metrics
+  metrics.json      final metrics and the step settings
 Exact resume: the train stream's batch k depends only on (seed, k), and the checkpoint stores how many
 batches were consumed, so a restarted run sees the same batches in the same order as an uninterrupted one.
+The step settings are part of that: a resumed run uses the ones recorded in config.json (XLA and the plain
+step round differently), never a new measurement.
 """
 
 from __future__ import annotations
@@ -24,11 +28,19 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tfmstep import registry, step as step_lib
+from tfmstep import autotune, registry, step as step_lib
 from tfmstep.errors import UserError
 
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 MIXED_PRECISION = ("", "mixed_bfloat16")
+# Auto-tuning compiles both step variants and times each candidate: runs with fewer steps left than this
+# would spend a large share of their time measuring, so they take the family default without measuring
+# (longer ones still fall back to it when the first timed candidate shows the rest would cost more than
+# autotune.MAX_FRACTION of the run).
+MIN_AUTOTUNE_STEPS = 200
+DEFAULT_STEPS_PER_CALL = 10  # steps_per_call=0 when auto-tuning is skipped
+# TrainConfig fields that make a recorded step setting stale when changed (then it is measured again).
+_STEP_SETTING_FIELDS = ("batch_size", "mixed_precision", "distribute", "jit_compile", "steps_per_call")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,8 +51,8 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_steps: int = 100
     clip_norm: float = 1.0
-    jit_compile: Optional[bool] = None  # None: the model family's measured default for this device
-    steps_per_call: int = 10  # optimizer steps per compiled call (fewer Python round trips)
+    jit_compile: Optional[bool] = None  # None: measured on this run (see tfmstep/autotune.py)
+    steps_per_call: int = 0  # optimizer steps per compiled call (fewer Python round trips); 0: measured
     log_every: int = 100
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
@@ -51,10 +63,12 @@ class TrainConfig:
     distribute: str = "default"
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "steps_per_call", "log_every", "checkpoint_every",
-                     "keep_checkpoints"):
+        for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.steps_per_call < 0:
+            raise UserError(f"steps_per_call must be >= 1, or 0 to choose it by measuring; got "
+                            f"{self.steps_per_call}")
         if self.learning_rate <= 0 or not math.isfinite(self.learning_rate):
             raise UserError(f"learning_rate must be a positive number, got {self.learning_rate}")
         if self.distribute not in STRATEGIES:
@@ -82,14 +96,23 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
     return tf.distribute.get_strategy()
 
 
-def resolve_jit_compile(config: TrainConfig, spec: registry.ModelSpec,
-                        strategy: tf.distribute.Strategy) -> bool:
-    on_accelerator = bool(tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
+def _on_accelerator() -> bool:
+    return bool(tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
+
+
+def _several_cpu_replicas(strategy: tf.distribute.Strategy) -> bool:
     try:
         local_replicas = len(strategy.extended.worker_devices)
     except (RuntimeError, AttributeError):  # the default strategy has no worker_devices
         local_replicas = 1
-    if local_replicas > 1 and not on_accelerator:
+    return local_replicas > 1 and not _on_accelerator()
+
+
+def resolve_jit_compile(config: TrainConfig, spec: registry.ModelSpec,
+                        strategy: tf.distribute.Strategy) -> bool:
+    """The jit_compile a run uses without measuring: the explicit setting, else the family default."""
+    on_accelerator = _on_accelerator()
+    if _several_cpu_replicas(strategy):
         # Several replicas on CPU devices of one host: XLA cannot place a replica's cluster on a second
         # logical CPU ("variable on a different device"), so the replicas run the plain step.
         if config.jit_compile:
@@ -98,6 +121,20 @@ def resolve_jit_compile(config: TrainConfig, spec: registry.ModelSpec,
     if config.jit_compile is not None:
         return config.jit_compile
     return True if on_accelerator else spec.xla_on_cpu
+
+
+def jit_compile_options(config: TrainConfig, spec: registry.ModelSpec,
+                        strategy: tf.distribute.Strategy) -> tuple:
+    """The jit_compile values auto-tuning may try: both, unless set explicitly or XLA is impossible."""
+    if config.jit_compile is not None or _several_cpu_replicas(strategy):
+        return (resolve_jit_compile(config, spec, strategy),)
+    return (False, True)
+
+
+def _single_process(strategy: tf.distribute.Strategy) -> bool:
+    """False for multi-worker and TPU clusters: workers timing on their own could choose differently."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    return resolver is None or not resolver.cluster_spec().as_dict()
 
 
 def _worker_workdir(workdir: str, strategy: tf.distribute.Strategy) -> str:
@@ -117,17 +154,24 @@ def _run_record(model_name, preset, overrides, config: TrainConfig) -> dict:
             "train": dataclasses.asdict(config)}
 
 
-def _check_workdir_matches(workdir: str, record: dict) -> None:
+def _saved_record(workdir: str) -> Optional[dict]:
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
-        return
+        return None
     try:
         with open(path) as f:
-            saved = json.load(f)
+            return json.load(f)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read {path}: {e}") from None
+
+
+def _check_workdir_matches(workdir: str, record: dict) -> None:
+    saved = _saved_record(workdir)
+    if saved is None:
+        return
     for key in ("model", "preset", "overrides"):
-        if saved.get(key) != record[key]:
+        # Compared as JSON stores them: a tuple override (filters=(4, 8)) comes back as a list.
+        if saved.get(key) != json.loads(json.dumps(record[key])):
             raise UserError(f"workdir {workdir} holds a run with {key}={saved.get(key)!r}, not "
                             f"{record[key]!r}; use a new --workdir (nothing was changed)")
 
@@ -151,10 +195,11 @@ class _Run:
             self.data_position = tf.Variable(0, dtype=tf.int64, trainable=False, name="data_position")
         # Keras does not hand its layers' SeedGenerator states (dropout masks) to tf.train.Checkpoint;
         # without them a resumed run would draw different masks.
-        rng_states = [v for v in self.model.non_trainable_variables if v.name == "seed_generator_state"]
+        self.rng_states = [v for v in self.model.non_trainable_variables
+                           if v.name == "seed_generator_state"]
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
                                               step=self.step, data_position=self.data_position,
-                                              rng_states=rng_states)
+                                              rng_states=self.rng_states)
         self.manager = tf.train.CheckpointManager(self.checkpoint, os.path.join(workdir, "checkpoints"),
                                                   max_to_keep=config.keep_checkpoints)
 
@@ -227,40 +272,98 @@ def train(model_name: str, workdir: str, preset: str = "default",
         keras.mixed_precision.set_global_policy(previous_policy)
 
 
+def _reusable_settings(saved: Optional[dict], config: TrainConfig) -> Optional[dict]:
+    """The step settings an earlier run in this workdir used, if they still apply to ``config``."""
+    if not saved or "step_settings" not in saved:
+        return None
+    before = saved.get("train", {})
+    if any(before.get(name) != getattr(config, name) for name in _STEP_SETTING_FIELDS):
+        logging.info("The step settings in config.json were chosen for other %s; choosing again.",
+                     "/".join(_STEP_SETTING_FIELDS))
+        return None
+    return saved["step_settings"]
+
+
+def _step_settings(run: _Run, config: TrainConfig, strategy: tf.distribute.Strategy, model_name: str,
+                   saved: Optional[dict]) -> autotune.StepSettings:
+    """jit_compile and steps_per_call for this run: explicit, recorded by an earlier run in the workdir
+    (a resumed run must not change them), the family default (short or multi-process runs), or measured."""
+    jit_options = jit_compile_options(config, run.spec, strategy)
+    if len(jit_options) == 1 and config.steps_per_call:
+        return autotune.StepSettings(jit_options[0], config.steps_per_call, "explicit")
+    recorded = _reusable_settings(saved, config)
+    if recorded is not None:
+        settings = autotune.StepSettings.from_record(recorded)
+        if settings.source != "reused":
+            settings.note = f"{settings.source} in an earlier run in this workdir"
+            settings.source = "reused"
+        logging.info("Step settings from config.json (%s): jit_compile=%s, steps_per_call=%d%s",
+                     settings.note, settings.jit_compile, settings.steps_per_call,
+                     f"; measured steps/s: {settings.summary()}" if settings.summary() else "")
+        return settings
+    start = int(run.data_position.numpy())
+    remaining = config.steps - int(run.step.numpy())
+    reason = ""
+    if remaining < MIN_AUTOTUNE_STEPS:
+        reason = f"{remaining} steps to run, fewer than the {MIN_AUTOTUNE_STEPS} that pay for measuring"
+    elif not _single_process(strategy):
+        reason = "multi-process strategy (every worker must use the same settings)"
+    fallback = (resolve_jit_compile(config, run.spec, strategy),
+                config.steps_per_call or DEFAULT_STEPS_PER_CALL)
+    if reason:
+        settings = autotune.StepSettings(*fallback, "default", note=f"not measured: {reason}")
+        logging.info("Step settings not measured (%s): jit_compile=%s (family default), steps_per_call=%d",
+                     reason, settings.jit_compile, settings.steps_per_call)
+        return settings
+    per_call = ((config.steps_per_call,) if config.steps_per_call else autotune.steps_per_call_candidates(
+        remaining, (config.log_every, config.checkpoint_every, config.eval_every)))
+    return autotune.choose_step_settings(
+        run.model, run.optimizer, run.spec.loss,
+        lambda: run.spec.dataset(run.model_config, "train", config.batch_size, config.seed, start),
+        global_batch_size=config.batch_size, run_steps=remaining, strategy=strategy,
+        clip_norm=config.clip_norm, jit_options=jit_options, steps_per_call_options=per_call,
+        model_name=model_name, fallback=fallback,
+        state_variables=autotune.training_state_variables(run.model, run.optimizer, run.rng_states))
+
+
 def _train(model_name, workdir, preset, overrides, config: TrainConfig, record: dict) -> dict:
     strategy = make_strategy(config.distribute)
     workdir = _worker_workdir(workdir, strategy)
     run = _Run(model_name, preset, overrides, config, workdir, strategy)
+    saved = _saved_record(workdir)
     restored = run.restore_latest()
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(record, f, indent=2)
     log_path = os.path.join(workdir, "train_log.jsonl")
     start = int(run.step.numpy())
-    _truncate_log(log_path, start)
     if restored:
         logging.info("Resumed from %s at step %d.", restored, start)
 
-    jit_compile = resolve_jit_compile(config, run.spec, strategy)
-    steps = step_lib.make_steps(run.model, run.optimizer, run.spec.loss,
-                                global_batch_size=config.batch_size, strategy=strategy,
-                                jit_compile=jit_compile, clip_norm=config.clip_norm)
+    settings = _step_settings(run, config, strategy, model_name, saved)
+    jit_compile, steps_per_call = settings.jit_compile, settings.steps_per_call
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump({**record, "step_settings": settings.as_record()}, f, indent=2)
+    _truncate_log(log_path, start)
     train_ds = run.spec.dataset(run.model_config, "train", config.batch_size, config.seed,
                                 int(run.data_position.numpy()))
     eval_ds = run.spec.dataset(run.model_config, "validation", config.batch_size, config.seed)
-    if jit_compile and strategy.num_replicas_in_sync == 1:
-        inputs, labels = next(iter(train_ds))
-        step_lib.preflight_xla(steps, inputs, labels, model_name)
+    steps = settings.steps  # auto-tuning hands over the chosen step, already compiled and pre-flighted
+    if steps is None:
+        steps = step_lib.make_steps(run.model, run.optimizer, run.spec.loss,
+                                    global_batch_size=config.batch_size, strategy=strategy,
+                                    jit_compile=jit_compile, clip_norm=config.clip_norm)
+        if jit_compile and strategy.num_replicas_in_sync == 1:
+            inputs, labels = next(iter(train_ds))
+            step_lib.preflight_xla(steps, inputs, labels, model_name)
     iterator = iter(strategy.experimental_distribute_dataset(train_ds))
     writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
-    logging.info("Training %s (%s preset) for %d steps, batch %d, jit_compile=%s, %d replica(s), in %s",
-                 model_name, preset, config.steps, config.batch_size, jit_compile,
-                 strategy.num_replicas_in_sync, workdir)
+    logging.info("Training %s (%s preset) for %d steps, batch %d, jit_compile=%s, steps_per_call=%d (%s), "
+                 "%d replica(s), in %s", model_name, preset, config.steps, config.batch_size, jit_compile,
+                 steps_per_call, settings.source, strategy.num_replicas_in_sync, workdir)
 
     def boundary(current: int) -> int:
         """Next step at which the loop must stop to log, checkpoint or evaluate."""
         candidates = [config.steps]
-        for every in (config.steps_per_call, config.log_every, config.checkpoint_every, config.eval_every):
+        for every in (steps_per_call, config.log_every, config.checkpoint_every, config.eval_every):
             if every:
                 candidates.append((current // every + 1) * every)
         return min(candidates)
@@ -318,7 +421,8 @@ def _train(model_name, workdir, preset, overrides, config: TrainConfig, record: 
         eval_metrics = evaluate(steps, eval_ds, strategy, config.eval_batches)
     final = {"model": model_name, "preset": preset, "step": current, "eval": eval_metrics,
              "train_seconds_this_run": round(time.perf_counter() - started, 2),
-             "parameters": int(run.model.count_params()), "jit_compile": jit_compile}
+             "parameters": int(run.model.count_params()), "jit_compile": jit_compile,
+             "steps_per_call": steps_per_call, "step_settings": settings.as_record()}
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
         json.dump(final, f, indent=2)
     logging.info("Final metrics: %s", json.dumps(final))

@@ -31,9 +31,11 @@ flags.DEFINE_integer("warmup_steps", _DEFAULTS.warmup_steps, "Linear warmup step
 flags.DEFINE_float("clip_norm", _DEFAULTS.clip_norm, "Global gradient-norm clip (0 disables).",
                    lower_bound=0.0)
 flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"],
-                  "XLA for the step; auto uses the model family's measured default for this device.")
-flags.DEFINE_integer("steps_per_call", _DEFAULTS.steps_per_call, "Optimizer steps per compiled call.",
-                     lower_bound=1)
+                  "XLA for the step; auto times both on this run and keeps the faster (runs shorter than "
+                  f"{trainer.MIN_AUTOTUNE_STEPS} steps use the model family's default).")
+flags.DEFINE_integer("steps_per_call", _DEFAULTS.steps_per_call,
+                     "Optimizer steps per compiled call; 0 chooses it by timing a few values on this run.",
+                     lower_bound=0)
 flags.DEFINE_integer("log_every", _DEFAULTS.log_every, "Steps between progress lines.", lower_bound=1)
 flags.DEFINE_integer("checkpoint_every", _DEFAULTS.checkpoint_every, "Steps between checkpoints.",
                      lower_bound=1)

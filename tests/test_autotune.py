@@ -1,0 +1,269 @@
+"""Auto-tuning of jit_compile / steps_per_call: measuring leaves the run untouched, the fastest candidate
+wins, short runs skip it, and the choice is recorded and reused on resume.
+
+Timings are injected (``time_call``) so every choice here is deterministic; nothing asserts a real speed.
+"""
+
+import dataclasses
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfmstep
+from tfmstep import autotune, step as step_lib, trainer
+
+# BatchNorm statistics and a dropout SeedGenerator are part of the state measuring must not move.
+CNN = dict(filters=(4, 8), dropout=0.5)
+
+
+def _favouring(target, slowdown=3.0, per_step=0.001):
+    """Fake clock: every step costs ``per_step`` seconds, ``slowdown`` times more unless the candidate
+    is ``target`` (jit_compile, steps_per_call). The call still runs, so state really changes."""
+
+    def time_call(candidate, call):
+        call()
+        fast = (candidate.jit_compile, candidate.steps_per_call) == target
+        return candidate.steps_per_call * per_step * (1.0 if fast else slowdown)
+
+    return time_call
+
+
+# Windows sized for the fake clock (a few calls each, none skipped for cost), and a budget so large that
+# measuring never stops early.
+FAKE_BUDGET = dict(max_fraction=1e6, seconds_per_candidate=0.1, min_window=0.0)
+
+
+def _tiny_run():
+    keras.utils.set_random_seed(3)
+    spec = tfmstep.get_spec("cnn_classifier")
+    config = tfmstep.get_config("cnn_classifier", "tiny", **CNN)
+    model = spec.build(config)
+    optimizer = step_lib.make_optimizer(step_lib.OptimizerConfig(warmup_steps=2, total_steps=100))
+    optimizer.build(model.trainable_variables)
+    return spec, config, model, optimizer
+
+
+def _values(variables):
+    return [np.array(v.numpy(), copy=True) for v in variables]
+
+
+def test_measuring_leaves_model_optimizer_and_rng_state_bit_identical():
+    spec, config, model, optimizer = _tiny_run()
+    # A few real steps first, so slots, iteration count and BatchNorm statistics are not at their start.
+    steps = step_lib.make_steps(model, optimizer, spec.loss, global_batch_size=8)
+    steps.train(iter(spec.dataset(config, "train", 8, seed=0)), tf.constant(3))
+    rng_states = [v for v in model.non_trainable_variables if v.name == "seed_generator_state"]
+    assert rng_states, "the test model must have a dropout SeedGenerator"
+    watched = [*model.variables, *optimizer.variables, *rng_states]
+    before = _values(watched)
+    iterations_seen = []
+
+    def time_call(candidate, call):
+        call()
+        iterations_seen.append(int(optimizer.iterations.numpy()))
+        return 0.01 * candidate.steps_per_call
+
+    settings = autotune.choose_step_settings(
+        model, optimizer, spec.loss, lambda: spec.dataset(config, "train", 8, seed=0, start_batch=3),
+        global_batch_size=8, run_steps=1000, jit_options=(False, True), steps_per_call_options=(1, 4),
+        time_call=time_call, **FAKE_BUDGET)
+
+    assert max(iterations_seen) > 3 + 5  # the measurement really trained
+    assert all(c.steps_per_second for c in settings.candidates)
+    after = _values(watched)
+    for variable, a, b in zip(watched, before, after):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b, err_msg=variable.path)
+
+
+@pytest.mark.parametrize("target", [(True, 1), (False, 4)])
+def test_fastest_candidate_is_chosen_with_every_rate_reported(target):
+    spec, config, model, optimizer = _tiny_run()
+    settings = autotune.choose_step_settings(
+        model, optimizer, spec.loss, lambda: spec.dataset(config, "train", 8, seed=0),
+        global_batch_size=8, run_steps=1000, jit_options=(False, True), steps_per_call_options=(1, 4),
+        time_call=_favouring(target), **FAKE_BUDGET)
+    assert (settings.jit_compile, settings.steps_per_call) == target
+    assert settings.source == "autotune"
+    rates = {(c.jit_compile, c.steps_per_call): c.steps_per_second for c in settings.candidates}
+    assert rates == pytest.approx({key: (1000.0 if key == target else 1000.0 / 3) for key in rates})
+    assert all(c.calls >= autotune.MIN_CALLS for c in settings.candidates)
+    assert settings.steps is not None  # the compiled step of the winner, handed to the trainer
+    record = settings.as_record()
+    json.dumps(record)  # what config.json and metrics.json store
+    assert autotune.StepSettings.from_record(record).candidates == settings.candidates
+
+
+class _NotXlaCompilable(keras.layers.Layer):
+    def call(self, x):
+        return x + tf.cast(tf.strings.length(tf.strings.as_string(x)), x.dtype) * 0.0  # no XLA kernel
+
+
+def test_xla_is_left_out_when_its_preflight_fails():
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(2)(_NotXlaCompilable()(inputs)))
+    optimizer = step_lib.make_optimizer(step_lib.OptimizerConfig())
+    optimizer.build(model.trainable_variables)
+    loss = lambda y, out: (tf.reduce_mean(tf.square(out), -1), {})  # noqa: E731
+    data = lambda: tf.data.Dataset.from_tensors((tf.ones((4, 3)), tf.zeros((4,)))).repeat()  # noqa: E731
+    settings = autotune.choose_step_settings(
+        model, optimizer, loss, data, global_batch_size=4, run_steps=1000, jit_options=(False, True),
+        steps_per_call_options=(1, 2), time_call=_favouring((True, 2)), **FAKE_BUDGET)
+    assert settings.jit_compile is False
+    assert [c.skipped for c in settings.candidates if c.jit_compile] == ["XLA pre-flight failed"] * 2
+    with pytest.raises(tfmstep.UserError, match="XLA cannot compile"):  # XLA asked for explicitly
+        autotune.choose_step_settings(model, optimizer, loss, data, global_batch_size=4, run_steps=1000,
+                                      jit_options=(True,), time_call=_favouring((True, 1)))
+
+
+def test_a_call_too_long_for_the_window_is_not_timed():
+    spec, config, model, optimizer = _tiny_run()
+    # 1 s per step against a 0.5 s window: a 4-step call (4 s) would overrun twice the window.
+    settings = autotune.choose_step_settings(
+        model, optimizer, spec.loss, lambda: spec.dataset(config, "train", 8, seed=0),
+        global_batch_size=8, run_steps=1000, jit_options=(False,), steps_per_call_options=(1, 4),
+        time_call=_favouring((False, 4), slowdown=1.0, per_step=1.0), max_fraction=100.0,
+        seconds_per_candidate=0.5, min_window=0.0)
+    assert settings.steps_per_call == 1
+    assert settings.candidates[0].calls == 1  # one 1 s call alone overran twice the window
+    assert "over the" in settings.candidates[1].skipped
+
+
+def test_measuring_stops_after_the_first_candidate_when_the_rest_would_cost_too_much():
+    spec, config, model, optimizer = _tiny_run()
+    # A fake 3 s run with a 0.01% budget: compiling the plain step (real seconds) alone overruns it.
+    settings = autotune.choose_step_settings(
+        model, optimizer, spec.loss, lambda: spec.dataset(config, "train", 8, seed=0),
+        global_batch_size=8, run_steps=1000, jit_options=(False, True), steps_per_call_options=(1, 4),
+        time_call=_favouring((False, 4)), fallback=(True, 10), max_fraction=1e-4, min_window=0.0)
+    assert (settings.jit_compile, settings.steps_per_call, settings.source) == (True, 10, "default")
+    assert "measuring the rest would take" in settings.note
+    # The fallback's variant was measured first, and its compiled step is handed over.
+    timed = [(c.jit_compile, c.steps_per_call) for c in settings.candidates if c.calls]
+    assert timed == [(True, 1)]
+    assert settings.compile_seconds.keys() == {"jit=True"} and settings.steps is not None
+
+
+def test_steps_per_call_options_are_capped_by_run_length_and_trainer_boundaries():
+    assert autotune.steps_per_call_candidates(1000, (100, 500, 0)) == (1, 10, 50)
+    assert autotune.steps_per_call_candidates(1000, (20, 500, 0)) == (1, 10, 20)
+    assert autotune.steps_per_call_candidates(7, ()) == (1, 7)
+
+
+def test_negative_steps_per_call_is_refused_with_one_clear_error():
+    with pytest.raises(tfmstep.UserError, match=r"steps_per_call must be >= 1, or 0 .* got -1"):
+        trainer.TrainConfig(steps_per_call=-1)
+
+
+# --- the trainer ---------------------------------------------------------------------------------------
+
+STEPS = 40
+# jit_compile and steps_per_call left to auto-tuning.
+AUTO = trainer.TrainConfig(steps=STEPS, batch_size=8, learning_rate=3e-3, warmup_steps=5, log_every=20,
+                           checkpoint_every=20, eval_every=0, eval_batches=1)
+CHOSEN = (True, 10)  # what the fake clock makes the fastest: XLA, so the handed-over compiled step is used
+
+
+def _log(workdir):
+    with open(os.path.join(workdir, "train_log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _settings(workdir, name="config.json"):
+    with open(os.path.join(workdir, name)) as f:
+        return json.load(f)["step_settings"]
+
+
+@pytest.fixture
+def tune_short_runs(monkeypatch):
+    """Tune runs of 40 steps, with the fake clock favouring CHOSEN."""
+    real = autotune.choose_step_settings
+    calls = []
+
+    def choose(*args, **kwargs):
+        calls.append(kwargs["run_steps"])
+        return real(*args, time_call=_favouring(CHOSEN), **FAKE_BUDGET, **kwargs)
+
+    monkeypatch.setattr(trainer, "MIN_AUTOTUNE_STEPS", 10)
+    monkeypatch.setattr(autotune, "choose_step_settings", choose)
+    return calls
+
+
+@pytest.fixture
+def straight_auto_run(tmp_path, tune_short_runs):
+    workdir = str(tmp_path / "straight")
+    metrics = trainer.train("cnn_classifier", workdir, "tiny", CNN, config=AUTO)
+    assert tune_short_runs == [STEPS]
+    return workdir, metrics
+
+
+def test_auto_run_records_its_choice_and_trains_like_a_run_told_that_choice(tmp_path, straight_auto_run):
+    workdir, metrics = straight_auto_run
+    settings = _settings(workdir)
+    assert settings["source"] == "autotune"
+    assert (settings["jit_compile"], settings["steps_per_call"]) == CHOSEN
+    assert {(c["jit_compile"], c["steps_per_call"]) for c in settings["candidates"]} == {
+        (jit, spc) for jit in (False, True) for spc in (1, 10, 20)}  # 50 is capped at log_every
+    assert all(c["steps_per_second"] > 0 for c in settings["candidates"])
+    assert metrics["step_settings"] == settings
+    assert (metrics["jit_compile"], metrics["steps_per_call"]) == CHOSEN
+
+    told = str(tmp_path / "told")
+    explicit = dataclasses.replace(AUTO, jit_compile=CHOSEN[0], steps_per_call=CHOSEN[1])
+    told_metrics = trainer.train("cnn_classifier", told, "tiny", CNN, config=explicit)
+    assert _settings(told)["source"] == "explicit"
+    assert _log(told) == _log(workdir)  # bit for bit (JSON keeps the float64 repr)
+    assert told_metrics["eval"] == metrics["eval"]
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_interrupted_auto_run_resumes_bit_exact_with_the_recorded_choice(tmp_path, monkeypatch,
+                                                                          straight_auto_run,
+                                                                          tune_short_runs):
+    straight, _ = straight_auto_run
+    workdir = str(tmp_path / "interrupted")
+    real_save = tf.train.CheckpointManager.save
+
+    def save_then_die(self, *args, **kwargs):
+        real_save(self, *args, **kwargs)
+        raise _Interrupted
+
+    with monkeypatch.context() as m:
+        m.setattr(tf.train.CheckpointManager, "save", save_then_die)
+        with pytest.raises(_Interrupted):
+            trainer.train("cnn_classifier", workdir, "tiny", CNN, config=AUTO)
+    assert len(_log(workdir)) == 20
+    recorded = _settings(workdir)
+    assert recorded["source"] == "autotune"  # recorded before the first step
+
+    def must_not_measure(*args, **kwargs):
+        raise AssertionError("a resumed run measured again")
+
+    monkeypatch.setattr(autotune, "choose_step_settings", must_not_measure)
+    metrics = trainer.train("cnn_classifier", workdir, "tiny", CNN, config=AUTO)
+    assert metrics["step_settings"]["source"] == "reused"
+    assert (metrics["jit_compile"], metrics["steps_per_call"]) == CHOSEN
+    assert _settings(workdir)["candidates"] == recorded["candidates"]
+    assert _log(workdir) == _log(straight)
+
+
+def test_short_run_skips_measuring_and_uses_the_family_default(tmp_path, monkeypatch):
+    def must_not_measure(*args, **kwargs):
+        raise AssertionError("a short run measured")
+
+    monkeypatch.setattr(autotune, "choose_step_settings", must_not_measure)
+    config = trainer.TrainConfig(steps=8, batch_size=8, eval_every=0, eval_batches=1)
+    assert trainer.MIN_AUTOTUNE_STEPS > config.steps
+    metrics = trainer.train("cnn_classifier", str(tmp_path / "run"), "tiny", config=config)
+    settings = metrics["step_settings"]
+    assert settings["source"] == "default" and "not measured" in settings["note"]
+    assert metrics["jit_compile"] == tfmstep.get_spec("cnn_classifier").xla_on_cpu
+    assert metrics["steps_per_call"] == trainer.DEFAULT_STEPS_PER_CALL
+    assert _settings(str(tmp_path / "run")) == settings
