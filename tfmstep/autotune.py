@@ -28,9 +28,13 @@ from tfmstep import step as step_lib
 from tfmstep.errors import UserError
 
 STEPS_PER_CALL_OPTIONS = (1, 10, 50)
-# Measuring may cost this share of the expected run: timed windows share it, and when the first candidate
-# shows that compiling the other variant and timing the rest would cost more, measuring stops there.
+# Measuring may cost this share of the expected run: timed windows share half of it (compilation and
+# set-up take the rest), and when the first candidate shows that compiling the other variant and timing
+# the rest would cost more, measuring stops there.
 MAX_FRACTION = 0.05
+# Compiling the other variant is estimated as this many times the first one's first call (measured here:
+# XLA took 0.75x-3x as long as tracing the plain step).
+OTHER_COMPILE_FACTOR = 2.0
 SECONDS_PER_CANDIDATE = 2.0  # window cap; a candidate whose single call is longer is skipped
 MIN_WINDOW = 0.25  # window floor, so that fast steps still get a meaningful median
 MIN_CALLS = 3  # timed calls per candidate (median), unless they overrun twice the window
@@ -122,8 +126,8 @@ def _wall_time(candidate: Candidate, call: Callable[[], None]) -> float:
 
 
 class _Budget:
-    """Per-candidate timing window: ``max_fraction`` of the expected run (estimated from the first
-    candidate's rate) shared by the candidates, within [``min_window``, ``seconds_per_candidate``]."""
+    """Per-candidate timing window: half of ``max_fraction`` of the expected run (estimated from the
+    first candidate's rate) shared by the candidates, within [``min_window``, ``seconds_per_candidate``]."""
 
     def __init__(self, run_steps, num_candidates, max_fraction, seconds_per_candidate, min_window):
         self.run_steps = run_steps
@@ -142,7 +146,7 @@ class _Budget:
         expected = self.expected_run_seconds()
         if expected is None:
             return self.seconds_per_candidate
-        share = self.max_fraction * expected / self.num_candidates
+        share = 0.5 * self.max_fraction * expected / self.num_candidates
         return min(self.seconds_per_candidate, max(self.min_window, share))
 
 
@@ -171,7 +175,7 @@ def choose_step_settings(model: keras.Model, optimizer: keras.optimizers.Optimiz
 
     With ``fallback=(jit_compile, steps_per_call)`` (the defaults used without measuring), the fallback's
     ``jit_compile`` is measured first, and if the first candidate shows that the rest (compiling the
-    other variant as long as the first took, and the remaining windows) would cost more than
+    other variant, estimated from the first, and the remaining windows) would cost more than
     ``max_fraction`` of the expected run, measuring stops and the fallback is returned (source "default",
     with its already compiled step, so the check costs little beyond one window).
 
@@ -243,7 +247,7 @@ def choose_step_settings(model: keras.Model, optimizer: keras.optimizers.Optimiz
                              "calls)", model_name, jit, c.steps_per_call, c.steps_per_second, c.calls)
                 if fallback is not None and c is next(g for g in candidates if g.calls):
                     expected = budget.expected_run_seconds()
-                    rest = ((len(jits) - index - 1) * compile_seconds[f"jit={jit}"]
+                    rest = ((len(jits) - index - 1) * OTHER_COMPILE_FACTOR * compile_seconds[f"jit={jit}"]
                             + sum(g.calls == 0 and not g.skipped for g in candidates) * budget.window())
                     if rest > max_fraction * expected:
                         too_short = (f"measuring the rest would take ~{rest:.0f} s, over "

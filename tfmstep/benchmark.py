@@ -1,6 +1,9 @@
 """Side-by-side measurements: training throughput of the shared step vs Keras fit vs an eager loop, model
 FLOPs utilisation against this machine's measured matmul peak, and per-step inference time.
 
+The "tfmstep auto" row is what the trainer would run: the setting ``tfmstep.autotune`` picks for a run of
+``tune_for_steps`` steps (its measured candidates are reported too), then timed like every other row.
+
 Everything is measured in one process, one setting after another on the same batches, so the ratios are
 comparable even on a noisy machine; absolute numbers are not. Nothing here asserts a time.
 """
@@ -19,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tfmstep import registry, step as step_lib
+from tfmstep import autotune, registry, step as step_lib, trainer
 
 _CACHED_BATCHES = 8
 
@@ -207,11 +210,36 @@ def training_flops_per_example(name: str, model, config, inputs) -> float:
     return 3.0 * forward_flops_per_example(model, inputs)
 
 
+def autotuned_settings(name: str, spec, config, batch_size: int, run_steps: int) -> autotune.StepSettings:
+    """What the trainer would choose for a default-strategy run of ``run_steps`` steps with the default
+    TrainConfig intervals: the same candidates, budget and data pipeline."""
+    model = _fresh(spec, config)
+    optimizer = _optimizer(run_steps)
+    optimizer.build(model.trainable_variables)
+    defaults = trainer.TrainConfig(steps=run_steps, batch_size=batch_size)
+    strategy = tf.distribute.get_strategy()
+    fallback = (trainer.resolve_jit_compile(defaults, spec, strategy), trainer.DEFAULT_STEPS_PER_CALL)
+    return autotune.choose_step_settings(
+        model, optimizer, spec.loss, lambda: spec.dataset(config, "train", batch_size, seed=0),
+        global_batch_size=batch_size, run_steps=run_steps, strategy=strategy,
+        jit_options=trainer.jit_compile_options(defaults, spec, strategy),
+        steps_per_call_options=autotune.steps_per_call_candidates(
+            run_steps, (defaults.log_every, defaults.checkpoint_every, defaults.eval_every)),
+        model_name=name, fallback=fallback)
+
+
 def benchmark_training(name: str, preset: str = "default", batch_size: int = 64, steps: int = 50,
-                       repeats: int = 3, peak_flops: float | None = None) -> dict:
+                       repeats: int = 3, peak_flops: float | None = None, tune_for_steps: int = 1000) -> dict:
     spec = registry.get_spec(name)
     config = registry.get_config(name, preset)
     results: list[Timing] = []
+    logging.info("%s: auto-tuning as the trainer would for a %d-step run", name, tune_for_steps)
+    settings = autotuned_settings(name, spec, config, batch_size, tune_for_steps)
+    auto = time_tfmstep(spec, config, batch_size, jit_compile=settings.jit_compile,
+                        steps_per_call=settings.steps_per_call, steps=steps, repeats=repeats)
+    how = "measured" if settings.source == "autotune" else "family default, not measured"
+    auto.name = f"tfmstep auto: {how} (jit={settings.jit_compile} steps_per_call={settings.steps_per_call})"
+    results.append(auto)
     for jit in (False, True):
         for per_call in (1, 10):
             logging.info("%s: tfmstep jit=%s steps_per_call=%d", name, jit, per_call)
@@ -233,9 +261,7 @@ def benchmark_training(name: str, preset: str = "default", batch_size: int = 64,
     best_keras = max(keras_all, key=lambda r: r.examples_per_second)
     keras_defaults = next(r for r in results if "defaults" in r.name)
     eager = results[-1]
-    default_jit = spec.xla_on_cpu
-    ours_default = max((r for r in ours if r.name.startswith(f"tfmstep jit={default_jit} ")),
-                       key=lambda r: r.examples_per_second)
+    ours_default = auto  # what a default (auto-tuned) training run uses
 
     model = _fresh(spec, config)
     inputs, _ = next(iter(spec.dataset(config, "train", 1, seed=0)))
@@ -246,6 +272,7 @@ def benchmark_training(name: str, preset: str = "default", batch_size: int = 64,
         "parameters": int(model.count_params()),
         "timings": [r.as_dict() for r in results],
         "best_tfmstep": best_ours.name, "tfmstep_default_setting": ours_default.name,
+        "autotune": {"tuned_for_steps": tune_for_steps, **settings.as_record()},
         "ratio_default_vs_best_keras": ours_default.examples_per_second / best_keras.examples_per_second,
         "ratio_best_vs_best_keras": best_ours.examples_per_second / best_keras.examples_per_second,
         "ratio_default_vs_keras_defaults": ours_default.examples_per_second
@@ -337,6 +364,25 @@ def _table(rows: list, columns: list) -> str:
     return "\n".join(lines)
 
 
+def _autotune_summary(tuned: dict, batch_size: int) -> str:
+    chosen = (tuned["jit_compile"], tuned["steps_per_call"])
+    stopped = tuned["note"].removeprefix("not measured: ")
+    rows = [{"jit_compile": c["jit_compile"], "steps_per_call": c["steps_per_call"],
+             "examples_per_second": (c["steps_per_second"] * batch_size
+                                     if c["steps_per_second"] is not None else "-"),
+             "calls": c["calls"],
+             "note": ("not timed (stopped early)" if stopped and c["skipped"] == stopped else c["skipped"])
+             or ("chosen" if (c["jit_compile"], c["steps_per_call"]) == chosen else "")}
+            for c in tuned["candidates"]]
+    first_calls = ", ".join(f"{k} {v:.1f} s" for k, v in tuned["compile_seconds"].items())
+    outcome = (f"measuring stopped after the first candidate ({stopped}), so the trainer keeps the family "
+               f"default" if tuned["source"] == "default" else "the fastest candidate is chosen")
+    return (f"\nAuto-tuning, as the trainer does for a {tuned['tuned_for_steps']}-step run (candidates timed "
+            f"on the real input pipeline; {tuned['tuning_seconds']:.1f} s in all, first calls {first_calls}): "
+            f"{outcome}.\n\n"
+            + _table(rows, ["jit_compile", "steps_per_call", "examples_per_second", "calls", "note"]))
+
+
 def write_report(results: dict, out_dir: str, command: str) -> str:
     """results.json, README.md (tables) and PNG plots under ``out_dir``; returns the markdown."""
     os.makedirs(out_dir, exist_ok=True)
@@ -349,6 +395,8 @@ def write_report(results: dict, out_dir: str, command: str) -> str:
         parts.append(f"## Training throughput: {entry['model']} (batch {entry['batch_size']}, "
                      f"{entry['parameters']:,} parameters)\n")
         parts.append(_table(entry["timings"], ["name", "examples_per_second", "spread"]))
+        if "autotune" in entry:
+            parts.append(_autotune_summary(entry["autotune"], entry["batch_size"]))
         parts.append(
             f"\ntfmstep default ({entry['tfmstep_default_setting']}) vs best Keras setting: "
             f"**{entry['ratio_default_vs_best_keras']:.2f}x**; vs Keras compile+fit defaults: "
@@ -445,27 +493,31 @@ def lstm_per_token_times(name: str = "lstm_lm", preset: str = "default", prompt_
 
 def chain_per_loop_times(name: str = "chain_transformer", preset: str = "default", batch_size: int = 32,
                          repeats: int = 30, many: int = 16) -> list:
-    """Time of one reasoning-loop iteration vs the fixed cost (embeddings + answer head), batch 32.
+    """Time of one reasoning-loop iteration vs the fixed cost (embeddings + answer head), batch 32, for a
+    looped preset.
 
     Per-iteration samples are (time of ``many`` forced loops - mean time of 1 loop) / (many - 1). Shares
-    are of a run that halts after the median number of loops on the validation problems.
+    are of a run of as many loops as the median validation problem has hops: a trained reasoner halts
+    there (one hop per iteration). The untimed, untrained model here never halts and would run all
+    ``max_loops``, so its own ``steps_used`` is not a typical count.
     """
     spec = registry.get_spec(name)
     config = registry.get_config(name, preset)
     model = _fresh(spec, config)
-    inputs, _ = next(iter(spec.dataset(config, "validation", batch_size)))
+    inputs, labels = next(iter(spec.dataset(config, "validation", batch_size)))
     one = time_in_loop(lambda x: model(x, training=False, num_loops=1, use_halting=False), inputs, repeats)
     full = time_in_loop(lambda x: model(x, training=False, num_loops=many, use_halting=False), inputs,
                         repeats)
     per_loop = [(t - float(np.mean(one))) / (many - 1) for t in full]
-    loops = float(np.median(model(inputs, training=False)["steps_used"].numpy()))
+    hops = np.max(labels["depth"].numpy(), axis=1)  # a problem's chain length is its largest depth
+    loops = float(np.median(hops))
     fixed_ms = (float(np.mean(one)) - float(np.mean(per_loop))) * 1e3
     loop_ms = float(np.mean(per_loop)) * 1e3
     total = fixed_ms + loops * loop_ms
     return [
         {"step": "embeddings + answer head (fixed)", **percentile_summary(
             [t - float(np.mean(per_loop)) for t in one]), "share": fixed_ms / total},
-        {"step": f"one loop iteration (x{loops:g} at halting)", **percentile_summary(per_loop),
+        {"step": f"one loop iteration (x{loops:g} = median hops)", **percentile_summary(per_loop),
          "share": loops * loop_ms / total},
     ]
 
