@@ -42,11 +42,21 @@ def test_generate_text_returns_text_and_its_log_probability(decoder):
     assert isinstance(text, str) and log_prob < 0
 
 
-def test_tied_weights_need_matching_sizes():
-    with pytest.raises(tfmstep.UserError, match="tie_weights needs embedding_dim == units"):
-        tfmstep.get_config("lstm_lm", tie_weights=True, embedding_dim=64, units=128)
-    model = tfmstep.build("lstm_lm", "tiny", tie_weights=True, embedding_dim=32, units=32)
-    assert model(tf.zeros((1, 4), tf.int32)).shape == (1, 4, 256)
+@pytest.mark.parametrize("embedding_dim", [32, 16])
+def test_tied_output_reuses_the_embedding_and_steps_match_the_full_forward(embedding_dim):
+    """units 32: embedding_dim 32 ties directly, 16 through a projection; either way the stateful step
+    function (generation, export) computes what the whole-sequence model does."""
+    model = tfmstep.build("lstm_lm", "tiny", tie_weights=True, embedding_dim=embedding_dim, units=32)
+    tokens = tf.constant([[3, 70, 101, 9]], tf.int32)
+    full = model(tokens, training=False)
+    assert full.shape == (1, 4, 256)
+    assert not any(layer.name == "logits" and hasattr(layer, "kernel") for layer in model.layers)
+    assert any(layer.name == "projection" for layer in model.layers) == (embedding_dim != 32)
+    step = lstm_lm.make_step_fn(model)
+    state = lstm_lm.initial_state(model, 1)
+    for t in range(4):
+        logits, state = step(tokens[:, t], state)
+        np.testing.assert_allclose(logits.numpy(), full[:, t].numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_sentencepiece_model_generates_text_through_its_vocabulary(tmp_path):

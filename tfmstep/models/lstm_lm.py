@@ -43,7 +43,9 @@ class LSTMConfig:
     layers: int = 1
     dropout: float = 0.1
     layer_norm: bool = True
-    tie_weights: bool = False  # output projection = embedding matrix (needs embedding_dim == units)
+    # Output layer = the embedding matrix (transposed). When embedding_dim != units a Dense projection to
+    # embedding_dim comes first: tied and cheaper than a units x vocab softmax.
+    tie_weights: bool = False
     # The cuDNN LSTM kernel cannot run inside an XLA cluster; the shared step is jitted by default.
     # Set true for non-XLA training on a GPU.
     use_cudnn: bool = False
@@ -53,8 +55,6 @@ class LSTMConfig:
             raise UserError("units, layers, embedding_dim and seq_len must be >= 1")
         if not 0.0 < self.validation_fraction < 0.5:
             raise UserError(f"validation_fraction must be in (0, 0.5), got {self.validation_fraction}")
-        if self.tie_weights and self.embedding_dim != self.units:
-            raise UserError(f"tie_weights needs embedding_dim == units ({self.embedding_dim} != {self.units})")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.max_corpus_bytes < 0:
@@ -153,6 +153,8 @@ def build_lstm_lm(config: LSTMConfig) -> keras.Model:
     if config.dropout:
         x = keras.layers.Dropout(config.dropout)(x)
     if config.tie_weights:
+        if config.embedding_dim != config.units:
+            x = keras.layers.Dense(config.embedding_dim, name="projection")(x)
         logits = TiedOutput(embedding, name="logits", dtype="float32")(x)
     else:
         logits = keras.layers.Dense(config.vocab_size, name="logits", dtype="float32")(x)
@@ -176,6 +178,7 @@ def make_step_fn(model: keras.Model):
     embedding = model.get_layer("embedding")
     norm = next((layer for layer in model.layers if isinstance(layer, keras.layers.LayerNormalization)),
                 None)
+    projection = next((layer for layer in model.layers if layer.name == "projection"), None)
     head = model.get_layer("logits")
 
     def step(tokens, state):
@@ -187,6 +190,8 @@ def make_step_fn(model: keras.Model):
             x = h
         if norm is not None:
             x = norm(x)
+        if projection is not None:
+            x = projection(x)
         return tf.cast(head(x), tf.float32), tf.stack(new_states, axis=1)
 
     return step
