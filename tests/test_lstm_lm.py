@@ -89,3 +89,21 @@ def test_generate_tool_prints_the_prompt_and_its_continuation(tmp_path, repo_roo
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith("import ")
     assert "beam: log-probability" in result.stderr
+
+
+def test_subword_run_with_a_relative_vocab_path_loads_from_another_directory(tmp_path, monkeypatch):
+    """config.json keeps vocab_file as given (relative to where training ran); loading from elsewhere
+    finds the workdir's copy instead of training a new vocabulary."""
+    monkeypatch.chdir(tmp_path)
+    trainer.train("lstm_lm", "run", preset="tiny",
+                  overrides={"tokenizer": "sentencepiece", "vocab_size": 400, "vocab_file": "run/vocab.spm"},
+                  config=trainer.TrainConfig(steps=2, batch_size=4, eval_batches=1, checkpoint_every=2,
+                                             steps_per_call=2))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    model, config, _ = trainer.load_trained(str(tmp_path / "run"))
+    assert config.vocab_file == str(tmp_path / "run" / "vocab.spm")
+    assert not (tmp_path / "elsewhere" / "run").exists()  # no vocabulary was trained here
+    text, _ = lstm_lm.generate_text(model, "import os\n", max_new_tokens=3,
+                                    tokenizer=lstm_lm.make_tokenizer(config))
+    assert isinstance(text, str)

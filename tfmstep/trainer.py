@@ -225,11 +225,25 @@ def load_trained(workdir: str):
     with open(path) as f:
         record = json.load(f)
     config = TrainConfig(**record["train"])
-    run = _Run(record["model"], record["preset"], record["overrides"], config, workdir,
-               tf.distribute.get_strategy())
+    run = _Run(record["model"], record["preset"], _files_found_in_workdir(record["overrides"], workdir),
+               config, workdir, tf.distribute.get_strategy())
     if run.restore_latest() is None:
         raise UserError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
     return run.model, run.model_config, run.spec
+
+
+def _files_found_in_workdir(overrides: dict, workdir: str) -> dict:
+    """Overrides naming a file by a path relative to where training ran (e.g. the LM's
+    ``vocab_file=workdirs/run/vocab.spm``) that is not there from here, but whose file sits in the workdir:
+    point them at the workdir's copy, so a run is usable from any directory and after being moved."""
+    resolved = dict(overrides)
+    for key, value in overrides.items():
+        if not isinstance(value, str) or not value or os.path.isabs(value) or os.path.exists(value):
+            continue
+        candidate = os.path.join(workdir, os.path.basename(value))
+        if os.path.isfile(candidate):
+            resolved[key] = candidate
+    return resolved
 
 
 def _truncate_log(path: str, last_step: int) -> None:
