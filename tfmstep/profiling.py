@@ -20,10 +20,9 @@ import glob
 import os
 import time
 
-import keras
 import tensorflow as tf
 
-from tfmstep import registry
+from tfmstep import benchmark, registry
 from tfmstep import step as step_lib
 
 # Op types doing the model's arithmetic (the MFU numerator); everything else is overhead to explain.
@@ -71,17 +70,15 @@ def profile_training_step(name: str, preset: str = "default", *, batch_size: int
 
     Returns wall time per step, per-op-type seconds per step and share of the wall time, the compute
     share (matmul/conv ops) and the trace location."""
+    # The same fresh model, optimizer and in-memory batches as the benchmark's throughput rows.
     spec = registry.get_spec(name)
     config = registry.get_config(name, preset, **overrides)
-    keras.utils.set_random_seed(0)
-    model = spec.build(config)
-    optimizer = step_lib.make_optimizer(step_lib.OptimizerConfig(total_steps=10_000, warmup_steps=10))
+    model = benchmark._fresh(spec, config)
+    optimizer = benchmark._optimizer()
     optimizer.build(model.trainable_variables)
     steps = step_lib.make_steps(model, optimizer, spec.loss, global_batch_size=batch_size,
                                 jit_compile=jit_compile)
-    # A few real batches kept in memory: the input pipeline is not what is profiled.
-    batches = spec.dataset(config, "train", batch_size, seed=0).take(8).cache().repeat()
-    iterator = iter(batches)
+    iterator = iter(benchmark._fixed_batches(spec, config, batch_size))
     n = tf.constant(steps_per_call, tf.int32)
     steps.train(iterator, n)["loss"].numpy()  # trace and compile outside the profile
     steps.train(iterator, n)["loss"].numpy()
