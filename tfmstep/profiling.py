@@ -28,7 +28,8 @@ from tfmstep import step as step_lib
 # Op types doing the model's arithmetic (the MFU numerator); everything else is overhead to explain.
 COMPUTE_OP_TYPES = ("MatMul", "BatchMatMul", "Conv2D", "Conv2DBackprop", "Einsum", "XlaRun", "XlaLaunch",
                     "_FusedMatMul", "_FusedConv2D", "_MklMatMul", "_MklNativeConv2D", "_MklFusedMatMul",
-                    "_MklNativeFusedConv2D", "_MklNativeConv2DBackprop", "_MklNativeFusedMatMul")
+                    "_MklNativeFusedConv2D", "_MklNativeConv2DBackprop", "_MklNativeFusedMatMul",
+                    "_MklEinsum", "_MklBatchMatMul")
 
 
 def _is_compute(op_type: str) -> bool:
