@@ -33,7 +33,8 @@ class ModelSpec:
     dataset: Callable[..., Any]
     presets: Mapping[str, Mapping[str, Any]]
     description: str = ""
-    xla_on_cpu: bool = True  # the trainer's jit_compile default on CPU (measured per family)
+    # jit_compile on CPU when the trainer does not measure (short or multi-process runs; see autotune)
+    xla_on_cpu: bool = True
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
