@@ -97,10 +97,10 @@ def steps_per_call_candidates(run_steps: int, boundaries: Sequence[int] = (),
 def training_state_variables(model: keras.Model, optimizer: keras.optimizers.Optimizer,
                              extra: Sequence = ()) -> list:
     """Every variable one training step can change: model (weights, BatchNorm statistics, SeedGenerator
-    states), optimizer (slots and iteration count), ``extra``; each once."""
+    states -- Keras lists those in ``model.variables``), optimizer (slots and iteration count), ``extra``;
+    each once."""
     seen, out = set(), []
-    rng_states = [v for v in model.non_trainable_variables if v.name == "seed_generator_state"]
-    for v in [*model.variables, *optimizer.variables, *rng_states, *extra]:
+    for v in [*model.variables, *optimizer.variables, *extra]:
         if id(v) not in seen:
             seen.add(id(v))
             out.append(v)

@@ -336,8 +336,7 @@ def _step_settings(run: _Run, config: TrainConfig, strategy: tf.distribute.Strat
         lambda: run.spec.dataset(run.model_config, "train", config.batch_size, config.seed, start),
         global_batch_size=config.batch_size, run_steps=remaining, strategy=strategy,
         clip_norm=config.clip_norm, jit_options=jit_options, steps_per_call_options=per_call,
-        model_name=model_name, fallback=fallback,
-        state_variables=autotune.training_state_variables(run.model, run.optimizer, run.rng_states))
+        model_name=model_name, fallback=fallback)
 
 
 def _train(model_name, workdir, preset, overrides, config: TrainConfig, record: dict) -> dict:
