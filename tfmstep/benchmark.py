@@ -4,8 +4,9 @@ FLOPs utilisation against this machine's measured matmul peak, and per-step infe
 The "tfmstep auto" row is what the trainer would run: the setting ``tfmstep.autotune`` picks for a run of
 ``tune_for_steps`` steps (its measured candidates are reported too), then timed like every other row.
 
-Everything is measured in one process, one setting after another on the same batches, so the ratios are
-comparable even on a noisy machine; absolute numbers are not. Nothing here asserts a time.
+Everything is measured in one process on the same batches, every setting compiled first and then timed
+round-robin (repeat 1 of each setting, then repeat 2, ...), so the ratios are comparable even on a noisy
+machine; absolute numbers are not. Nothing here asserts a time.
 """
 
 from __future__ import annotations
@@ -59,7 +60,13 @@ def _optimizer(total_steps=10_000):
                                                             total_steps=total_steps))
 
 
-def time_tfmstep(spec, config, batch_size, *, jit_compile, steps_per_call, steps, repeats) -> Timing:
+# A runner is set up (built, traced, compiled, warmed up) once; each call times one repeat and returns
+# examples/s. ``time_interleaved`` calls all of a model's runners in turn, repeat after repeat, so slow
+# drifts of this shared machine hit every setting alike instead of whichever happened to run then.
+Runner = Callable[[], float]
+
+
+def tfmstep_runner(spec, config, batch_size, *, jit_compile, steps_per_call, steps) -> Runner:
     model = _fresh(spec, config)
     optimizer = _optimizer()
     optimizer.build(model.trainable_variables)
@@ -69,14 +76,15 @@ def time_tfmstep(spec, config, batch_size, *, jit_compile, steps_per_call, steps
     calls = max(1, steps // steps_per_call)
     n = tf.constant(steps_per_call, tf.int32)
     steps_fns.train(iterator, n)["loss"].numpy()  # trace + compile
-    rates = []
-    for _ in range(repeats):
+
+    def run() -> float:
         start = time.perf_counter()
         for _ in range(calls):
             out = steps_fns.train(iterator, n)
         out["loss"].numpy()
-        rates.append(calls * steps_per_call * batch_size / (time.perf_counter() - start))
-    return _summarise(f"tfmstep jit={jit_compile} steps_per_call={steps_per_call}", rates)
+        return calls * steps_per_call * batch_size / (time.perf_counter() - start)
+
+    return run
 
 
 class _SpecLossModel(keras.Model):
@@ -97,6 +105,8 @@ class _SpecLossModel(keras.Model):
 
 
 class _EpochTimer(keras.callbacks.Callback):
+    """Times the epoch only: fit's own set-up before the first epoch is not part of a training step."""
+
     def __init__(self):
         super().__init__()
         self.seconds = []
@@ -108,22 +118,24 @@ class _EpochTimer(keras.callbacks.Callback):
         self.seconds.append(time.perf_counter() - self._start)
 
 
-def time_keras_fit(spec, config, batch_size, *, jit_compile, steps_per_execution, steps, repeats,
-                   default_optimizer=False) -> Timing:
+def keras_fit_runner(spec, config, batch_size, *, jit_compile, steps_per_execution, steps,
+                     default_optimizer=False) -> Runner:
     model = _SpecLossModel(_fresh(spec, config), spec.loss)
     optimizer = "adam" if default_optimizer else _optimizer()
     model.compile(optimizer=optimizer, jit_compile=jit_compile, steps_per_execution=steps_per_execution)
+    dataset = _fixed_batches(spec, config, batch_size)
     timer = _EpochTimer()
-    # Epoch 1 includes tracing and compilation; it is dropped.
-    model.fit(_fixed_batches(spec, config, batch_size), steps_per_epoch=steps, epochs=repeats + 1,
-              verbose=0, callbacks=[timer])
-    rates = [steps * batch_size / s for s in timer.seconds[1:]]
-    label = "keras fit defaults (adam, jit auto, steps_per_execution 1)" if default_optimizer else (
-        f"keras fit jit={jit_compile} steps_per_execution={steps_per_execution}")
-    return _summarise(label, rates)
+
+    def run() -> float:
+        # One epoch of `steps` steps per repeat; fit reuses its compiled train function across calls.
+        model.fit(dataset, steps_per_epoch=steps, epochs=1, verbose=0, callbacks=[timer])
+        return steps * batch_size / timer.seconds[-1]
+
+    run()  # tracing and compilation
+    return run
 
 
-def time_eager_loop(spec, config, batch_size, *, steps, repeats) -> Timing:
+def eager_runner(spec, config, batch_size, *, steps) -> Runner:
     """The textbook loop: GradientTape in plain Python, no tf.function."""
     model = _fresh(spec, config)
     optimizer = _optimizer()
@@ -139,14 +151,24 @@ def time_eager_loop(spec, config, batch_size, *, steps, repeats) -> Timing:
 
     one_step()
     eager_steps = max(2, steps // 4)  # eager is slow; fewer steps give the same rate
-    rates = []
-    for _ in range(repeats):
+
+    def run() -> float:
         start = time.perf_counter()
         for _ in range(eager_steps):
             loss = one_step()
         loss.numpy()
-        rates.append(eager_steps * batch_size / (time.perf_counter() - start))
-    return _summarise("eager GradientTape loop", rates)
+        return eager_steps * batch_size / (time.perf_counter() - start)
+
+    return run
+
+
+def time_interleaved(runners: dict, repeats: int) -> list:
+    """``{name: runner}`` -> one Timing per runner, repeats taken round-robin across the runners."""
+    rates = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            rates[name].append(run())
+    return [_summarise(name, per_repeat) for name, per_repeat in rates.items()]
 
 
 def matmul_peak_flops(n: int = 1024, repeats: int = 5) -> float:
@@ -232,35 +254,37 @@ def benchmark_training(name: str, preset: str = "default", batch_size: int = 64,
                        repeats: int = 3, peak_flops: float | None = None, tune_for_steps: int = 1000) -> dict:
     spec = registry.get_spec(name)
     config = registry.get_config(name, preset)
-    results: list[Timing] = []
     logging.info("%s: auto-tuning as the trainer would for a %d-step run", name, tune_for_steps)
     settings = autotuned_settings(name, spec, config, batch_size, tune_for_steps)
-    auto = time_tfmstep(spec, config, batch_size, jit_compile=settings.jit_compile,
-                        steps_per_call=settings.steps_per_call, steps=steps, repeats=repeats)
     how = "measured" if settings.source == "autotune" else "family default, not measured"
-    auto.name = f"tfmstep auto: {how} (jit={settings.jit_compile} steps_per_call={settings.steps_per_call})"
-    results.append(auto)
+    auto_name = f"tfmstep auto: {how} (jit={settings.jit_compile} steps_per_call={settings.steps_per_call})"
+    defaults_name = "keras fit defaults (adam, jit auto, steps_per_execution 1)"
+    eager_name = "eager GradientTape loop"
+    logging.info("%s: setting up and compiling every setting", name)
+    runners = {auto_name: tfmstep_runner(spec, config, batch_size, jit_compile=settings.jit_compile,
+                                         steps_per_call=settings.steps_per_call, steps=steps)}
     for jit in (False, True):
         for per_call in (1, 10):
-            logging.info("%s: tfmstep jit=%s steps_per_call=%d", name, jit, per_call)
-            results.append(time_tfmstep(spec, config, batch_size, jit_compile=jit, steps_per_call=per_call,
-                                        steps=steps, repeats=repeats))
+            runners[f"tfmstep jit={jit} steps_per_call={per_call}"] = tfmstep_runner(
+                spec, config, batch_size, jit_compile=jit, steps_per_call=per_call, steps=steps)
     for jit in (False, True):
         for per_execution in (1, 10):
-            logging.info("%s: keras fit jit=%s steps_per_execution=%d", name, jit, per_execution)
-            results.append(time_keras_fit(spec, config, batch_size, jit_compile=jit,
-                                          steps_per_execution=per_execution, steps=steps, repeats=repeats))
-    results.append(time_keras_fit(spec, config, batch_size, jit_compile="auto", steps_per_execution=1,
-                                  steps=steps, repeats=repeats, default_optimizer=True))
-    logging.info("%s: eager loop", name)
-    results.append(time_eager_loop(spec, config, batch_size, steps=steps, repeats=repeats))
+            runners[f"keras fit jit={jit} steps_per_execution={per_execution}"] = keras_fit_runner(
+                spec, config, batch_size, jit_compile=jit, steps_per_execution=per_execution, steps=steps)
+    runners[defaults_name] = keras_fit_runner(spec, config, batch_size, jit_compile="auto",
+                                              steps_per_execution=1, steps=steps, default_optimizer=True)
+    runners[eager_name] = eager_runner(spec, config, batch_size, steps=steps)
+    logging.info("%s: timing %d settings, %d interleaved repeats", name, len(runners), repeats)
+    results = time_interleaved(runners, repeats)
+    by_name = {r.name: r for r in results}
+    auto = by_name[auto_name]
 
     ours = [r for r in results if r.name.startswith("tfmstep")]
     keras_all = [r for r in results if r.name.startswith("keras")]
     best_ours = max(ours, key=lambda r: r.examples_per_second)
     best_keras = max(keras_all, key=lambda r: r.examples_per_second)
-    keras_defaults = next(r for r in results if "defaults" in r.name)
-    eager = results[-1]
+    keras_defaults = by_name[defaults_name]
+    eager = by_name[eager_name]
     ours_default = auto  # what a default (auto-tuned) training run uses
 
     model = _fresh(spec, config)
