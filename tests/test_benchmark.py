@@ -17,7 +17,7 @@ def test_interleaved_timing_takes_one_repeat_of_every_setting_per_round():
         return run
 
     timings = benchmark.time_interleaved({"a": runner("a", 10.0), "b": runner("b", 30.0)}, repeats=3)
-    assert calls == ["a", "b"] * 3
+    assert calls == ["a", "b"] * 4  # an untimed warm-up round, then 3 timed ones
     assert [(t.name, t.examples_per_second, t.spread) for t in timings] == [("a", 10.0, 0.0), ("b", 30.0, 0.0)]
 
 

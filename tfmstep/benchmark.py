@@ -163,8 +163,13 @@ def eager_runner(spec, config, batch_size, *, steps) -> Runner:
 
 
 def time_interleaved(runners: dict, repeats: int) -> list:
-    """``{name: runner}`` -> one Timing per runner, repeats taken round-robin across the runners."""
+    """``{name: runner}`` -> one Timing per runner, repeats taken round-robin across the runners after one
+    untimed round."""
     rates = {name: [] for name in runners}
+    # One untimed round first: a setting's first call after the others were compiled ran 3-7x slower
+    # (measured: the round-1 outliers in benchmarks/results.json of the 2026-11-23 run).
+    for run in runners.values():
+        run()
     for _ in range(repeats):
         for name, run in runners.items():
             rates[name].append(run())
