@@ -282,7 +282,6 @@ def benchmark_training(name: str, preset: str = "default", batch_size: int = 64,
     logging.info("%s: timing %d settings, %d interleaved repeats", name, len(runners), repeats)
     results = time_interleaved(runners, repeats)
     by_name = {r.name: r for r in results}
-    auto = by_name[auto_name]
 
     ours = [r for r in results if r.name.startswith("tfmstep")]
     keras_all = [r for r in results if r.name.startswith("keras")]
@@ -290,7 +289,7 @@ def benchmark_training(name: str, preset: str = "default", batch_size: int = 64,
     best_keras = max(keras_all, key=lambda r: r.examples_per_second)
     keras_defaults = by_name[defaults_name]
     eager = by_name[eager_name]
-    ours_default = auto  # what a default (auto-tuned) training run uses
+    ours_default = by_name[auto_name]  # what a default (auto-tuned) training run uses
 
     model = _fresh(spec, config)
     inputs, _ = next(iter(spec.dataset(config, "train", 1, seed=0)))
