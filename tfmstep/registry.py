@@ -35,6 +35,17 @@ class ModelSpec:
     description: str = ""
     # jit_compile on CPU when the trainer does not measure (short or multi-process runs; see autotune)
     xla_on_cpu: bool = True
+    # Optional hooks a family fills in beside its builder; generic modules read these instead of
+    # naming families (None: the generic behaviour, or "not supported" where there is none).
+    # servable(name, model, config) -> tfmstep.export.signatures.Servable  (serving signatures, TF-Lite fn)
+    servable: Callable | None = None
+    # evaluate(runs, labels, output_dir, name, **options) -> report dict; runs are trainer.load_trained
+    # tuples (model, config, spec) with their workdirs: [(workdir, (model, config, spec)), ...]
+    evaluate: Callable | None = None
+    # inference_timer() -> rows of per-step inference timings (benchmark)
+    inference_timer: Callable | None = None
+    # forward_flops(config, batch_size) -> FLOPs of one forward pass (benchmark MFU); None: measured
+    forward_flops: Callable | None = None
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -42,10 +53,15 @@ _REGISTRY: dict[str, ModelSpec] = {}
 
 def register(name: str, *, config_class: type, loss: Callable, dataset: Callable,
              presets: Mapping[str, Mapping[str, Any]] | None = None,
-             xla_on_cpu: bool = True) -> Callable:
+             xla_on_cpu: bool = True, **hooks: Callable) -> Callable:
     """Decorator: ``@register("cnn_classifier", config_class=..., loss=..., dataset=...)`` on a builder."""
     if not dataclasses.is_dataclass(config_class):
         raise TypeError(f"config_class for {name!r} must be a dataclass")
+    hook_names = {f.name for f in dataclasses.fields(ModelSpec)} - {
+        "name", "config_class", "build", "loss", "dataset", "presets", "description", "xla_on_cpu"}
+    unknown = set(hooks) - hook_names
+    if unknown:
+        raise TypeError(f"unknown hooks {sorted(unknown)} for {name!r}; hooks: {sorted(hook_names)}")
 
     def decorate(build_fn: Callable) -> Callable:
         if name in _REGISTRY:
@@ -56,7 +72,7 @@ def register(name: str, *, config_class: type, loss: Callable, dataset: Callable
             _apply_overrides(config_class(), values, f"preset {name}/{preset_name}")
         doc = (build_fn.__doc__ or "").strip().splitlines()
         _REGISTRY[name] = ModelSpec(name, config_class, build_fn, loss, dataset, presets_,
-                                    doc[0] if doc else "", xla_on_cpu)
+                                    doc[0] if doc else "", xla_on_cpu, **hooks)
         return build_fn
 
     return decorate

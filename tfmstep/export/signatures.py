@@ -417,8 +417,8 @@ FAMILIES: dict[str, Callable[[str, keras.Model, Any], Servable]] = {
 
 
 def servable(name: str, model: keras.Model, config) -> Servable:
-    registry.get_spec(name)  # unknown name -> UserError listing the registered models
-    result = FAMILIES.get(name, generic_servable)(name, model, config)
+    spec = registry.get_spec(name)  # unknown name -> UserError listing the registered models
+    result = (spec.servable or FAMILIES.get(name, generic_servable))(name, model, config)
     if "serving_default" not in result.signatures:
         raise UserError(f"the export table for {name!r} has no serving_default signature")
     return result
