@@ -1,5 +1,8 @@
 """The registry: lookup, presets, overrides and their errors."""
 
+import ast
+import dataclasses
+
 import pytest
 
 import tfmstep
@@ -48,3 +51,43 @@ def test_command_line_strings_are_coerced_by_field_type():
 def test_malformed_override_item_is_rejected():
     with pytest.raises(tfmstep.UserError, match="expected key=value"):
         registry.parse_overrides(["dropout"])
+
+
+@dataclasses.dataclass(frozen=True)
+class _UnionConfig:  # PEP 604 unions (``int | None``), which typing.get_origin reports as types.UnionType
+    limit: int | None = None
+    rate: float | None = 0.5
+    shape: tuple[int, ...] | None = None
+
+
+@pytest.fixture
+def union_family(monkeypatch):
+    """A toy family registered for one test only (the real registry is restored afterwards)."""
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    registry.register("toy_unions", config_class=_UnionConfig, loss=None, dataset=None,
+                      presets={"capped": {"limit": 3}})(lambda config: config)
+    return "toy_unions"
+
+
+def test_pep604_union_fields_are_coerced_from_strings(union_family):
+    config = tfmstep.get_config(union_family, **registry.parse_overrides(
+        ["limit=7", "rate=0.25", "shape=2,3"]))
+    assert config == _UnionConfig(limit=7, rate=0.25, shape=(2, 3))
+    assert tfmstep.get_config(union_family, "capped").limit == 3
+    assert tfmstep.get_config(union_family, "capped", limit="none").limit is None
+    assert tfmstep.get_config(union_family, rate=None).rate is None
+
+
+@pytest.mark.parametrize("field,value", [("limit", "many"), ("limit", 2.5), ("rate", "fast"),
+                                         ("shape", "2,x")])
+def test_pep604_union_fields_reject_ill_typed_values(union_family, field, value):
+    with pytest.raises(tfmstep.UserError, match=f"bad value .* for '{field}'"):
+        tfmstep.get_config(union_family, **{field: value})
+
+
+def test_registry_imports_no_family():
+    # The package's __init__ registers the families; the registry importing them was an import circle.
+    tree = ast.parse(open(registry.__file__).read())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    assert not any(name.startswith("tfmstep.models") for name in imported), imported

@@ -3,11 +3,16 @@
 A family registers itself with ``@register(...)`` on its builder. Everything else -- ``tfmstep.build``,
 the trainer, the export module, the tests -- looks models up here, so a new model is usable (and tested)
 by being registered.
+
+This module imports no family: ``tfmstep/__init__.py`` imports ``tfmstep.models``, which registers the
+built-in ones, and Python runs the package's ``__init__`` before any ``tfmstep.<module>``, so whoever
+imports ``tfmstep.registry`` sees them too.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from typing import Any, Callable, Mapping
 
@@ -78,17 +83,11 @@ def register(name: str, *, config_class: type, loss: Callable, dataset: Callable
     return decorate
 
 
-def _ensure_models_imported() -> None:
-    import tfmstep.models  # noqa: F401  (registers the built-in families)
-
-
 def list_models() -> list[str]:
-    _ensure_models_imported()
     return sorted(_REGISTRY)
 
 
 def get_spec(name: str) -> ModelSpec:
-    _ensure_models_imported()
     if name not in _REGISTRY:
         raise UserError(f"unknown model {name!r}; registered models: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
@@ -137,7 +136,7 @@ def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
     """Check (and, for strings from the command line, parse) one override against its field type."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
-    if origin is typing.Union:  # Optional[X]
+    if origin in (typing.Union, types.UnionType):  # Optional[X], X | None
         if value is None or (isinstance(value, str) and value.lower() == "none"):
             if type(None) in args:
                 return None
