@@ -1,222 +1,449 @@
-"""Multi-step reasoning tasks whose difficulty knob is the chain length (number of hops).
+"""Multi-step reasoning problems as plain text, whose difficulty knob is the chain length k.
 
-Every task is written in one token format, so one model reads them all. A problem is a set of tokens;
-token i has an own ``name``, the ``parent`` name it reads from, an ``op`` (the rule applied to the
-parent's answer) and, for roots only, a given ``value``. The answer of token i is
-``op_i(answer(parent_i))``, so a token at depth d (d hops from a root) needs d rule applications:
+A problem is a line of text and a short answer, as a user would have it; the model reads it through a
+character tokenizer and has to find the structure itself. ``k`` is the number of reasoning steps a
+solver needs (each one applies a rule to the result of the step before: y_n = f(y_{n-1})); generators
+know it, and training may use it, but nothing at inference does. Six task families:
 
-- ``lego``: LEGO-style group chain. Variables x_0..x_L, x_0 = c given, x_j = s * x_parent + a (mod p)
-  with s in {+1, -1}; clauses shuffled; every variable is queried.
-- ``running_sum``: running sum mod p (parity for p=2) over a sequence a_0..a_L, in order. No names: the
-  parent of element j is element j-1, found through the model's relative-position bias.
-- ``pointer``: pointer chasing in a random forest with distractor edges: every node points to its
-  successor, a sink carries a given label (one of ``modulus``), and each node's answer is the label of
-  the sink it reaches. The start node is L hops from its sink; distractor nodes hang off the main chain
-  or start chains of their own that end in differently labelled sinks. (Answering the sink's *name*, one
-  of ``num_names`` classes, trained far slower: 0.60 exact match after 3000 steps.)
-- ``kinship``: relation composition in a random family tree: "person j is R of person parent(j)"; the
-  answer of every person is their relation to the root person, i.e. R_j composed with the parent's
-  answer. Relations compose like the symmetric group S3 (6 relations, not commutative: the order of the
-  path matters, as in real kinship terms).
+- ``lego``: shuffled clauses of a group chain mod ``modulus``: ``b=-a+2;a=3;c=+b+0;?c`` -> ``4``
+  (x = sign * parent + addend). Clauses are shuffled, so the order must be found by name.
+- ``parity``: running parity of a bit string: ``10110?`` -> ``1`` (k = number of bits).
+- ``pointer``: pointer chasing with distractors: ``a>b;b=3;c>a;d=1;?c`` -> ``3``: the label of the sink the
+  queried node reaches in k hops; distractor nodes start other chains or hang off this one.
+- ``kinship``: relation composition in a family tree: ``b=4(a);a=0;c=2(b);?c`` -> the relation of c to
+  the root a, where the six relations compose like the (non-commutative) group S3, so path order matters.
+- ``registers`` (a state of several tokens): three registers run a program of k instructions in order:
+  ``351:A+B;C=A;B-7;=`` -> ``888`` (every register's final value, mod 10).
+- ``reassign`` (a dependency that is computed, not given): a program that reassigns a few variables:
+  ``a=5;b=a+2;a=b-1;c=3;?a`` -> ``6``. Which earlier statement a read refers to is the most recent
+  assignment of that name, which depends on everything in between.
 
-Labels are ``target`` (the answer class of every token) and ``depth`` (its hop count, -1 on padding).
-The chain length of a problem is its largest depth. Names are drawn at random from ``num_names`` for each
-problem, so every name is trained and nothing depends on where a token sits in the sequence.
+Every generator is checked against ``solve``, an independent slow parser/interpreter of the text.
+Names are drawn at random for each problem from 52 letters, so nothing depends on a particular name.
+``file`` tasks read JSONL lines ``{"input": ..., "answer": ..., "steps": k}`` (steps optional).
 """
 
 from __future__ import annotations
 
-import itertools
+import json
+import math
+import os
+import string
 
 import numpy as np
 import tensorflow as tf
 
 from tfmstep.errors import UserError
 
-TASKS = ("lego", "running_sum", "pointer", "kinship")
-FEATURES = ("name", "parent", "op", "value")
-ROOT_OP = 1  # op id of a root token (its answer is its given value); 0 is padding
+TASKS = ("lego", "parity", "pointer", "kinship", "registers", "reassign")
+FILE_TASK = "file"
+NAMES = string.ascii_lowercase + string.ascii_uppercase  # 52 single-character names
+ANSWER_LENGTH = {"lego": 1, "parity": 1, "pointer": 1, "kinship": 1, "registers": 3, "reassign": 1}
+KINSHIP_RELATIONS = 6  # elements of S3, written 0..5; 0 is "self" (the identity)
+REGISTERS = "ABC"
+REASSIGN_VARIABLES = 4  # names per reassign problem: each is reassigned ~k/2 times
 
-# S3 as permutations of (0, 1, 2); element 0 is the identity ("self").
-S3 = tuple(itertools.permutations(range(3)))
-S3_INDEX = {p: i for i, p in enumerate(S3)}
+# ---------------------------------------------------------------------------------------------------------
+# Tokenizer. A character tokenizer over printable ASCII: one fixed vocabulary for every built-in task and
+# for user files, so a trained model can read any of them. Written here (not keras-hub's
+# UnicodeCodepointTokenizer) because it reserves ids for the answer slots and must round-trip exactly
+# with the in-graph version the export uses (``CHARSET`` gathered by id).
 
-
-def s3_compose(a: int, b: int) -> int:
-    """Index of the permutation a o b (apply b, then a)."""
-    pa, pb = S3[a], S3[b]
-    return S3_INDEX[tuple(pa[pb[i]] for i in range(3))]
-
-
-S3_TABLE = np.array([[s3_compose(a, b) for b in range(6)] for a in range(6)], np.int64)
-
-
-def tokens_for_length(task: str, length: int) -> int:
-    """Tokens in one problem of chain length ``length`` (pointer/kinship add ``length`` distractors)."""
-    return 2 * length + 1 if task in ("pointer", "kinship") else length + 1
-
-
-def num_classes(task: str, modulus: int, num_names: int) -> int:
-    return {"lego": modulus, "running_sum": modulus, "pointer": modulus, "kinship": len(S3)}[task]
+PAD = 0
+MAX_ANSWER_LENGTH = 8  # answer-slot ids 1..8: slot i is the i-th answer position
+CHARSET = string.printable[:95]  # digits, letters, punctuation, space (no tabs or newlines)
+FIRST_CHAR_ID = 1 + MAX_ANSWER_LENGTH
+VOCAB_SIZE = FIRST_CHAR_ID + len(CHARSET)
+_CHAR_ID = {c: FIRST_CHAR_ID + i for i, c in enumerate(CHARSET)}
 
 
-def num_ops(task: str, modulus: int) -> int:
-    return {"lego": 2 + 2 * modulus, "running_sum": 2 + modulus, "pointer": 3, "kinship": 2 + len(S3)}[task]
+def encode(text: str, where: str = "input") -> list[int]:
+    """Character ids of ``text``; characters outside printable ASCII are an error naming ``where``."""
+    try:
+        return [_CHAR_ID[c] for c in text]
+    except KeyError as e:
+        raise UserError(f"{where}: character {e.args[0]!r} is not in the tokenizer's vocabulary "
+                        f"(printable ASCII)") from None
 
 
-def validate_task(task: str, modulus: int, num_names: int, train_min_len: int, train_max_len: int,
-                  test_max_len: int) -> None:
-    """Raise a one-line UserError for a task that cannot be generated."""
-    if task not in TASKS:
-        raise UserError(f"unknown chain task {task!r}; choose one of {', '.join(TASKS)}")
-    if train_min_len < 1:
-        raise UserError(f"chain length must be >= 1, got train_min_len={train_min_len}")
-    if train_max_len < train_min_len:
-        raise UserError(f"train_max_len ({train_max_len}) must be >= train_min_len ({train_min_len})")
-    if test_max_len < 1:
-        raise UserError(f"chain length must be >= 1, got test_max_len={test_max_len}")
-    if task in ("lego", "running_sum", "pointer") and modulus < 2:
-        raise UserError(f"modulus must be >= 2 for task {task!r}, got {modulus}")
-    longest = max(train_max_len, test_max_len)
-    needed = tokens_for_length(task, longest)
-    if task != "running_sum" and num_names < needed:
-        raise UserError(f"num_names={num_names} is too small for task {task!r} at chain length {longest}: "
-                        f"a problem has {needed} tokens, each needs its own name")
+def decode(ids) -> str:
+    """Text of character ids; padding and answer slots are dropped (an answer shorter than its slots is
+    padded with PAD)."""
+    return "".join(CHARSET[i - FIRST_CHAR_ID] for i in np.asarray(ids).ravel().tolist()
+                   if i >= FIRST_CHAR_ID)
 
 
-def _random_forest(length: int, extra: int, rng: np.random.Generator, new_root_prob: float):
-    """Parents (index or -1) of a forest: a main path 0..length plus ``extra`` nodes of depth <= length.
+def answer_slots(length: int) -> list[int]:
+    return list(range(1, length + 1))
 
-    Node 0 is the main root and node ``length`` the deepest; extra nodes attach to a random earlier
-    node of depth < length, or (with ``new_root_prob``) start a tree of their own.
-    """
-    parents = [-1] + list(range(length))
-    depths = list(range(length + 1))
-    for _ in range(extra):
-        if rng.random() < new_root_prob:
-            parents.append(-1)
-            depths.append(0)
+
+def encode_answer(answer: str, length: int, where: str = "answer") -> list[int]:
+    ids = encode(answer, where)
+    if not ids:
+        raise UserError(f"{where}: empty answer")
+    if len(ids) > length:
+        raise UserError(f"{where}: answer {answer!r} has {len(ids)} characters, more than the model's "
+                        f"{length} answer slots (set --config=answer_length)")
+    return ids + [PAD] * (length - len(ids))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generators: one problem of exactly k steps -> (text, answer, k).
+
+
+def _names(rng, count):
+    if count > len(NAMES):
+        raise UserError(f"a problem needs {count} distinct names, more than the {len(NAMES)} available")
+    return [NAMES[i] for i in rng.choice(len(NAMES), size=count, replace=False)]
+
+
+def _lego(k, rng, modulus):
+    names = _names(rng, k + 1)
+    value = int(rng.integers(modulus))
+    clauses = [f"{names[0]}={value};"]
+    for j in range(1, k + 1):
+        sign, add = int(rng.integers(2)), int(rng.integers(modulus))
+        value = ((-value if sign else value) + add) % modulus
+        clauses.append(f"{names[j]}={'+-'[sign]}{names[j - 1]}+{add};")
+    rng.shuffle(clauses)
+    return "".join(clauses) + f"?{names[k]}", str(value)
+
+
+def _parity(k, rng, modulus):
+    bits = rng.integers(2, size=k)
+    return "".join(map(str, bits)) + "?", str(int(bits.sum()) % 2)
+
+
+def _distractors(k):
+    return math.ceil(k / 2)
+
+
+def _pointer(k, rng, modulus):
+    extra = _distractors(k)
+    names = _names(rng, k + 1 + extra)
+    label = int(rng.integers(modulus))
+    clauses = [f"{names[j]}>{names[j + 1]};" for j in range(k)] + [f"{names[k]}={label};"]
+    other_labels = [c for c in range(modulus) if c != label]
+    known = list(range(1, k + 1))  # nodes a distractor may point to (not the start: keep it a root)
+    for i in range(k + 1, k + 1 + extra):
+        if rng.random() < 0.3:  # a sink of its own, with a label the query must not read
+            clauses.append(f"{names[i]}={other_labels[rng.integers(len(other_labels))]};")
         else:
-            candidates = [i for i, d in enumerate(depths) if d < length]
-            j = candidates[rng.integers(len(candidates))]
-            parents.append(j)
-            depths.append(depths[j] + 1)
-    return np.array(parents), np.array(depths)
+            clauses.append(f"{names[i]}>{names[known[rng.integers(len(known))]]};")
+        known.append(i)
+    rng.shuffle(clauses)
+    return "".join(clauses) + f"?{names[0]}", str(label)
 
 
-def generate_problem(task: str, length: int, rng: np.random.Generator, modulus: int = 5,
-                     num_names: int = 80) -> dict:
-    """One problem of exactly ``length`` hops: dict of int arrays (one entry per token, unpadded)."""
-    n = tokens_for_length(task, length)
-    if task == "running_sum":
-        parents, depths = np.arange(-1, n - 1), np.arange(n)
-    elif task == "lego":
-        parents, depths = np.arange(-1, n - 1), np.arange(n)
-    else:
-        parents, depths = _random_forest(length, length, rng,
-                                         new_root_prob=0.3 if task == "pointer" else 0.0)
-    answers = np.zeros(n, np.int64)
-    ops = np.zeros(n, np.int64)
-    values = np.zeros(n, np.int64)  # 0 = not given; else answer + 1
-    names = np.zeros(n, np.int64)
-    if task != "running_sum":
-        names = rng.choice(np.arange(1, num_names + 1), size=n, replace=False)
-    # Nodes in index order visit every parent before its children.
-    for i in range(n):
-        p = parents[i]
-        if task == "lego":
-            if p < 0:
-                answers[i] = rng.integers(modulus)
+def _kinship(k, rng, modulus):
+    extra = _distractors(k)
+    names = _names(rng, k + 1 + extra)
+    relation_to_root = [0]
+    clauses = [f"{names[0]}=0;"]
+    parents = [-1]
+    for i in range(1, k + 1 + extra):
+        # The main line 0..k, then distractor relatives hanging off any earlier person.
+        parent = i - 1 if i <= k else int(rng.integers(i))
+        relation = int(rng.integers(KINSHIP_RELATIONS))
+        relation_to_root.append(int(S3_TABLE[relation, relation_to_root[parent]]))
+        parents.append(parent)
+        clauses.append(f"{names[i]}={relation}({names[parent]});")
+    rng.shuffle(clauses)
+    return "".join(clauses) + f"?{names[k]}", str(relation_to_root[k])
+
+
+def _registers_problem(k, rng, modulus):
+    start = [int(v) for v in rng.integers(10, size=len(REGISTERS))]
+    state = list(start)
+    instructions = []
+    for _ in range(k):
+        dst = int(rng.integers(len(REGISTERS)))
+        op = "+-="[int(rng.integers(3))]
+        if rng.random() < 0.5:
+            src_name = REGISTERS[int(rng.integers(len(REGISTERS)))]
+            src = state[REGISTERS.index(src_name)]
+        else:
+            src = int(rng.integers(10))
+            src_name = str(src)
+        state[dst] = {"+": (state[dst] + src) % 10, "-": (state[dst] - src) % 10, "=": src}[op]
+        instructions.append(f"{REGISTERS[dst]}{op}{src_name};")
+    return "".join(map(str, start)) + ":" + "".join(instructions) + "=", "".join(map(str, state))
+
+
+def _reassign(k, rng, modulus):
+    names = _names(rng, REASSIGN_VARIABLES)
+    gaps = np.bincount(rng.integers(k + 1, size=k), minlength=k + 1)  # k distractors over k+1 gaps
+    values: dict[str, int] = {}
+    statements = []
+
+    def assign(target, source):
+        if source is None or source not in values:
+            value = int(rng.integers(10))
+            statements.append(f"{target}={value};")
+        else:
+            add, sign = int(rng.integers(10)), int(rng.integers(2))
+            value = (values[source] + (-add if sign else add)) % 10
+            statements.append(f"{target}={source}{'+-'[sign]}{add};")
+        values[target] = value
+
+    def distract(live):
+        for _ in range(gaps[len(chain)]):
+            target = [n for n in names if n != live][rng.integers(len(names) - (live is not None))]
+            defined = list(values)
+            source = defined[rng.integers(len(defined))] if defined and rng.random() < 0.7 else None
+            assign(target, source)
+
+    chain: list[str] = []
+    live = None
+    for _ in range(k):
+        distract(live)
+        target = names[rng.integers(len(names))]
+        assign(target, live)  # the first statement of the chain is a constant (live is None)
+        chain.append(target)
+        live = target
+    distract(live)
+    return "".join(statements) + f"?{live}", str(values[live])
+
+
+_GENERATORS = {"lego": _lego, "parity": _parity, "pointer": _pointer, "kinship": _kinship,
+               "registers": _registers_problem, "reassign": _reassign}
+
+
+def generate_problem(task: str, k: int, rng: np.random.Generator, modulus: int = 5) -> tuple[str, str]:
+    """(text, answer) of one problem of exactly ``k`` steps."""
+    return _GENERATORS[task](int(k), rng, modulus)
+
+
+def max_text_length(task: str, k: int) -> int:
+    """An upper bound on the characters of a problem of ``k`` steps (the padded length of a batch)."""
+    extra = _distractors(k)
+    return {"lego": 7 * k + 6, "parity": k + 1, "pointer": 4 * (k + 1 + extra) + 2,
+            "kinship": 4 + 7 * (k + extra) + 2, "registers": 5 + 4 * k,
+            "reassign": 2 * k * 6 + 2}[task]
+
+
+# S3 as permutations of (0, 1, 2); element 0 is the identity.
+def _s3():
+    import itertools
+    perms = tuple(itertools.permutations(range(3)))
+    index = {p: i for i, p in enumerate(perms)}
+    return np.array([[index[tuple(perms[a][perms[b][i]] for i in range(3))] for b in range(6)]
+                     for a in range(6)], np.int64)
+
+
+S3_TABLE = _s3()  # S3_TABLE[a, b] = a o b (apply b, then a)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reference solver: parses the text and runs it the slow, obvious way; returns (answer, steps).
+
+
+def solve(task: str, text: str, modulus: int = 5) -> tuple[str, int]:
+    if task == "parity":
+        bits = text.rstrip("?")
+        return str(sum(int(b) for b in bits) % 2), len(bits)
+    if task == "registers":
+        start, program = text.rstrip("=").split(":")
+        state, steps = [int(c) for c in start], 0
+        for ins in filter(None, program.split(";")):
+            dst, op, src = REGISTERS.index(ins[0]), ins[1], ins[2]
+            value = state[REGISTERS.index(src)] if src in REGISTERS else int(src)
+            state[dst] = {"+": (state[dst] + value) % 10, "-": (state[dst] - value) % 10, "=": value}[op]
+            steps += 1
+        return "".join(map(str, state)), steps
+    body, query = text.rsplit("?", 1)
+    clauses = [c for c in body.split(";") if c]
+    if task == "reassign":
+        values, depth = {}, {}
+        for clause in clauses:
+            target, rhs = clause.split("=")
+            if rhs.isdigit():
+                values[target], depth[target] = int(rhs), 1
             else:
-                sign, add = rng.integers(2), rng.integers(modulus)
-                ops[i] = 2 + sign * modulus + add
-                answers[i] = ((-1 if sign else 1) * answers[p] + add) % modulus
-        elif task == "running_sum":
-            add = rng.integers(modulus)
-            ops[i] = 2 + add
-            answers[i] = add if p < 0 else (answers[p] + add) % modulus
-        elif task == "pointer":
-            ops[i] = 2
-            answers[i] = rng.integers(modulus) if p < 0 else answers[p]
-        else:  # kinship
-            relation = rng.integers(len(S3))
-            ops[i] = 2 + relation
-            answers[i] = 0 if p < 0 else S3_TABLE[relation, answers[p]]
-        if p < 0:
-            ops[i] = ROOT_OP
-            values[i] = answers[i] + 1
-    parent_names = np.where(parents >= 0, names[np.maximum(parents, 0)], 0)
-    if task == "running_sum":
-        parent_names = np.zeros(n, np.int64)  # order is the only link
-        order = np.arange(n)
-    else:
-        order = rng.permutation(n)  # shuffle the clauses
-    return {"name": names[order], "parent": parent_names[order], "op": ops[order],
-            "value": values[order], "target": answers[order], "depth": depths[order]}
+                source, sign, add = rhs[0], rhs[1], int(rhs[2:])
+                values[target] = (values[source] + (add if sign == "+" else -add)) % 10
+                depth[target] = depth[source] + 1
+        return str(values[query]), depth[query]
+    rules = {}
+    for clause in clauses:
+        if task == "pointer" and ">" in clause:
+            node, target = clause.split(">")
+            rules[node] = ("edge", target)
+        else:
+            node, rhs = clause.split("=")
+            rules[node] = ("rule", rhs)
+
+    def value_of(node):  # -> (value, steps from a root)
+        kind, rhs = rules[node]
+        if task == "pointer":
+            if kind == "edge":
+                value, steps = value_of(rhs)
+                return value, steps + 1
+            return int(rhs), 0
+        if rhs.isdigit():
+            return int(rhs), 0
+        if task == "lego":
+            sign, parent, add = rhs[0], rhs[1], int(rhs.split("+")[-1])
+            value, steps = value_of(parent)
+            return ((-value if sign == "-" else value) + add) % modulus, steps + 1
+        relation, parent = int(rhs[0]), rhs[2]  # kinship: "R(p)"
+        value, steps = value_of(parent)
+        return int(S3_TABLE[relation, value]), steps + 1
+
+    value, steps = value_of(query)
+    return str(value), steps
 
 
-def generate_batch(task: str, lengths, rng: np.random.Generator, pad_to: int, modulus: int = 5,
-                   num_names: int = 80) -> dict:
-    """Problems of the given lengths, padded to ``pad_to`` tokens (op 0, depth -1 on padding)."""
-    batch = {k: np.zeros((len(lengths), pad_to), np.int32) for k in FEATURES + ("target",)}
-    batch["depth"] = np.full((len(lengths), pad_to), -1, np.int32)
-    for row, length in enumerate(lengths):
-        problem = generate_problem(task, int(length), rng, modulus, num_names)
-        for key, value in problem.items():
-            batch[key][row, :len(value)] = value
-    return batch
+# ---------------------------------------------------------------------------------------------------------
+# Batches: tokens [B, T] (the text, then the answer slots, then PAD), labels {answers [B, A], steps [B]}.
 
 
-def _split(batch: dict):
-    return ({k: batch[k] for k in FEATURES}, {"target": batch["target"], "depth": batch["depth"]})
+def encode_problem(text: str, answer_length: int, pad_to: int, where: str = "input") -> list[int]:
+    ids = encode(text, where) + answer_slots(answer_length)
+    if len(ids) > pad_to:
+        raise UserError(f"{where}: {len(ids)} tokens (text + {answer_length} answer slots) is longer "
+                        f"than the model's limit of {pad_to} tokens (set --config=max_tokens)")
+    return ids + [PAD] * (pad_to - len(ids))
+
+
+def make_batch(problems, answer_length: int, pad_to: int) -> tuple[dict, dict]:
+    """problems: [(text, answer, steps)] -> numpy ({"tokens"}, {"answers", "steps"})."""
+    tokens = np.array([encode_problem(t, answer_length, pad_to) for t, _, _ in problems], np.int32)
+    answers = np.array([encode_answer(a, answer_length) for _, a, _ in problems], np.int32)
+    steps = np.array([s for _, _, s in problems], np.int32)
+    return {"tokens": tokens}, {"answers": answers, "steps": steps}
+
+
+def generate_batch(task, lengths, rng, answer_length, pad_to, modulus=5):
+    return make_batch([(*generate_problem(task, k, rng, modulus), int(k)) for k in lengths],
+                      answer_length, pad_to)
+
+
+def fixed_length_batches(task: str, k: int, num_examples: int, batch_size: int, *, answer_length: int,
+                         seed: int = 0, modulus: int = 5):
+    """Numpy (inputs, labels) batches of problems of exactly ``k`` steps (for evaluation)."""
+    rng = np.random.default_rng([seed, 3, k])
+    pad_to = max_text_length(task, k) + answer_length
+    return [generate_batch(task, [k] * min(batch_size, num_examples - start), rng, answer_length, pad_to,
+                           modulus)
+            for start in range(0, num_examples, batch_size)]
 
 
 _SPLIT_CODE = {"train": 0, "validation": 1, "test": 2}
 
 
-def chain_dataset(task: str, split: str, batch_size: int, *, seed: int = 0, start_batch: int = 0,
-                  train_min_len: int = 1, train_max_len: int = 8, test_max_len: int = 32,
-                  modulus: int = 5, num_names: int = 80, eval_examples: int = 512) -> tf.data.Dataset:
-    """(inputs, labels) batches. "train": infinite, lengths uniform in [train_min_len, train_max_len],
-    batch k generated from the seed (seed, 0, k) alone. "validation": the train length range, finite.
-    "test": lengths uniform in [1, test_max_len], finite."""
+def generated_dataset(task: str, split: str, batch_size: int, *, seed: int = 0, start_batch: int = 0,
+                      train_min_len: int = 1, train_max_len: int = 8, test_max_len: int = 32,
+                      modulus: int = 5, answer_length: int = 1, eval_examples: int = 512) -> tf.data.Dataset:
+    """"train": infinite, k uniform in [train_min_len, train_max_len], batch b generated from the seed
+    (seed, 0, b) alone (exact resume). "validation": the train range, finite. "test": k uniform in
+    [1, test_max_len], finite. Every batch of a split is padded to one length (static shapes for XLA)."""
     if split not in _SPLIT_CODE:
         raise UserError(f"unknown split {split!r}; choose train, validation or test")
     low, high = (1, test_max_len) if split == "test" else (train_min_len, train_max_len)
-    pad_to = tokens_for_length(task, high)
+    pad_to = max_text_length(task, high) + answer_length
 
     def make(batch_index):
         rng = np.random.default_rng([seed, _SPLIT_CODE[split], int(batch_index)])
-        lengths = rng.integers(low, high + 1, size=batch_size)
-        batch = generate_batch(task, lengths, rng, pad_to, modulus, num_names)
-        return tuple(batch[k] for k in FEATURES + ("target", "depth"))
+        inputs, labels = generate_batch(task, rng.integers(low, high + 1, size=batch_size), rng,
+                                        answer_length, pad_to, modulus)
+        return inputs["tokens"], labels["answers"], labels["steps"]
 
-    keys = FEATURES + ("target", "depth")
     if split == "train":
-        def to_tensors(k):
-            arrays = tf.numpy_function(make, [k], [tf.int32] * len(keys), stateful=False)
-            batch = {}
-            for key, array in zip(keys, arrays):
-                array.set_shape((batch_size, pad_to))
-                batch[key] = array
-            return _split(batch)
+        def to_tensors(b):
+            tokens, answers, steps = tf.numpy_function(make, [b], [tf.int32] * 3, stateful=False)
+            tokens.set_shape((batch_size, pad_to))
+            answers.set_shape((batch_size, answer_length))
+            steps.set_shape((batch_size,))
+            return {"tokens": tokens}, {"answers": answers, "steps": steps}
         return (tf.data.Dataset.range(int(start_batch), 2**62)
                 .map(to_tensors, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
                 .prefetch(tf.data.AUTOTUNE))
-    num_batches = max(1, eval_examples // batch_size)
-    arrays = [make(b) for b in range(num_batches)]
-    batch = {k: np.concatenate([a[i] for a in arrays]) for i, k in enumerate(keys)}
-    return tf.data.Dataset.from_tensor_slices(_split(batch)).batch(batch_size, drop_remainder=True)
+    arrays = [make(b) for b in range(max(1, eval_examples // batch_size))]
+    tokens, answers, steps = (np.concatenate([a[i] for a in arrays]) for i in range(3))
+    return tf.data.Dataset.from_tensor_slices(
+        ({"tokens": tokens}, {"answers": answers, "steps": steps})).batch(batch_size, drop_remainder=True)
 
 
-def fixed_length_batches(task: str, length: int, num_examples: int, batch_size: int, *, seed: int = 0,
-                         modulus: int = 5, num_names: int = 80):
-    """Numpy (inputs, labels) batches of problems of exactly ``length`` hops (for evaluation)."""
-    rng = np.random.default_rng([seed, 3, length])
-    out = []
-    for start in range(0, num_examples, batch_size):
-        size = min(batch_size, num_examples - start)
-        batch = generate_batch(task, [length] * size, rng, tokens_for_length(task, length), modulus,
-                               num_names)
-        out.append(_split(batch))
-    return out
+# ---------------------------------------------------------------------------------------------------------
+# User files: JSONL lines {"input": str, "answer": str, "steps": int (optional)}.
+
+
+def read_jsonl(path: str, *, answer_length: int, max_tokens: int, known_chars: set | None = None):
+    """[(text, answer, steps)] of a JSONL file (steps -1 when not given), each line checked; a bad line is
+    one error naming the file and line number. ``known_chars``: characters the model was trained on (a
+    test file may use no others)."""
+    if not path:
+        raise UserError("task=file needs --config=train_file=<jsonl> (and test_file for evaluation)")
+    if not os.path.isfile(path):
+        raise UserError(f"no such file: {path}")
+    problems = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{where}: not a JSON object ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{where}: expected a JSON object with keys input, answer[, steps]")
+            missing = [key for key in ("input", "answer") if key not in record]
+            if missing:
+                raise UserError(f"{where}: missing key {missing[0]!r} (a line is "
+                                f'{{"input": "...", "answer": "...", "steps": k}})')
+            text, answer, steps = record["input"], record["answer"], record.get("steps", -1)
+            if not isinstance(text, str) or not isinstance(answer, str):
+                raise UserError(f"{where}: input and answer must be strings")
+            if not text:
+                raise UserError(f"{where}: empty input")
+            if isinstance(steps, bool) or not isinstance(steps, int) or (steps < 1 and steps != -1):
+                raise UserError(f"{where}: steps must be a positive integer, got {steps!r}")
+            encode_answer(answer, answer_length, f"{where} answer")
+            encode_problem(text, answer_length, max_tokens, f"{where} input")
+            if known_chars is not None:
+                unknown = sorted(set(text + answer) - known_chars)
+                if unknown:
+                    raise UserError(f"{where}: characters {''.join(unknown)!r} never occur in the training "
+                                    f"file, so the model has not learned them")
+            problems.append((text, answer, steps))
+    if not problems:
+        raise UserError(f"{path}: no problems (empty file)")
+    return problems
+
+
+def file_dataset(train_file: str, test_file: str, split: str, batch_size: int, *, seed: int = 0,
+                 start_batch: int = 0, answer_length: int, max_tokens: int, max_steps: int | None = None):
+    """A user's JSONL task. "train": the train file, reshuffled every epoch; batch b starts at stream
+    position b * batch_size (exact resume). "validation": the test file when given, else the train
+    file's last 10%. "test": the test file (its characters must all occur in the train file)."""
+    from tfmstep.data import common
+
+    train = read_jsonl(train_file, answer_length=answer_length, max_tokens=max_tokens)
+    if max_steps is not None:
+        for number, (_, _, steps) in enumerate(train, 1):
+            if steps > max_steps:
+                raise UserError(f"{train_file}: problem {number} has steps={steps}, more than the "
+                                f"{max_steps} loop iterations trained (set --config=train_loops)")
+    known = set("".join(t + a for t, a, _ in train))
+    if split == "train":
+        problems = train
+    elif test_file:
+        problems = read_jsonl(test_file, answer_length=answer_length, max_tokens=max_tokens,
+                              known_chars=known)
+    elif split == "validation":
+        problems = train[-max(1, len(train) // 10):]
+    else:
+        raise UserError("task=file needs --config=test_file=<jsonl> for the test split")
+    pad_to = max(len(t) for t, _, _ in (train if split == "train" else problems)) + answer_length
+    inputs, labels = make_batch(problems, answer_length, pad_to)
+    if split == "train":
+        indices = common.shuffled_index_stream(len(problems), seed, int(start_batch) * batch_size)
+        tensors = (tf.constant(inputs["tokens"]), tf.constant(labels["answers"]), tf.constant(labels["steps"]))
+
+        def gather(index):
+            return ({"tokens": tf.gather(tensors[0], index)},
+                    {"answers": tf.gather(tensors[1], index), "steps": tf.gather(tensors[2], index)})
+        return indices.batch(batch_size, drop_remainder=True).map(gather).prefetch(tf.data.AUTOTUNE)
+    return tf.data.Dataset.from_tensor_slices((inputs, labels)).batch(batch_size)

@@ -1,0 +1,24 @@
+"""The chain reasoner family: model (``model.py``), serving signatures (``serving.py``), the
+accuracy-vs-chain-length evaluation (``evaluate.py``) and its inference timer, registered together."""
+
+from tfmstep.models.chain_transformer.model import (ChainConfig, ChainTransformer, build_chain_transformer,
+                                                    chain_dataset, chain_loss, chain_metrics)
+from tfmstep.models.chain_transformer import evaluate, serving
+from tfmstep.registry import register
+
+register(
+    "chain_transformer", config_class=ChainConfig, loss=chain_loss, dataset=chain_dataset,
+    presets={
+        "tiny": dict(train_max_len=3, test_max_len=6, width=16, heads=2, mlp_dim=32, prelude_layers=1,
+                     layers=2, max_loops=12, eval_examples=64),
+        # Looped, ~0.2M parameters.
+        "default": dict(),
+        # Non-looped: prelude, `layers` distinct blocks, coda; about the looped default's parameters.
+        "baseline": dict(looped=False, width=40, heads=4, mlp_dim=160, layers=10),
+    },
+    servable=serving.chain_servable, evaluate=evaluate.evaluate_runs,
+    inference_timer=evaluate.per_loop_times,
+)(build_chain_transformer)
+
+__all__ = ["ChainConfig", "ChainTransformer", "build_chain_transformer", "chain_loss", "chain_metrics",
+           "chain_dataset"]

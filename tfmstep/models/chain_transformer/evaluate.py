@@ -1,0 +1,226 @@
+"""Length generalisation of trained chain reasoners (the family's ``evaluate`` hook): full-answer exact
+match per chain length from 1 to 4x the longest trained, halting loops vs the true k, and accuracy with
+2x the loops forced (no halting); or, with ``task="file"``, the same per ``steps`` of a JSONL test file.
+Also the family's inference timer (one loop iteration vs the fixed cost)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from tfmstep import fileio
+from tfmstep.data import chains
+from tfmstep.errors import UserError
+
+
+def _predict_fn(model):
+    @tf.function(reduce_retracing=True)
+    def predict(inputs, num_loops, use_halting):
+        return model(inputs, training=False, num_loops=num_loops, use_halting=use_halting)
+    return predict
+
+
+def _score(batches, model, config, forced_loop_factor: int = 2) -> dict:
+    """Mean metrics over numpy (inputs, labels) batches of one chain length (or one group)."""
+    predict = _predict_fn(model)
+    totals = {key: [] for key in ("exact_match", "token_accuracy", "steps_used", "halting_within_1",
+                                  "forced_exact_match")}
+    for inputs, labels in batches:
+        outputs = predict({"tokens": tf.constant(inputs["tokens"])}, config.max_loops, True)
+        predicted = np.argmax(outputs["logits"].numpy(), -1)
+        right = predicted == labels["answers"]
+        totals["exact_match"].extend(right.all(1).astype(float).tolist())
+        totals["token_accuracy"].extend(right.mean(1).tolist())
+        steps_used = outputs["steps_used"].numpy()
+        totals["steps_used"].extend(steps_used.tolist())
+        known = labels["steps"] >= 1
+        totals["halting_within_1"].extend((np.abs(steps_used - labels["steps"]) <= 1)[known].astype(float).tolist())
+        if config.looped and known.all():
+            forced = predict({"tokens": tf.constant(inputs["tokens"])},
+                             forced_loop_factor * int(labels["steps"].max()), False)
+            forced_right = np.argmax(forced["logits"].numpy(), -1) == labels["answers"]
+            totals["forced_exact_match"].extend(forced_right.all(1).astype(float).tolist())
+    row = {"examples": len(totals["exact_match"])}
+    row.update({key: float(np.mean(values)) for key, values in totals.items() if values})
+    return row
+
+
+def evaluate_model(model, config, lengths, examples: int = 256, batch_size: int = 128, seed: int = 1234,
+                   forced_loop_factor: int = 2) -> list[dict]:
+    """One row per chain length k of the model's generated task."""
+    rows = []
+    for k in lengths:
+        batches = chains.fixed_length_batches(config.task, k, examples, batch_size, seed=seed,
+                                              answer_length=config.answers, modulus=config.modulus)
+        rows.append({"length": int(k), **_score(batches, model, config, forced_loop_factor)})
+    return rows
+
+
+def evaluate_file(model, config, test_file: str, batch_size: int = 128) -> list[dict]:
+    """One row per ``steps`` value of a JSONL test file (one row, length None, when it gives none)."""
+    problems = chains.read_jsonl(test_file, answer_length=config.answers, max_tokens=config.max_tokens)
+    if config.train_file and os.path.isfile(config.train_file):
+        known = set("".join(t + a for t, a, _ in chains.read_jsonl(
+            config.train_file, answer_length=config.answers, max_tokens=config.max_tokens)))
+        chains.read_jsonl(test_file, answer_length=config.answers, max_tokens=config.max_tokens,
+                          known_chars=known)
+    groups: dict = {}
+    for problem in problems:
+        groups.setdefault(problem[2] if problem[2] >= 1 else None, []).append(problem)
+    rows = []
+    for steps in sorted(groups, key=lambda s: (s is None, s or 0)):
+        group = groups[steps]
+        batches = []
+        for start in range(0, len(group), batch_size):
+            chunk = group[start:start + batch_size]
+            pad_to = max(len(t) for t, _, _ in chunk) + config.answers
+            batches.append(chains.make_batch(chunk, config.answers, pad_to))
+        rows.append({"length": steps, **_score(batches, model, config)})
+    return rows
+
+
+def summarise(rows, train_max_len: int) -> dict:
+    by_length = {r["length"]: r for r in rows}
+    out = {}
+    for factor in (1, 2, 4):
+        row = by_length.get(factor * train_max_len)
+        if row:
+            out[f"exact_match_at_{factor}x"] = row["exact_match"]
+            if "forced_exact_match" in row:
+                out[f"forced_2x_loops_exact_match_at_{factor}x"] = row["forced_exact_match"]
+    halting = [r["halting_within_1"] for r in rows if "halting_within_1" in r]
+    if halting:
+        out["halting_within_1_mean"] = float(np.mean(halting))
+    out["worst_forced_drop_points"] = float(max(
+        [100 * (r["exact_match"] - r["forced_exact_match"]) for r in rows if "forced_exact_match" in r],
+        default=0.0))
+    return out
+
+
+def evaluate_runs(runs, labels=None, output_dir: str = "", name: str = "chain", *, max_length_factor: int = 4,
+                  examples: int = 256, batch_size: int = 128, seed: int = 1234, test_file: str = "") -> dict:
+    """Evaluate trained runs [(workdir, (model, config, spec))]; with ``output_dir``, write
+    ``<name>.json``, ``.txt`` and ``.png`` there. Returns the report."""
+    if not runs:
+        raise UserError("give at least one trained workdir")
+    labels = list(labels or [os.path.basename(os.path.normpath(w)) for w, _ in runs])
+    if len(labels) != len(runs):
+        raise UserError(f"{len(labels)} labels for {len(runs)} workdirs")
+    report = {"runs": {}, "examples_per_length": examples, "seed": seed, "max_length_factor": max_length_factor}
+    for label, (workdir, (model, config, spec)) in zip(labels, runs):
+        if test_file or config.task == chains.FILE_TASK:
+            rows = evaluate_file(model, config, test_file or config.test_file, batch_size)
+        else:
+            longest = max_length_factor * config.train_max_len
+            rows = evaluate_model(model, config, range(1, longest + 1), examples, batch_size, seed)
+        train_info = {}
+        metrics_path = os.path.join(workdir, "metrics.json")
+        if os.path.exists(metrics_path):
+            with open(metrics_path) as f:
+                train_info = json.load(f)
+        report["runs"][label] = {
+            "workdir": workdir, "task": config.task, "looped": config.looped,
+            "train_lengths": [config.train_min_len, config.train_max_len],
+            "parameters": int(model.count_params()), "train_steps": train_info.get("step"),
+            "train_seconds": train_info.get("train_seconds_this_run"),
+            "per_length": rows, "summary": summarise(rows, config.train_max_len),
+        }
+    if output_dir:
+        os.makedirs(output_dir, exist_ok=True)
+        base = os.path.join(output_dir, name)
+        fileio.atomic_write_json(base + ".json", report)
+        fileio.atomic_write(base + ".txt", format_table(report) + "\n")
+        plot(report, base + ".png", title=name)
+    return report
+
+
+def format_table(report: dict) -> str:
+    lines = []
+    for label, run in report["runs"].items():
+        lines.append(f"{label}: task={run['task']} looped={run['looped']} params={run['parameters']} "
+                     f"trained on lengths {run['train_lengths'][0]}..{run['train_lengths'][1]}")
+        lines.append(f"{'k':>4} {'exact':>7} {'token':>7} {'loops':>6} {'halt+-1':>7} {'2x-loops exact':>15}")
+        for r in run["per_length"]:
+            forced = f"{r['forced_exact_match']:.4f}" if "forced_exact_match" in r else "-"
+            halting = f"{r['halting_within_1']:.3f}" if "halting_within_1" in r else "-"
+            length = "all" if r["length"] is None else r["length"]
+            lines.append(f"{length:>4} {r['exact_match']:>7.4f} {r['token_accuracy']:>7.4f} "
+                         f"{r['steps_used']:>6.2f} {halting:>7} {forced:>15}")
+        lines.append("summary: " + json.dumps(run["summary"]))
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: str, title: str = "") -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_acc, ax_halt) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, run in report["runs"].items():
+        rows = [r for r in run["per_length"] if r["length"] is not None]
+        lengths = [r["length"] for r in rows]
+        line, = ax_acc.plot(lengths, [r["exact_match"] for r in rows], marker="o", ms=3,
+                            label=f"{label} ({run['parameters'] // 1000}k params)")
+        if run["looped"] and rows and "forced_exact_match" in rows[0]:
+            ax_acc.plot(lengths, [r["forced_exact_match"] for r in rows], ls="--", color=line.get_color(),
+                        label=f"{label}, forced 2x loops")
+            ax_halt.plot(lengths, [r["steps_used"] for r in rows], marker="o", ms=3, color=line.get_color(),
+                         label=label)
+        ax_acc.axvline(run["train_lengths"][1], color="gray", ls=":", lw=1)
+    if ax_halt.lines:
+        top = max(max(line.get_xdata()) for line in ax_halt.lines)
+        ax_halt.plot([1, top], [1, top], color="gray", ls=":", label="true k")
+    ax_acc.set(xlabel="chain length k (steps)", ylabel="full-answer exact match", ylim=(-0.02, 1.02),
+               title=title or "accuracy vs chain length (dotted: longest trained)")
+    ax_halt.set(xlabel="chain length k (steps)", ylabel="loops used (halting)", title="halting vs true k")
+    ax_acc.legend(fontsize=7)
+    ax_halt.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def per_loop_times(preset: str = "default", batch_size: int = 32, repeats: int = 30, many: int = 16) -> list:
+    """Time of one core iteration vs the fixed cost (prelude + coda + head) at batch 32, on problems of
+    the median trained length; shares are of a run of as many loops as that length (a trained reasoner
+    halts there: about one iteration per step). Untrained weights: the untrained model never halts."""
+    from tfmstep import registry
+
+    spec = registry.get_spec("chain_transformer")
+    config = registry.get_config("chain_transformer", preset)
+    model = spec.build(config)
+    k = (config.train_min_len + config.train_max_len) // 2
+    inputs, _ = chains.fixed_length_batches(config.task, k, batch_size, batch_size, answer_length=config.answers,
+                                            modulus=config.modulus)[0]
+    tokens = {"tokens": tf.constant(inputs["tokens"])}
+    predict = _predict_fn(model)
+
+    def times(loops):
+        predict(tokens, loops, False)  # trace + warm up
+        out = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            predict(tokens, loops, False)["logits"].numpy()
+            out.append(time.perf_counter() - start)
+        return out
+
+    one, full = times(1), times(many)
+    per_loop = [(t - float(np.mean(one))) / (many - 1) for t in full]
+    loop_ms = float(np.mean(per_loop)) * 1e3
+    fixed_ms = float(np.mean(one)) * 1e3 - loop_ms
+    total = fixed_ms + k * loop_ms
+
+    def summary(samples):
+        ms = np.asarray(samples) * 1e3
+        return {"mean_ms": float(ms.mean()), "p50_ms": float(np.percentile(ms, 50)),
+                "p90_ms": float(np.percentile(ms, 90))}
+
+    return [
+        {"step": "prelude + coda + answer head (fixed)", **summary([t - np.mean(per_loop) for t in one]),
+         "share": fixed_ms / total},
+        {"step": f"one core iteration (x{k} = median trained k)", **summary(per_loop), "share": k * loop_ms / total},
+    ]

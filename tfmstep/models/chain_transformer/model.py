@@ -1,0 +1,375 @@
+"""Chain reasoner: a looped Transformer that reads a problem as plain tokens and answers at the end.
+
+    tokens [B, T] -> prelude (a few blocks: parses clauses locally) -> e
+    state_0 = 0;  state_t = core(state_{t-1} + e)        (one weight-shared block, input injection)
+    answers_t, halt_t = coda(state_t at the answer slots, attending over state_t)
+
+A problem of k steps needs about k iterations of the core: each one lets every clause read the result of
+the clause it depends on, found by content (names) or by position relative to itself -- never by
+absolute position -- so a problem four times longer than any trained one looks locally the same. Every
+attention has a clipped learned relative-position bias, learned per-head distance slopes in each
+direction (ALiBi-like; they let a head prefer "the most recent match before me", which a dependency that
+is computed rather than named needs) and a softmax whose sharpness grows with log(tokens).
+
+Training runs ``train_loops`` iterations and supervises only the answers: with the chain length k of an
+example known (a generator knows it), the answer after every iteration t >= k (so it is found by
+iteration k and stays put after, which is what makes extra loops harmless) and a halting head, read
+where the answers are (the coda's pooled answer state), taught "t >= k". Without k (a user file that
+gives none) the answer after the last iteration, and halting taught "the answer is right by now". At
+inference each problem stops at the first iteration whose halting probability passes
+``halt_threshold`` (at most ``max_loops``) and reports it as ``steps_used``; k is never an input.
+
+``looped=False`` is the baseline: the same prelude and coda around ``layers`` distinct blocks run once.
+The attention is written out (not keras-hub's TransformerEncoder) because it needs the relative bias,
+the distance slopes and the length-scaled softmax inside the logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfmstep.data import chains
+from tfmstep.errors import UserError
+
+HALT_WEIGHT = 0.5  # halting loss relative to the answer loss
+
+
+@dataclasses.dataclass(frozen=True)
+class ChainConfig:
+    # Task: a generated family, or "file" (JSONL lines {"input", "answer", "steps"?}).
+    task: str = "lego"  # lego | parity | pointer | kinship | registers | reassign | file
+    train_file: str = ""
+    test_file: str = ""
+    train_min_len: int = 1
+    train_max_len: int = 8
+    test_max_len: int = 32  # longest chain of the generated "test" split
+    modulus: int = 5  # answer classes of lego and pointer labels
+    answer_length: int = 0  # answer slots A (0: the task's own; file tasks: the longest answer allowed, 8)
+    max_tokens: int = 1024  # longest tokenised problem (text + answer slots) accepted
+    eval_examples: int = 512
+    # Model.
+    looped: bool = True  # False: the stacked baseline
+    width: int = 64
+    heads: int = 4
+    mlp_dim: int = 256
+    prelude_layers: int = 2
+    layers: int = 4  # distinct blocks between prelude and coda in the baseline
+    train_loops: int = 0  # core iterations in training (0: train_max_len + 2)
+    max_loops: int = 128  # inference cap; halting usually stops at about k
+    halt_threshold: float = 0.5
+    relative_clip: int = 8  # relative offsets beyond +-clip share one learned bias (plus the slopes)
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.task not in chains.TASKS + (chains.FILE_TASK,):
+            raise UserError(f"unknown chain task {self.task!r}; choose one of "
+                            f"{', '.join(chains.TASKS + (chains.FILE_TASK,))}")
+        if self.train_min_len < 1 or self.test_max_len < 1:
+            raise UserError("chain lengths must be >= 1")
+        if self.train_max_len < self.train_min_len:
+            raise UserError(f"train_max_len ({self.train_max_len}) must be >= train_min_len "
+                            f"({self.train_min_len})")
+        if self.modulus < 2 or self.modulus > 10:
+            raise UserError(f"modulus must be in 2..10 (answers are digits), got {self.modulus}")
+        if not 0 <= self.answer_length <= chains.MAX_ANSWER_LENGTH:
+            raise UserError(f"answer_length must be in 0..{chains.MAX_ANSWER_LENGTH}, got {self.answer_length}")
+        if self.task in chains.TASKS:
+            longest = max(self.train_max_len, self.test_max_len)
+            if self.task in ("pointer", "kinship") and longest + 1 + -(-longest // 2) > len(chains.NAMES):
+                raise UserError(f"task {self.task!r} names at most {len(chains.NAMES)} nodes: chain lengths "
+                                f"up to 34 (got {longest})")
+            if self.task == "lego" and longest + 1 > len(chains.NAMES):
+                raise UserError(f"task 'lego' has {len(chains.NAMES)} names: chain lengths up to "
+                                f"{len(chains.NAMES) - 1} (got {longest})")
+        if min(self.width, self.heads, self.mlp_dim, self.layers, self.max_loops) < 1 or self.prelude_layers < 0:
+            raise UserError("width, heads, mlp_dim, layers and max_loops must be >= 1, prelude_layers >= 0")
+        if self.width % self.heads:
+            raise UserError(f"width ({self.width}) must be divisible by heads ({self.heads})")
+        if self.train_loops < 0:
+            raise UserError(f"train_loops must be >= 0, got {self.train_loops}")
+        if self.looped and self.task != chains.FILE_TASK and self.loops_in_training < self.train_max_len:
+            raise UserError(f"train_loops={self.train_loops} is fewer than train_max_len={self.train_max_len}: "
+                            f"one iteration resolves about one step")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 < self.halt_threshold < 1.0:
+            raise UserError(f"halt_threshold must be in (0, 1), got {self.halt_threshold}")
+
+    @property
+    def answers(self) -> int:
+        """Answer slots A (the output's second axis)."""
+        if self.answer_length:
+            return self.answer_length
+        return chains.ANSWER_LENGTH.get(self.task, chains.MAX_ANSWER_LENGTH)
+
+    @property
+    def loops_in_training(self) -> int:
+        return self.train_loops or self.train_max_len + 2
+
+    @property
+    def num_classes(self) -> int:
+        return chains.VOCAB_SIZE  # answers are character ids (PAD = an unused slot)
+
+
+@keras.saving.register_keras_serializable("tfmstep")
+class Block(keras.layers.Layer):
+    """Pre-LN Transformer block (queries attend over a context) with relative-position bias, distance
+    slopes and a length-scaled softmax, ending in a LayerNorm so that many more iterations than trained
+    keep the state in range."""
+
+    def __init__(self, width, heads, mlp_dim, dropout=0.0, relative_clip=8, **kwargs):
+        super().__init__(**kwargs)
+        self.width, self.heads, self.mlp_dim = width, heads, mlp_dim
+        self.rate, self.clip = dropout, relative_clip
+        self.attn_norm = keras.layers.LayerNormalization(epsilon=1e-5, name="attn_norm")
+        self.query = keras.layers.Dense(width, name="query")
+        self.key_value = keras.layers.Dense(2 * width, name="key_value")
+        self.attn_out = keras.layers.Dense(width, name="attn_out")
+        self.mlp_norm = keras.layers.LayerNormalization(epsilon=1e-5, name="mlp_norm")
+        self.mlp_in = keras.layers.Dense(mlp_dim, activation="gelu", name="mlp_in")
+        self.mlp_out = keras.layers.Dense(width, name="mlp_out")
+        self.state_norm = keras.layers.LayerNormalization(epsilon=1e-5, name="state_norm")
+        self.dropout = keras.layers.Dropout(dropout)
+
+    def get_config(self):
+        return {**super().get_config(), "width": self.width, "heads": self.heads, "mlp_dim": self.mlp_dim,
+                "dropout": self.rate, "relative_clip": self.clip}
+
+    def build(self, input_shape=None):
+        self.relative_bias = self.add_weight(shape=(2 * self.clip + 1, self.heads), initializer="zeros",
+                                             name="relative_bias")
+        # softplus(-5) ~ 0.007 per token: distance barely matters until a head learns that it should.
+        self.distance_slopes = self.add_weight(shape=(2, self.heads), name="distance_slopes",
+                                               initializer=keras.initializers.Constant(-5.0))
+        # Scalable softmax: logits grow with log(tokens), so attention stays as sharp on a problem four
+        # times longer than any trained one (initialised to 1 at about 30 tokens).
+        self.length_scale = self.add_weight(shape=(self.heads,), name="length_scale",
+                                            initializer=keras.initializers.Constant(1 / np.log(30.0)))
+        for layer in (self.attn_norm, self.query, self.key_value, self.attn_out, self.mlp_norm,
+                      self.mlp_in, self.state_norm):
+            layer.build((None, None, self.width))
+        self.mlp_out.build((None, None, self.mlp_dim))
+        self.built = True
+
+    def position_bias(self, relative):
+        """relative [N, Tq, T] int (key position - query position) -> additive logits [N, H, Tq, T]."""
+        index = tf.clip_by_value(relative, -self.clip, self.clip) + self.clip
+        table = tf.gather(self.relative_bias, index)  # [N, Tq, T, H]
+        distance = tf.cast(relative, table.dtype)[..., None]
+        slopes = tf.nn.softplus(tf.cast(self.distance_slopes, table.dtype))
+        table -= tf.nn.relu(-distance) * slopes[0] + tf.nn.relu(distance) * slopes[1]
+        return tf.transpose(table, [0, 3, 1, 2])
+
+    def call(self, queries, context, bias, key_mask, log_tokens, training=False):
+        batch, q_len, k_len = tf.shape(queries)[0], tf.shape(queries)[1], tf.shape(context)[1]
+        head_dim = self.width // self.heads
+        q = tf.reshape(self.query(self.attn_norm(queries)), [batch, q_len, self.heads, head_dim])
+        kv = tf.reshape(self.key_value(self.attn_norm(context)), [batch, k_len, 2, self.heads, head_dim])
+        k, v = tf.unstack(kv, axis=2)
+        scores = tf.einsum("bqhd,bkhd->bhqk", q, k) * (head_dim ** -0.5)
+        scores = scores * (tf.cast(self.length_scale, scores.dtype)[None, :, None, None]
+                           * tf.cast(log_tokens, scores.dtype)) + tf.cast(bias, scores.dtype)
+        # A reshape, not key_mask[:, None, None, :]: that strided slice of a bool has no TF-Lite builtin.
+        scores = tf.where(tf.reshape(key_mask, [batch, 1, 1, k_len]), scores, tf.cast(-1e9, scores.dtype))
+        weights = tf.nn.softmax(scores, axis=-1)
+        attended = tf.reshape(tf.einsum("bhqk,bkhd->bqhd", weights, v), [batch, q_len, self.width])
+        h = queries + self.dropout(self.attn_out(attended), training=training)
+        h = h + self.dropout(self.mlp_out(self.mlp_in(self.mlp_norm(h))), training=training)
+        return self.state_norm(h)
+
+
+@keras.saving.register_keras_serializable("tfmstep")
+class ChainTransformer(keras.Model):
+    """inputs {"tokens" [B, T] int, optional "answer_mask" [B, T] bool} -> {"logits" [B, A, C],
+    "halt_logits" [B], "steps_used" [B]} and, in training (or when asked), the per-iteration
+    {"step_logits" [B, L, A, C], "step_halt_logits" [B, L]}."""
+
+    def __init__(self, config: ChainConfig | dict | None = None, **kwargs):
+        kwargs.setdefault("name", "chain_transformer")
+        super().__init__(**kwargs)
+        if isinstance(config, dict):
+            config = ChainConfig(**config)
+        self.config = c = config or ChainConfig()
+        self.embedding = keras.layers.Embedding(
+            chains.VOCAB_SIZE, c.width, name="token_embedding",
+            embeddings_initializer=keras.initializers.RandomNormal(stddev=0.5))
+
+        def block(name):
+            return Block(c.width, c.heads, c.mlp_dim, c.dropout, c.relative_clip, name=name)
+
+        self.prelude = [block(f"prelude{i}") for i in range(c.prelude_layers)]
+        self.core = [block("core")] if c.looped else [block(f"stack{i}") for i in range(c.layers)]
+        self.coda = block("coda")
+        self.head_norm = keras.layers.LayerNormalization(epsilon=1e-5, name="head_norm")
+        self.head = keras.layers.Dense(c.num_classes, name="answer_head")
+        self.halt_head = keras.layers.Dense(1, name="halt_head")
+
+    def get_config(self):
+        return {"config": dataclasses.asdict(self.config), "name": self.name}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def build(self, input_shape=None):
+        self.embedding.build((None, None))
+        for layer in self.prelude + self.core + [self.coda]:
+            layer.build()
+        for layer in (self.head_norm, self.head, self.halt_head):
+            layer.build((None, None, self.config.width))
+        self.built = True
+
+    def answer_positions(self, tokens, answer_mask=None):
+        """[B, A] positions of the answer slots, in order: the marked positions, else the slot tokens."""
+        if answer_mask is None:
+            answer_mask = (tokens >= 1) & (tokens <= chains.MAX_ANSWER_LENGTH)
+        length = tf.shape(tokens)[1]
+        rank = tf.where(tf.cast(answer_mask, tf.bool), length - tf.range(length)[None, :], 0)
+        return tf.math.top_k(rank, k=self.config.answers).indices  # earliest first
+
+    def call(self, inputs, training=False, num_loops=None, use_halting=None, return_steps=None):
+        """``num_loops``: core iterations (looped only; default train_loops in training, else max_loops).
+        ``use_halting``: stop each problem when it halts (default: not in training); off, exactly
+        ``num_loops`` iterations run -- how the evaluation forces extra loops."""
+        c = self.config
+        tokens = tf.cast(inputs["tokens"], tf.int32)
+        batch, length = tf.shape(tokens)[0], tf.shape(tokens)[1]
+        key_mask = tokens != chains.PAD
+        answer_pos = self.answer_positions(tokens, inputs.get("answer_mask"))
+        positions = tf.range(length)
+        relative_self = (positions[None, :] - positions[:, None])[None]  # [1, T, T]
+        relative_answer = positions[None, None, :] - answer_pos[:, :, None]  # [B, A, T]
+        tokens_count = tf.reduce_sum(tf.cast(key_mask, tf.float32), axis=1)
+        log_tokens = tf.math.log(tf.maximum(tokens_count, 2.0))[:, None, None, None]
+        if use_halting is None:
+            use_halting = not training
+        if return_steps is None:
+            return_steps = bool(training)
+
+        h = self.embedding(tokens)
+        for block in self.prelude:
+            h = block(h, h, block.position_bias(relative_self), key_mask, log_tokens, training=training)
+        injected = h
+        coda_bias = self.coda.position_bias(relative_answer)
+
+        def read(state):
+            queries = tf.gather(state, answer_pos, batch_dims=1)  # [B, A, W]
+            out = self.coda(queries, state, coda_bias, key_mask, log_tokens, training=training)
+            return self.head(self.head_norm(out)), self.halt_head(tf.reduce_mean(out, axis=1))[:, 0]
+
+        def halted_now(halt_logits):
+            return tf.sigmoid(tf.cast(halt_logits, tf.float32)) > c.halt_threshold
+
+        if not c.looped:  # a plain stack: every block runs once, no halting
+            state = injected
+            for block in self.core:
+                state = block(state, state, block.position_bias(relative_self), key_mask, log_tokens,
+                              training=training)
+            logits, halt_logits = read(state)
+            return {"logits": logits, "halt_logits": halt_logits,
+                    "steps_used": tf.fill([batch], float(len(self.core)))}
+
+        core = self.core[0]
+        core_bias = core.position_bias(relative_self)
+
+        def iterate(state):
+            x = state + injected
+            return core(x, x, core_bias, key_mask, log_tokens, training=training)
+
+        if num_loops is None:
+            num_loops = c.loops_in_training if training else c.max_loops
+        if return_steps:
+            # Unrolled: gradients through every iteration, the answers read after each one.
+            state = tf.zeros_like(injected)
+            step_logits, step_halts = [], []
+            halted = tf.zeros([batch], tf.bool)
+            steps_used = tf.zeros([batch], tf.float32)
+            for _ in range(num_loops):
+                state = iterate(state)
+                logits, halt_logits = read(state)
+                step_logits.append(logits)
+                step_halts.append(halt_logits)
+                steps_used += 1.0 - tf.cast(halted, tf.float32)  # where halting would stop: a metric
+                halted = halted | halted_now(halt_logits)
+            return {"logits": logits, "halt_logits": halt_logits, "steps_used": steps_used,
+                    "step_logits": tf.stack(step_logits, axis=1), "step_halt_logits": tf.stack(step_halts, 1)}
+
+        # Inference: a while loop; a problem's state freezes once it halts, the loop ends when all have.
+        def body(t, state, halted, steps_used):
+            new_state = iterate(state)
+            state = tf.where(halted[:, None, None], state, new_state)
+            steps_used += 1.0 - tf.cast(halted, tf.float32)
+            if use_halting:
+                halted = halted | halted_now(read(state)[1])
+            return t + 1, state, halted, steps_used
+
+        def cond(t, state, halted, steps_used):
+            return (t < num_loops) & ~tf.reduce_all(halted)
+
+        _, state, _, steps_used = tf.while_loop(
+            cond, body, (tf.constant(0), tf.zeros_like(injected), tf.zeros([batch], tf.bool),
+                         tf.zeros([batch], tf.float32)), maximum_iterations=num_loops)
+        logits, halt_logits = read(state)
+        return {"logits": logits, "halt_logits": halt_logits, "steps_used": steps_used}
+
+
+def chain_loss(labels, outputs):
+    """Per-problem loss. Training (per-iteration outputs): answer cross-entropy after every iteration
+    t >= k (k = the example's steps; unknown k: the last iteration only) plus the halting loss (target
+    t >= k; unknown k: "the answer is right by now"). Inference outputs: cross-entropy of the answers."""
+    answers = tf.cast(labels["answers"], tf.int32)
+    if "step_logits" not in outputs:
+        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=answers,
+                                                            logits=tf.cast(outputs["logits"], tf.float32))
+        return tf.reduce_mean(ce, axis=1), chain_metrics(labels, outputs)
+    step_logits = tf.cast(outputs["step_logits"], tf.float32)  # [B, L, A, C]
+    loops = tf.shape(step_logits)[1]
+    steps = tf.cast(labels["steps"], tf.int32)
+    known = steps >= 1
+    iteration = tf.range(1, loops + 1)[None, :]  # [1, L]
+    first_supervised = tf.where(known, tf.minimum(steps, loops), loops)
+    supervised = tf.cast(iteration >= first_supervised[:, None], tf.float32)  # [B, L]
+    step_answers = tf.broadcast_to(answers[:, None, :], tf.shape(step_logits)[:3])
+    ce = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=step_answers,
+                                                                       logits=step_logits), axis=2)
+    answer_loss = tf.reduce_sum(ce * supervised, 1) / tf.reduce_sum(supervised, 1)
+    right = tf.reduce_all(tf.equal(tf.argmax(step_logits, -1, output_type=tf.int32), step_answers), 2)
+    halt_target = tf.where(known[:, None], iteration >= steps[:, None], right)
+    halt_loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(
+        labels=tf.cast(halt_target, tf.float32), logits=tf.cast(outputs["step_halt_logits"], tf.float32)), 1)
+    return answer_loss + HALT_WEIGHT * halt_loss, chain_metrics(labels, outputs)
+
+
+def chain_metrics(labels, outputs):
+    """Per-problem exact match (every answer slot right), slot accuracy, loops used and |loops - k|
+    (0 where k is unknown)."""
+    answers = tf.cast(labels["answers"], tf.int32)
+    predicted = tf.argmax(outputs["logits"], -1, output_type=tf.int32)
+    correct = tf.cast(tf.equal(predicted, answers), tf.float32)
+    steps = tf.cast(labels["steps"], tf.float32)
+    steps_used = tf.cast(outputs["steps_used"], tf.float32)
+    return {"exact_match": tf.reduce_min(correct, axis=1), "token_accuracy": tf.reduce_mean(correct, axis=1),
+            "steps_used": steps_used, "halting_error": tf.where(steps >= 1, tf.abs(steps_used - steps), 0.0)}
+
+
+def chain_dataset(config: ChainConfig, split: str, batch_size: int, seed: int = 0, start_batch: int = 0):
+    if config.task == chains.FILE_TASK:
+        return chains.file_dataset(config.train_file, config.test_file, split, batch_size, seed=seed,
+                                   start_batch=start_batch, answer_length=config.answers,
+                                   max_tokens=config.max_tokens,
+                                   max_steps=config.loops_in_training if config.looped else None)
+    return chains.generated_dataset(config.task, split, batch_size, seed=seed, start_batch=start_batch,
+                                    train_min_len=config.train_min_len, train_max_len=config.train_max_len,
+                                    test_max_len=config.test_max_len, modulus=config.modulus,
+                                    answer_length=config.answers, eval_examples=config.eval_examples)
+
+
+def build_chain_transformer(config: ChainConfig) -> keras.Model:
+    """Looped Transformer reading problems as plain tokens, with learned halting (or its stacked baseline)."""
+    model = ChainTransformer(config)
+    model.build()
+    return model

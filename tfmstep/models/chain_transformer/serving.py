@@ -1,0 +1,124 @@
+"""Serving signatures of the chain reasoner (registered as its ``servable`` hook).
+
+- ``serving_default``: ``tokens`` int32 [B, T] (the problem's character ids, then its answer slots, then
+  PAD) -> ``answers`` [B, A] (answer ids), ``answer_text`` [B] and ``steps_used`` [B].
+- ``answer_text``: ``text`` string [B] -> the same, tokenised in the graph with the model's character
+  tokenizer (answer slots appended), so a client sends the problem as it has it.
+
+Every input is checked in the graph before the model runs: ids inside the vocabulary, exactly one of each
+answer slot, at most ``max_tokens`` tokens, printable-ASCII text, a non-empty batch. A bad request fails
+with an InvalidArgument naming the input, never with an out-of-range gather (which on GPU silently reads
+zeros).
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfmstep.data import chains
+from tfmstep.export.signatures import Servable, Signature, _check_nonempty
+
+
+def _check_tokens(tokens, config):
+    answers = config.answers
+    slots = tf.stack([tf.reduce_sum(tf.cast(tf.equal(tokens, s), tf.int32), axis=1)
+                      for s in chains.answer_slots(answers)], axis=1)
+    return [
+        _check_nonempty(tokens, "tokens"),
+        tf.debugging.assert_less_equal(tf.shape(tokens)[1], config.max_tokens,
+                                       message=f"tokens: more than max_tokens={config.max_tokens} per problem"),
+        tf.debugging.assert_non_negative(tokens, message="tokens: negative token id"),
+        tf.debugging.assert_less(tokens, chains.VOCAB_SIZE,
+                                 message=f"tokens: token id >= vocabulary size {chains.VOCAB_SIZE}"),
+        tf.debugging.assert_equal(slots, tf.ones_like(slots),
+                                  message=f"tokens: every problem needs each answer slot id 1..{answers} "
+                                          f"exactly once"),
+    ]
+
+
+def _charset_table():
+    """codepoint (0..127) -> character id, -1 where the tokenizer has none."""
+    table = np.full(128, -1, np.int32)
+    for char in chains.CHARSET:
+        table[ord(char)] = chains.encode(char)[0]
+    return tf.constant(table)
+
+
+def _id_strings():
+    """character id -> its character ("" for PAD and answer slots)."""
+    return tf.constant([""] * chains.FIRST_CHAR_ID + list(chains.CHARSET))
+
+
+def text_to_tokens(text, config):
+    """string [B] -> int32 tokens [B, T]: characters, then the answer slots, then PAD. Checks the text."""
+    codepoints = tf.strings.unicode_decode(text, "UTF-8", errors="strict")
+    flat = codepoints.flat_values
+    inside = (flat >= 0) & (flat < 128)
+    ids = tf.gather(_charset_table(), tf.where(inside, flat, 0))
+    checks = [
+        _check_nonempty(text, "text"),
+        tf.debugging.assert_equal(tf.reduce_all(inside & (ids >= 0)), True,
+                                  message="text: a character outside printable ASCII (the tokenizer's vocabulary)"),
+        tf.debugging.assert_positive(tf.reduce_min(tf.concat([codepoints.row_lengths(), [1]], 0)),
+                                     message="text: empty problem"),
+        tf.debugging.assert_less_equal(tf.reduce_max(tf.concat([codepoints.row_lengths(), [0]], 0)),
+                                       tf.cast(config.max_tokens - config.answers, tf.int64),
+                                       message=f"text: longer than max_tokens={config.max_tokens} "
+                                               f"minus the answer slots"),
+    ]
+    with tf.control_dependencies(checks):
+        ragged = codepoints.with_flat_values(ids)
+        slots = tf.broadcast_to(tf.constant(chains.answer_slots(config.answers), tf.int32)[None],
+                                [tf.shape(text)[0], config.answers])
+        joined = tf.concat([ragged, tf.RaggedTensor.from_tensor(slots)], axis=1)
+        return joined.to_tensor(default_value=chains.PAD)
+
+
+def chain_servable(name: str, model: keras.Model, config) -> Servable:
+    id_strings = _id_strings()
+
+    def outputs_of(tokens):
+        outputs = model({"tokens": tokens}, training=False)
+        answers = tf.argmax(outputs["logits"], -1, output_type=tf.int32)
+        return {"answers": answers, "answer_text": tf.strings.reduce_join(tf.gather(id_strings, answers), axis=1),
+                "steps_used": tf.cast(outputs["steps_used"], tf.int32)}
+
+    def answer_tokens(tokens):
+        with tf.control_dependencies(_check_tokens(tokens, config)):
+            return outputs_of(tf.identity(tokens))
+
+    def answer_text(text):
+        return outputs_of(text_to_tokens(text, config))
+
+    def raw_outputs(tokens):
+        outputs = model({"tokens": tokens}, training=False)
+        return {"logits": tf.cast(outputs["logits"], tf.float32),
+                "steps_used": tf.cast(outputs["steps_used"], tf.float32)}
+
+    def reference(signature_name, inputs):
+        if signature_name == "answer_text":
+            texts = [t.decode() if isinstance(t, bytes) else t for t in np.asarray(inputs["text"]).tolist()]
+            rows = [outputs_of(tf.constant([chains.encode(t) + chains.answer_slots(config.answers)],
+                                           tf.int32)) for t in texts]
+            return {key: np.concatenate([r[key].numpy() for r in rows]) for key in rows[0]}
+        return {key: value.numpy() for key, value in outputs_of(tf.constant(inputs["tokens"])).items()}
+
+    tokens = _example_tokens(name, config).astype(np.int32)
+    example_problems = [chains.decode(row) for row in tokens]
+    token_spec = {"tokens": tf.TensorSpec([None, None], tf.int32, name="tokens")}
+    return Servable(
+        signatures={"serving_default": Signature(answer_tokens, token_spec),
+                    "answer_text": Signature(answer_text, {"text": tf.TensorSpec([None], tf.string, name="text")})},
+        warmup_inputs={"serving_default": {"tokens": tokens},
+                       "answer_text": {"text": np.array([p.encode() for p in example_problems], object)}},
+        tflite_fn=raw_outputs, tflite_input_signature=token_spec, primary_output="logits",
+        keras_reference=reference)
+
+
+def _example_tokens(name, config, batch_size: int = 2):
+    from tfmstep import registry
+
+    inputs, _ = next(iter(registry.get_spec(name).dataset(config, "validation", batch_size)))
+    return np.asarray(inputs["tokens"])[:batch_size]
