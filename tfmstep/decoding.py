@@ -85,6 +85,55 @@ def _any_batch(x):
     return tf.TensorShape([None]).concatenate(x.shape[1:])
 
 
+def beam_step(step_fn, logits, state, scores, sequences, done, lengths, *, length_penalty=0.0,
+              end_token=-1):
+    """One token of beam search over k beams of B prompts: picks the k best extensions, then feeds them.
+
+    ``logits`` [B * k, vocab] are the beams' next-token logits, ``state`` their recurrent state (batch
+    B * k first), ``scores``/``done``/``lengths`` [B, k] and ``sequences`` [B, k, t] the hypotheses so far.
+    Returns the same six values one token later.
+    """
+    batch = tf.shape(scores)[0]
+    k = scores.shape[1]
+    vocab = tf.shape(logits)[1]
+    log_probs = tf.reshape(tf.nn.log_softmax(logits), [batch, k, vocab])
+    # A finished beam can only "emit" end_token again, at no cost.
+    finished_row = tf.where(tf.range(vocab) == end_token, 0.0, NEG_INF)
+    log_probs = tf.where(done[..., None], finished_row[None, None], log_probs)
+    candidates = tf.reshape(scores[..., None] + log_probs, [batch, k * vocab])
+    new_lengths = tf.reshape(tf.repeat(lengths + tf.cast(~done, tf.int32), vocab, axis=1),
+                             [batch, k * vocab])
+    if length_penalty:
+        rank = candidates / tf.pow(tf.cast(tf.maximum(new_lengths, 1), tf.float32), length_penalty)
+    else:
+        rank = candidates
+    _, chosen = tf.math.top_k(rank, k=k)  # [B, k]
+    parent = chosen // vocab
+    token = chosen % vocab
+    scores = tf.gather(candidates, chosen, batch_dims=1)
+    lengths = tf.gather(new_lengths, chosen, batch_dims=1)
+    sequences = tf.concat([tf.gather(sequences, parent, batch_dims=1), token[..., None]], -1)
+    done = tf.gather(done, parent, batch_dims=1) | tf.equal(token, end_token)
+    flat_parent = tf.reshape(parent + tf.range(batch)[:, None] * k, [-1])
+    state = tf.nest.map_structure(lambda s: tf.gather(s, flat_parent), state)
+    logits, state = step_fn(tf.reshape(token, [-1]), state)
+    return logits, state, scores, sequences, done, lengths
+
+
+def initial_beams(logits, state, beam_width):
+    """The logits, state and hypotheses ``beam_step`` starts from, after a prompt of B sequences."""
+    batch = tf.shape(logits)[0]
+    k = beam_width
+
+    def tile(x):  # [B, ...] -> [B * k, ...]
+        return tf.repeat(x, k, axis=0)
+
+    # Only the first beam is live at the start, so the k beams do not all pick the same token.
+    scores = tf.tile(tf.concat([[0.0], tf.fill([k - 1], NEG_INF)], 0)[None], [batch, 1])  # [B, k]
+    return (tile(logits), tf.nest.map_structure(tile, state), scores, tf.zeros([batch, k, 0], tf.int32),
+            tf.zeros([batch, k], tf.bool), tf.zeros([batch, k], tf.int32))
+
+
 def beam_search(step_fn, prompt, state, max_new_tokens, *, beam_width=4, length_penalty=0.0,
                 end_token=-1):
     """Beam search: the best continuation [B, max_new_tokens], its log-probability [B] and length [B].
@@ -94,44 +143,11 @@ def beam_search(step_fn, prompt, state, max_new_tokens, *, beam_width=4, length_
     ``state`` may be any nested structure of tensors with the batch as their first axis.
     """
     logits, state = prefill(step_fn, prompt, state)
-    batch = tf.shape(logits)[0]
-    vocab = tf.shape(logits)[1]
     k = beam_width
+    logits, state, scores, sequences, done, lengths = initial_beams(logits, state, k)
 
-    def tile(x):  # [B, ...] -> [B * k, ...]
-        return tf.repeat(x, k, axis=0)
-
-    state = tf.nest.map_structure(tile, state)
-    logits = tile(logits)
-    # Only the first beam is live at the start, so the k beams do not all pick the same token.
-    scores = tf.tile(tf.concat([[0.0], tf.fill([k - 1], NEG_INF)], 0)[None], [batch, 1])  # [B, k]
-    sequences = tf.zeros([batch, k, 0], tf.int32)
-    done = tf.zeros([batch, k], tf.bool)
-    lengths = tf.zeros([batch, k], tf.int32)
-
-    def body(i, logits, state, scores, sequences, done, lengths):
-        log_probs = tf.reshape(tf.nn.log_softmax(logits), [batch, k, vocab])
-        # A finished beam can only "emit" end_token again, at no cost.
-        finished_row = tf.where(tf.range(vocab) == end_token, 0.0, NEG_INF)
-        log_probs = tf.where(done[..., None], finished_row[None, None], log_probs)
-        candidates = tf.reshape(scores[..., None] + log_probs, [batch, k * vocab])
-        new_lengths = tf.reshape(tf.repeat(lengths + tf.cast(~done, tf.int32), vocab, axis=1),
-                                 [batch, k * vocab])
-        if length_penalty:
-            rank = candidates / tf.pow(tf.cast(tf.maximum(new_lengths, 1), tf.float32), length_penalty)
-        else:
-            rank = candidates
-        _, chosen = tf.math.top_k(rank, k=k)  # [B, k]
-        parent = chosen // vocab
-        token = chosen % vocab
-        scores = tf.gather(candidates, chosen, batch_dims=1)
-        lengths = tf.gather(new_lengths, chosen, batch_dims=1)
-        sequences = tf.concat([tf.gather(sequences, parent, batch_dims=1), token[..., None]], -1)
-        done = tf.gather(done, parent, batch_dims=1) | tf.equal(token, end_token)
-        flat_parent = tf.reshape(parent + tf.range(batch)[:, None] * k, [-1])
-        state = tf.nest.map_structure(lambda s: tf.gather(s, flat_parent), state)
-        logits, state = step_fn(tf.reshape(token, [-1]), state)
-        return i + 1, logits, state, scores, sequences, done, lengths
+    def body(i, *beams):
+        return (i + 1, *beam_step(step_fn, *beams, length_penalty=length_penalty, end_token=end_token))
 
     _, _, _, scores, sequences, done, lengths = tf.while_loop(
         lambda i, *_: i < max_new_tokens, body, (0, logits, state, scores, sequences, done, lengths),

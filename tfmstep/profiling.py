@@ -16,14 +16,15 @@ split of its inside is not visible here -- profile with ``jit_compile=False`` to
 from __future__ import annotations
 
 import collections
+import json
 import glob
 import os
 import time
 
 import tensorflow as tf
 
-from tfmstep import benchmark, registry
-from tfmstep import step as step_lib
+from tfmstep import registry
+from tfmstep.benchmark import training
 
 # Op types doing the model's arithmetic (the MFU numerator); everything else is overhead to explain.
 COMPUTE_OP_TYPES = ("MatMul", "BatchMatMul", "Conv2D", "Conv2DBackprop", "Einsum", "XlaRun", "XlaLaunch",
@@ -71,24 +72,19 @@ def profile_training_step(name: str, preset: str = "default", *, batch_size: int
 
     Returns wall time per step, per-op-type seconds per step and share of the wall time, the compute
     share (matmul/conv ops) and the trace location."""
-    # The same fresh model, optimizer and in-memory batches as the benchmark's throughput rows.
+    # The same fresh model, optimizer, in-memory batches and compiled step as the benchmark's
+    # throughput rows.
     spec = registry.get_spec(name)
     config = registry.get_config(name, preset, **overrides)
-    model = benchmark._fresh(spec, config)
-    optimizer = benchmark._optimizer()
-    optimizer.build(model.trainable_variables)
-    steps = step_lib.make_steps(model, optimizer, spec.loss, global_batch_size=batch_size,
-                                jit_compile=jit_compile)
-    iterator = iter(benchmark._fixed_batches(spec, config, batch_size))
-    n = tf.constant(steps_per_call, tf.int32)
-    steps.train(iterator, n)["loss"].numpy()  # trace and compile outside the profile
-    steps.train(iterator, n)["loss"].numpy()
+    train, iterator, n = training.compiled_train_step(spec, config, batch_size, jit_compile=jit_compile,
+                                                      steps_per_call=steps_per_call)
+    train(iterator, n)["loss"].numpy()  # a second untimed call, outside the profile
     logdir = logdir or os.path.join("/tmp", f"tfmstep-profile-{name}-{os.getpid()}")
     tf.profiler.experimental.start(logdir)
     start = time.perf_counter()
     try:
         for _ in range(calls):
-            out = steps.train(iterator, n)
+            out = train(iterator, n)
         out["loss"].numpy()
         wall = time.perf_counter() - start
     finally:
@@ -125,3 +121,25 @@ def format_profile(report: dict) -> str:
                      f"{'yes' if row['compute'] else ''} |")
     lines += ["", f"trace: `{report['logdir']}` (TensorBoard Profile tab)"]
     return "\n".join(lines)
+
+
+def profile_models(models=None, preset: str = "default", *, logdir: str = "/tmp/tfmstep-profile",
+                   out: str = "", **options) -> list:
+    """Profile each of ``models`` (default: every registered model; a trace in ``logdir/<name>``), print
+    its table as it is done and, with ``out``, write all tables there (and the raw numbers to a .json
+    beside it). ``options`` go to ``profile_training_step``."""
+    models = list(models or registry.list_models())
+    for name in models:
+        registry.get_spec(name)  # an unknown name fails before anything is profiled
+    reports = []
+    for name in models:
+        report = profile_training_step(name, preset, logdir=os.path.join(logdir, name), **options)
+        reports.append(report)
+        print(format_profile(report), "\n", flush=True)
+    if out:
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        with open(out, "w") as f:
+            f.write("\n\n".join(format_profile(r) for r in reports) + "\n")
+        with open(os.path.splitext(out)[0] + ".json", "w") as f:
+            json.dump(reports, f, indent=2)
+    return reports

@@ -47,9 +47,12 @@ class ModelSpec:
     # evaluate(runs, labels, output_dir, name, **options) -> report dict; runs are trainer.load_trained
     # tuples (model, config, spec) with their workdirs: [(workdir, (model, config, spec)), ...]
     evaluate: Callable | None = None
-    # inference_timer() -> rows of per-step inference timings (benchmark)
+    # inference_timer(model, config, *, repeats=...) -> rows of per-step inference timings (benchmark):
+    # [{"step": label, **tfmstep.benchmark.timing.percentile_summary(seconds), "share": of one run}, ...];
+    # model is a freshly initialised build of config. None: the family has no inference section.
     inference_timer: Callable | None = None
-    # forward_flops(config, batch_size) -> FLOPs of one forward pass (benchmark MFU); None: measured
+    # forward_flops(config) -> FLOPs of one forward pass of one training example (benchmark MFU);
+    # None: counted by TF's graph profiler (which does not look inside while loops)
     forward_flops: Callable | None = None
 
 

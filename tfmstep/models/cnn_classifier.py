@@ -7,8 +7,10 @@ import dataclasses
 from typing import Optional
 
 import keras
+import numpy as np
 import tensorflow as tf
 
+from tfmstep.benchmark.timing import percentile_summary, time_in_loop
 from tfmstep.data import images as image_data
 from tfmstep.errors import UserError
 from tfmstep.registry import register
@@ -70,12 +72,35 @@ def cnn_dataset(config: CNNConfig, split: str, batch_size: int, seed: int = 0, s
                                    start_batch, config.augment)
 
 
+def per_layer_times(model: keras.Model, config: CNNConfig, batch_size: int = 32, repeats: int = 50) -> list:
+    """Inference time of each layer, each run on its real input from the data (the benchmark's
+    ``inference_timer`` hook), and of the whole model as one graph."""
+    inputs, _ = next(iter(cnn_dataset(config, "validation", batch_size)))
+    # Each layer's real input: run the model once, capturing intermediate tensors.
+    layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    probe = keras.Model(model.inputs, [layer.output for layer in layers])
+    outputs = probe(inputs, training=False)
+    layer_inputs = [inputs] + list(outputs[:-1])
+    rows = []
+    for layer, layer_input in zip(layers, layer_inputs):
+        seconds = time_in_loop(lambda x, layer=layer: layer(x, training=False), layer_input, repeats)
+        rows.append({"step": layer.name, **percentile_summary(seconds)})
+    whole = time_in_loop(lambda x: model(x, training=False), inputs, repeats)
+    total = sum(r["mean_ms"] for r in rows)
+    for r in rows:
+        r["share"] = r["mean_ms"] / total
+    rows.append({"step": "whole model (one graph)", **percentile_summary(whole),
+                 "share": float(np.mean(whole)) * 1e3 / total})
+    return rows
+
+
 @register("cnn_classifier", config_class=CNNConfig, loss=classification_loss, dataset=cnn_dataset,
           presets={
               "tiny": dict(filters=(8, 16), convs_per_stage=1, dropout=0.0),
               "cifar10": dict(dataset="cifar10", filters=(32, 64, 128), augment=True),
           },
-          xla_on_cpu=False)  # XLA's CPU convolutions were slower than oneDNN's in the benchmark
+          xla_on_cpu=False,  # XLA's CPU convolutions were slower than oneDNN's in the benchmark
+          inference_timer=per_layer_times)
 def build_cnn_classifier(config: CNNConfig) -> keras.Model:
     """Conv2D classifier of images (BatchNorm/GroupNorm, dropout, L2); outputs logits."""
     config = config.resolved()

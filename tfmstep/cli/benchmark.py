@@ -1,0 +1,47 @@
+"""Benchmarks, side by side in one run: training throughput (tfmstep step vs Keras fit vs eager) and
+MFU for every registered model, per-step inference time, served-path latency and multi-worker scaling.
+The "tfmstep auto" row is the setting the trainer's auto-tuning picks (its measured candidates are listed
+under each table).
+
+  tfmstep-benchmark --out=benchmarks            # everything (~15 min on 2 cores)
+  tfmstep-benchmark --sections=training --models=cnn_classifier --steps=20 --repeats=2
+"""
+
+import sys
+
+from absl import app, flags
+
+from tfmstep.benchmark import report, suite
+from tfmstep.cli import exit_on_user_error
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("sections", list(suite.SECTIONS), "What to measure.")
+flags.DEFINE_list("models", [], "Models for the training and inference sections (default: every "
+                  "registered model).")
+flags.DEFINE_integer("batch_size", 128, "Training batch size.", lower_bound=1)
+flags.DEFINE_integer("steps", 50, "Timed training steps per repeat.", lower_bound=1)
+flags.DEFINE_integer("repeats", 3, "Timed repeats per setting (median and spread reported).", lower_bound=1)
+flags.DEFINE_integer("tune_for_steps", 1000, "Run length the auto-tuned row is chosen for (it sets the "
+                     "tuning budget and caps steps_per_call, as in the trainer).", lower_bound=1)
+flags.DEFINE_string("serving_model", "cnn_classifier", "Model whose served-path latency is measured.")
+flags.DEFINE_string("scaling_model", "cnn_classifier", "Model trained by the multi-worker scaling run.")
+flags.DEFINE_string("out", "benchmarks", "Output directory (results.json, README.md, PNGs).")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    with exit_on_user_error():
+        results = suite.run_benchmarks(
+            FLAGS.sections, FLAGS.models, batch_size=FLAGS.batch_size, steps=FLAGS.steps,
+            repeats=FLAGS.repeats, tune_for_steps=FLAGS.tune_for_steps, serving_model=FLAGS.serving_model,
+            scaling_model=FLAGS.scaling_model)
+    print(report.write_report(results, FLAGS.out, " ".join(["tfmstep-benchmark", *sys.argv[1:]])))
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
