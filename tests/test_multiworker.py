@@ -3,7 +3,6 @@
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 
@@ -22,7 +21,7 @@ def _losses(workdir):
 
 def test_two_local_workers_match_single_worker_training(tmp_path):
     single = tmp_path / "single"
-    result = subprocess.run([sys.executable, multiworker.TRAIN, *ARGS, f"--workdir={single}"],
+    result = subprocess.run([*multiworker.TRAIN_COMMAND, *ARGS, f"--workdir={single}"],
                             capture_output=True, text=True, timeout=600,
                             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
     assert result.returncode == 0, result.stderr[-2000:]

@@ -1,5 +1,6 @@
-"""Run tools/train.py as several MultiWorkerMirroredStrategy workers on this machine (TF_CONFIG on
-localhost ports): the same code path a multi-host cluster uses, minus the network."""
+"""Run the training program (``python -m tfmstep.cli.train``) as several MultiWorkerMirroredStrategy
+workers on this machine (TF_CONFIG on localhost ports): the same code path a multi-host cluster uses,
+minus the network."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import subprocess
 import sys
 import time
 
-TRAIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "train.py")
+# The installed module, not a path into a source checkout: workers start the same in any install.
+TRAIN_COMMAND = (sys.executable, "-m", "tfmstep.cli.train")
 
 
 def _free_ports(count: int) -> list:
@@ -34,7 +36,7 @@ def run_workers(train_args: list, workdir: str, num_workers: int = 2, timeout: f
         # One core per worker: the workers are meant to stand for separate machines.
         env.setdefault("TF_NUM_INTRAOP_THREADS", "1")
         processes.append(subprocess.Popen(
-            [sys.executable, TRAIN, *train_args, f"--workdir={workdir}", "--distribute=multi_worker"],
+            [*TRAIN_COMMAND, *train_args, f"--workdir={workdir}", "--distribute=multi_worker"],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
     errors = []
     try:
