@@ -96,6 +96,15 @@ def get_spec(name: str) -> ModelSpec:
     return _REGISTRY[name]
 
 
+def spec_of(config_class: type) -> ModelSpec:
+    """The family whose config dataclass is ``config_class`` (a family's own tools find their spec from
+    the class they import, not by a name string)."""
+    for spec in _REGISTRY.values():
+        if spec.config_class is config_class:
+            return spec
+    raise UserError(f"no registered model has the config {config_class.__name__}")
+
+
 def get_config(name: str, preset: str = "default", **overrides: Any):
     """The config dataclass of ``name`` with ``preset`` applied, then ``overrides``."""
     spec = get_spec(name)

@@ -13,7 +13,7 @@ from tfmstep.errors import UserError
 from tfmstep.models import lstm_lm
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Workdir of a trained lstm_lm run.")
+flags.DEFINE_string("workdir", None, "Workdir of a trained LSTM language model run.")
 flags.DEFINE_string("prompt", "def ", "Text to continue.")
 flags.DEFINE_enum("decoder", "greedy", list(lstm_lm.DECODERS), "Decoding method.")
 flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate (bytes, or subwords).", lower_bound=1)
@@ -31,8 +31,8 @@ def main(argv):
     del argv
     with exit_on_user_error():
         model, model_config, spec = trainer.load_trained(FLAGS.workdir)
-        if spec.name != "lstm_lm":
-            raise UserError(f"{FLAGS.workdir} holds a {spec.name} run, not a language model")
+        if spec.config_class is not lstm_lm.LSTMConfig:
+            raise UserError(f"{FLAGS.workdir} holds a {spec.name} run, not an LSTM language model")
         text, log_prob = lstm_lm.generate_text(
             model, FLAGS.prompt, decoder=FLAGS.decoder, max_new_tokens=FLAGS.max_new_tokens,
             temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed,

@@ -14,8 +14,8 @@ from tfmstep.cli import exit_on_user_error
 from tfmstep.models import lstm_lm
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("preset", "default", "lstm_lm preset whose corpus and split are used.")
-flags.DEFINE_multi_string("config", [], "lstm_lm config overrides key=value (corpus, text_file, ...).")
+flags.DEFINE_string("preset", "default", "LSTM LM preset whose corpus and split are used.")
+flags.DEFINE_multi_string("config", [], "LSTM LM config overrides key=value (corpus, text_file, ...).")
 flags.DEFINE_integer("max_order", 32, "Highest n-gram order tried.", lower_bound=1)
 flags.DEFINE_string("output", "", "Optional JSON output path.")
 
@@ -23,7 +23,8 @@ flags.DEFINE_string("output", "", "Optional JSON output path.")
 def main(argv):
     del argv
     with exit_on_user_error():
-        config = registry.get_config("lstm_lm", FLAGS.preset, **registry.parse_overrides(FLAGS.config))
+        spec = registry.spec_of(lstm_lm.LSTMConfig)
+        config = registry.get_config(spec.name, FLAGS.preset, **registry.parse_overrides(FLAGS.config))
         corpus = lstm_lm.tokenized_corpus(config)
         start = time.time()
         result = ngram.best_order(corpus.train, corpus.validation, config.vocab_size,

@@ -50,9 +50,9 @@ flags.DEFINE_enum("distribute", _DEFAULTS.distribute, list(trainer.STRATEGIES), 
 flags.mark_flag_as_required("workdir")
 
 
-def train_config_from_flags() -> trainer.TrainConfig:
-    values = {f.name: FLAGS[f.name].value for f in dataclasses.fields(trainer.TrainConfig)}
-    values["jit_compile"] = {"auto": None, "true": True, "false": False}[FLAGS.jit_compile]
+def train_config_from_flags(flag_values: flags.FlagValues = FLAGS) -> trainer.TrainConfig:
+    values = {f.name: flag_values[f.name].value for f in dataclasses.fields(trainer.TrainConfig)}
+    values["jit_compile"] = {"auto": None, "true": True, "false": False}[flag_values.jit_compile]
     return trainer.TrainConfig(**values)
 
 

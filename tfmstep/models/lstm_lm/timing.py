@@ -8,6 +8,7 @@ import tensorflow as tf
 
 from tfmstep import decoding
 from tfmstep.benchmark.timing import percentile_summary, time_in_loop
+from tfmstep.models.lstm_lm.model import initial_state, make_step_fn
 
 
 def forward_flops(config) -> float:
@@ -28,10 +29,7 @@ def per_token_times(model: keras.Model, config, prompt_tokens: int = 64, new_tok
 
     Share = that phase's part of one generation of ``new_tokens`` after a ``prompt_tokens`` prompt.
     """
-    # Here, not above: the family's model module imports this one to register these hooks.
-    from tfmstep.models.lstm_lm import model as lstm_lm
-
-    step = lstm_lm.make_step_fn(model)
+    step = make_step_fn(model)
     vocab = model.output_shape[-1]
 
     def prefill_token(args):
@@ -46,8 +44,8 @@ def per_token_times(model: keras.Model, config, prompt_tokens: int = 64, new_tok
     def beam_token(beams):  # k beams of one prompt
         return decoding.beam_step(step, *beams)
 
-    one = (tf.zeros([1], tf.int32), lstm_lm.initial_state(model, 1))
-    beams = decoding.initial_beams(tf.zeros([1, vocab]), lstm_lm.initial_state(model, 1), beam_width)
+    one = (tf.zeros([1], tf.int32), initial_state(model, 1))
+    beams = decoding.initial_beams(tf.zeros([1, vocab]), initial_state(model, 1), beam_width)
     rows = [
         {"step": "prompt token (prefill)", **percentile_summary(time_in_loop(prefill_token, one, repeats)),
          "tokens": prompt_tokens},
