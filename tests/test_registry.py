@@ -91,3 +91,9 @@ def test_registry_imports_no_family():
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
     assert not any(name.startswith("tfmstep.models") for name in imported), imported
+
+
+def test_spec_of_finds_a_family_by_its_config_class(union_family):
+    assert registry.spec_of(_UnionConfig).name == union_family
+    with pytest.raises(tfmstep.UserError, match="no registered model has the config"):
+        registry.spec_of(dict)
