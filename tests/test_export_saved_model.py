@@ -113,7 +113,7 @@ def test_reloaded_signatures_give_the_keras_outputs(name, exported):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_generic_default_path_exports_any_model(name, tmp_path):
-    """The path a newly registered family gets before it has an entry in signatures.FAMILIES."""
+    """The path a newly registered family gets before it registers a ``servable`` hook."""
     keras.utils.set_random_seed(0)
     model, config = tfmstep.build(name, "tiny"), tfmstep.get_config(name, "tiny")
     generic = signatures.generic_servable(name, model, config)
@@ -196,9 +196,9 @@ def test_bad_requests_fail_with_a_clear_error(name, exported):
 def test_generate_signature_rejects_bad_arguments(name, exported):
     _, _, _, _, loaded = exported(name)
     generate = loaded.signatures["generate"]
-    with pytest.raises(serving.BadRequest, match="beam_width must be one of"):
+    with pytest.raises(serving.BadRequest, match="input 'beam_width' must be one of 1, 2, 4, 8, got 3"):
         serving.predict_rest(generate, {"inputs": {"text": ["def "], "max_length": 4, "beam_width": 3}})
-    with pytest.raises(serving.BadRequest, match="max_length must be >= 1"):
+    with pytest.raises(serving.BadRequest, match=r"input 'max_length' must be in \[1, 1024\], got 0"):
         serving.predict_rest(generate, {"inputs": {"text": ["def "], "max_length": 0, "beam_width": 1}})
     with pytest.raises(serving.BadRequest, match="at least 1 byte"):
         serving.predict_rest(generate, {"inputs": {"text": ["def ", ""], "max_length": 4, "beam_width": 1}})

@@ -9,6 +9,7 @@ import tensorflow as tf
 import tfmstep
 from tfmstep.errors import UserError
 from tfmstep.export import signatures, tflite
+from tfmstep.models.lstm_lm import serving as lm_serving
 
 MODELS = tfmstep.list_models()
 # fp32 is the same float graph (op-order round-off only); the quantised formats change the numbers, so
@@ -87,7 +88,7 @@ def test_export_tflite_writes_the_file(tmp_path, servables):
 def test_unrolled_lstm_copy_computes_what_the_model_computes():
     keras.utils.set_random_seed(0)
     model, config = tfmstep.build("lstm_lm", "tiny"), tfmstep.get_config("lstm_lm", "tiny")
-    unrolled = signatures.unrolled_copy(model, config.seq_len)
+    unrolled = lm_serving.unrolled_copy(model, config.seq_len)
     assert all(layer.unroll for layer in unrolled.layers if isinstance(layer, keras.layers.LSTM))
     tokens = np.random.default_rng(0).integers(0, 256, size=(3, config.seq_len)).astype(np.int32)
     np.testing.assert_allclose(unrolled(tokens).numpy(), model(tokens).numpy(), rtol=1e-5, atol=1e-5)

@@ -7,6 +7,9 @@ weights and zeroes the rest, the pruned fraction following
 
     s(t) = s_final + (s_initial - s_final) * (1 - (t - begin) / (end - begin)) ** power   (Zhu & Gupta 2017)
 
+Pruning hands models to the exporter and never calls it: ``pruning_sweep`` returns the fine-tuned models
+with their validation metrics, ``tfmstep.export.export_pruned`` writes and measures their TF-Lite files.
+
 Fine-tuning runs through the shared step (``tfmstep.step.make_steps``): ``frequency`` optimizer steps per
 compiled call, then the masks are re-applied, so a pruned weight is zero whenever the model is read
 (evaluation, checkpoints, export). Masks only ever grow: a weight once pruned stays pruned.
@@ -15,7 +18,6 @@ compiled call, then the masks are re-applied, so a pruned weight is zero wheneve
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import keras
 import numpy as np
@@ -140,17 +142,29 @@ def evaluate(model: keras.Model, model_name: str, model_config, steps_fn=None, b
     return {name: value / count for name, value in totals.items()}
 
 
-def pruning_sweep(model: keras.Model, model_name: str, model_config, output_dir: str,
-                  sparsities: list, steps: int, batch_size: int = 64, learning_rate: float = 1e-3,
-                  formats=("fp32", "int8"), min_elements: int = 0) -> dict:
+@dataclasses.dataclass
+class PruningSweep:
+    """What ``pruning_sweep`` hands to the exporter: the report (one row per model, metrics on
+    validation) and the models themselves, by the row's ``tag``. ``tfmstep.export.export_pruned`` writes
+    each model's TF-Lite files and adds their sizes to its row."""
+
+    model_name: str
+    config: object
+    report: dict
+    models: dict  # {tag: keras.Model}
+
+
+def pruning_sweep(model: keras.Model, model_name: str, model_config, sparsities: list, steps: int,
+                  batch_size: int = 64, learning_rate: float = 1e-3, min_elements: int = 0) -> PruningSweep:
     """For each target sparsity (0 = the same fine-tuning without pruning): fine-tune a copy of ``model``
-    while pruning, export it to TF-Lite, and measure validation metrics and gzip size of each file."""
+    while pruning and measure it on the validation split. ``model`` itself is the first row ("trained").
+    Nothing is exported here: export the returned models (``tfmstep.export.export_pruned``)."""
     if any(not 0.0 <= s < 1.0 for s in sparsities):
         raise UserError(f"sparsities must be in [0, 1), got {sparsities}")
     spec = registry.get_spec(model_name)
-    rows = [{"sparsity_target": None, "label": "trained (no fine-tuning)",
-             "eval": evaluate(model, model_name, model_config), **_lite_sizes(
-                 model, model_name, model_config, formats, output_dir, "trained")}]
+    rows = [{"tag": "trained", "sparsity_target": None, "label": "trained (no fine-tuning)",
+             "eval": evaluate(model, model_name, model_config)}]
+    models = {"trained": model}
     for target in sorted(set([0.0] + list(sparsities))):
         copy = spec.build(model_config)
         copy.set_weights(model.get_weights())
@@ -158,31 +172,17 @@ def pruning_sweep(model: keras.Model, model_name: str, model_config, output_dir:
                                  frequency=min(10, max(1, steps // 10)), min_elements=min_elements)
         result = fine_tune_with_pruning(copy, model_name, model_config, schedule, steps=steps,
                                         batch_size=batch_size, learning_rate=learning_rate)
-        rows.append({"sparsity_target": target, "label": f"fine-tuned, sparsity {target:g}",
-                     "sparsity_measured": round(result["sparsity"], 4), "eval": result["eval"],
-                     **_lite_sizes(copy, model_name, model_config, formats, output_dir, f"s{target:g}")})
+        tag = f"s{target:g}"
+        rows.append({"tag": tag, "sparsity_target": target, "label": f"fine-tuned, sparsity {target:g}",
+                     "sparsity_measured": round(result["sparsity"], 4), "eval": result["eval"]})
+        models[tag] = copy
     pruned = prunable_weights(model, min_elements)
     kernels = prunable_weights(model)
-    return {"model": model_name, "steps": steps, "learning_rate": learning_rate,
-            "min_elements": min_elements, "pruned_kernels": [v.path for v in pruned],
-            "pruned_fraction_of_kernel_weights": sum(int(np.prod(v.shape)) for v in pruned)
-            / sum(int(np.prod(v.shape)) for v in kernels), "rows": rows}
-
-
-def _lite_sizes(model, model_name, model_config, formats, output_dir, tag) -> dict:
-    from tfmstep.export import signatures as signatures_lib, tflite
-
-    serving = signatures_lib.servable(model_name, model, model_config)
-    out = {}
-    for fmt in formats:
-        flatbuffer = tflite.convert(model, model_name, model_config, fmt, servable=serving)
-        os.makedirs(os.path.join(output_dir, "pruned"), exist_ok=True)
-        with open(os.path.join(output_dir, "pruned", f"{model_name}_{tag}_{fmt}.tflite"), "wb") as f:
-            f.write(flatbuffer)
-        comparison = tflite.compare_with_keras(model, model_name, model_config, flatbuffer, servable=serving)
-        out[f"tflite_{fmt}"] = {**tflite.sizes(flatbuffer), "metrics": comparison["tflite"],
-                                "agreement": comparison["agreement"]}
-    return out
+    report = {"model": model_name, "steps": steps, "learning_rate": learning_rate,
+              "min_elements": min_elements, "pruned_kernels": [v.path for v in pruned],
+              "pruned_fraction_of_kernel_weights": sum(int(np.prod(v.shape)) for v in pruned)
+              / sum(int(np.prod(v.shape)) for v in kernels), "rows": rows}
+    return PruningSweep(model_name, model_config, report, models)
 
 
 def pruning_table(report: dict) -> str:

@@ -64,10 +64,10 @@ def main(argv) -> None:
         formats = export.check_formats(FLAGS.formats)
         model, config, name = load_model()
         if FLAGS.prune_sparsities:
-            report = pruning.pruning_sweep(model, name, config, FLAGS.export_base,
-                                           [float(s) for s in FLAGS.prune_sparsities], FLAGS.prune_steps,
-                                           FLAGS.prune_batch_size, FLAGS.prune_learning_rate,
-                                           min_elements=FLAGS.prune_min_elements)
+            sweep = pruning.pruning_sweep(model, name, config, [float(s) for s in FLAGS.prune_sparsities],
+                                          FLAGS.prune_steps, FLAGS.prune_batch_size, FLAGS.prune_learning_rate,
+                                          min_elements=FLAGS.prune_min_elements)
+            report = export.export_pruned(sweep, FLAGS.export_base)
             table = pruning.pruning_table(report)
         else:
             report = export.export_all(model, name, config, FLAGS.export_base, formats,

@@ -24,8 +24,8 @@ from tfmstep.export.tflite import export_tflite
 FORMATS = ("saved_model",) + tuple(f"tflite_{f}" for f in tflite.FORMATS)
 DEFAULT_EXPORT_BASE = os.path.join("export", "artifacts")  # git-ignored
 
-__all__ = ["FORMATS", "DEFAULT_EXPORT_BASE", "check_formats", "export_all", "export_saved_model",
-           "export_tflite", "list_versions", "servable"]
+__all__ = ["FORMATS", "DEFAULT_EXPORT_BASE", "check_formats", "export_all", "export_pruned",
+           "export_saved_model", "export_tflite", "list_versions", "servable"]
 
 
 def check_formats(formats) -> list[str]:
@@ -74,6 +74,26 @@ def export_all(model: keras.Model, model_name: str, config, export_base: str, fo
         for entry in report["artifacts"].values():
             if "bytes" in entry and "gzip_bytes" in entry:
                 entry["size_vs_fp32"] = round(entry["bytes"] / fp32["bytes"], 4)
+    return report
+
+
+def export_pruned(sweep, export_base: str, formats=("fp32", "int8")) -> dict:
+    """The TF-Lite files of every model of a pruning sweep (``tfmstep.pruning.pruning_sweep``), in
+    ``<export_base>/pruned/<tag>/``; each row of the sweep's report gains ``tflite_<fmt>``: raw/gzip
+    size, the family's metrics on validation and the argmax agreement with the Keras model."""
+    report = sweep.report
+    for row in report["rows"]:
+        model = sweep.models[row["tag"]]
+        serving = servable(sweep.model_name, model, sweep.config)
+        for fmt in formats:
+            path = export_tflite(model, sweep.model_name, sweep.config, fmt,
+                                 os.path.join(export_base, "pruned", row["tag"]), servable=serving)
+            with open(path, "rb") as f:
+                flatbuffer = f.read()
+            comparison = tflite.compare_with_keras(model, sweep.model_name, sweep.config, flatbuffer,
+                                                   servable=serving)
+            row[f"tflite_{fmt}"] = {"path": path, **tflite.sizes(flatbuffer), "metrics": comparison["tflite"],
+                                    "agreement": comparison["agreement"]}
     return report
 
 

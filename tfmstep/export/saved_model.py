@@ -79,10 +79,19 @@ def _fsync_tree(path: str) -> None:
             os.close(fd)
 
 
-def _json_config(config) -> dict:
-    if dataclasses.is_dataclass(config):
-        return json.loads(json.dumps(dataclasses.asdict(config), default=str))
-    return {}
+def _json_config(config, vocab_asset: str | None = None) -> dict:
+    """The config as JSON, without the build machine's paths: a value naming a file or directory keeps
+    only its base name, and the vocabulary is the version's own copy (``assets/<name>``)."""
+    if not dataclasses.is_dataclass(config):
+        return {}
+    values = json.loads(json.dumps(dataclasses.asdict(config), default=str))
+    for key, value in values.items():
+        if isinstance(value, str) and value and (os.path.isabs(value) or os.sep in value
+                                                 or os.path.exists(value)):
+            values[key] = os.path.basename(value.rstrip(os.sep))
+    if vocab_asset and "vocab_file" in values:
+        values["vocab_file"] = vocab_asset
+    return values
 
 
 def build_archive(model: keras.Model, servable: signatures_lib.Servable) -> keras.export.ExportArchive:
@@ -136,10 +145,11 @@ def export_saved_model(model: keras.Model, model_name: str, config, export_base:
         build_archive(model, servable).write_out(temp_dir, verbose=False)
         os.makedirs(os.path.join(temp_dir, "assets"), exist_ok=True)  # vocabularies; TF Serving's layout
         count = _write_warmup(os.path.join(temp_dir, warmup.WARMUP_FILE), model_name, servable)
-        info = {"model": model_name, "config": _json_config(config),
+        vocab_asset = _vocab_asset(temp_dir, servable.vocab_file) if servable.vocab_file else None
+        info = {"model": model_name, "config": _json_config(config, vocab_asset),
                 "signatures": sorted(servable.signatures), "warmup_requests": count}
-        if servable.vocab_file:
-            info["vocab_asset"] = _vocab_asset(temp_dir, servable.vocab_file)
+        if vocab_asset:
+            info["vocab_asset"] = vocab_asset
         with open(os.path.join(temp_dir, INFO_FILE), "w") as f:
             json.dump(info, f, indent=2)
         _fsync_tree(temp_dir)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from typing import Any, Mapping
 
 import numpy as np
@@ -27,10 +28,17 @@ def signature_inputs(signature) -> dict:
     return dict(signature.structured_input_signature[1])
 
 
+def _is_b64(value) -> bool:
+    return isinstance(value, Mapping) and set(value) == {"b64"}
+
+
 def _decode_value(value):
     """TF Serving's JSON for binary data is {"b64": "..."}."""
-    if isinstance(value, Mapping) and set(value) == {"b64"}:
-        return base64.b64decode(value["b64"])
+    if _is_b64(value):
+        try:
+            return base64.b64decode(value["b64"], validate=True)
+        except (ValueError, TypeError):
+            raise ValueError("expected base64 in {\"b64\": ...}") from None
     if isinstance(value, list):
         return [_decode_value(v) for v in value]
     return value
@@ -52,13 +60,25 @@ def _to_array(name: str, value: Any, spec: tf.TensorSpec) -> np.ndarray:
             if array.dtype == object or array.dtype.kind in "US":
                 raise ValueError("expected numbers")
             if dtype.is_integer:
-                if array.dtype.kind == "f" and not np.all(np.equal(np.mod(array, 1), 0)):
+                if array.dtype.kind == "b" or (array.dtype.kind == "f" and not (
+                        np.all(np.isfinite(array)) and np.all(np.equal(np.mod(array, 1), 0)))):
                     raise ValueError("expected integers")
+                info = np.iinfo(dtype.as_numpy_dtype)
+                # JSON numbers are unbounded: never let a cast wrap 2**32 + 5 to 5.
+                if array.size and (array.min() < info.min or array.max() > info.max):
+                    worst = array.max() if array.max() > info.max else array.min()
+                    raise BadRequest(f"input {name!r}: {_number_text(worst)} is outside the {dtype.name} "
+                                     f"range [{info.min}, {info.max}]")
+            elif dtype.is_floating:
                 if array.dtype.kind == "b":
-                    raise ValueError("expected integers")
-            elif dtype.is_floating and array.dtype.kind == "b":
-                raise ValueError("expected numbers")
+                    raise ValueError("expected numbers")
+                if array.size and not np.all(np.isfinite(array.astype(np.float64))):
+                    raise BadRequest(f"input {name!r} has NaN or infinite values")
             array = array.astype(dtype.as_numpy_dtype)
+            if dtype.is_floating and array.size and not np.all(np.isfinite(array)):
+                raise BadRequest(f"input {name!r} has values beyond the {dtype.name} range")
+    except BadRequest:
+        raise
     except (ValueError, TypeError) as e:
         raise BadRequest(f"input {name!r} must be {dtype.name} with shape {_shape_text(spec)}: "
                          f"{e if str(e).startswith('expected') else 'ragged or non-numeric values'}") from None
@@ -72,6 +92,11 @@ def _to_array(name: str, value: Any, spec: tf.TensorSpec) -> np.ndarray:
             raise BadRequest(f"input {name!r} must have shape {_shape_text(spec)}, got {list(array.shape)} "
                              f"(axis {axis})")
     return array
+
+
+def _number_text(value) -> str:
+    value = float(value) if isinstance(value, (float, np.floating)) else int(value)
+    return str(int(value)) if isinstance(value, float) and value.is_integer() and abs(value) < 1e300 else str(value)
 
 
 def _shape_text(spec: tf.TensorSpec) -> str:
@@ -99,7 +124,7 @@ def parse_rest_request(body: str | bytes | Mapping, signature) -> tuple[dict, st
             raise BadRequest('"instances" must be a list (one entry per example)')
         if not instances:
             raise BadRequest("empty batch: \"instances\" is an empty list")
-        if len(specs) == 1 and not isinstance(instances[0], Mapping):
+        if len(specs) == 1 and (not isinstance(instances[0], Mapping) or _is_b64(instances[0])):
             columns = {next(iter(specs)): instances}
         else:
             if not all(isinstance(row, Mapping) for row in instances):
@@ -152,12 +177,26 @@ def rest_response(outputs: Mapping, fmt: str) -> dict:
                              for name, a in arrays.items()} for i in range(batch)]}
 
 
+_ENSURE_SHAPE = re.compile(r"Shape of tensor (\S+) (\[[^\]]*\]) is not compatible with expected shape "
+                           r"(\[[^\]]*\])")
+
+
 def graph_error_line(error: tf.errors.OpError) -> str:
-    """The assertion's own message from a graph error (not "Graph execution error:")."""
+    """One line from an in-graph check's error (not "Graph execution error:"): the Assert's own message,
+    or EnsureShape's shape mismatch, naming the input."""
     lines = [line.strip() for line in error.message.strip().splitlines() if line.strip()]
     for line in lines:
+        shape = _ENSURE_SHAPE.search(line)
+        if shape:
+            name, got, want = shape.groups()
+            name = re.sub(r"_\d+$", "", name.split("/")[-1].split(":")[0])
+            want = want.replace("?", "batch", 1)
+            return f"input '{name}' must have shape {want.replace(',', ', ')}, got {got.replace(',', ', ')}"
         if "assertion failed" in line or line.startswith("Condition x"):
-            return line.replace("assertion failed: ", "")
+            line = line.split("assertion failed: ", 1)[-1]
+            line = re.sub(r"\s*\[\[\{\{.*$", "", line)  # the node name TF appends
+            line = line.replace("\\'", "'")  # Assert prints its string data with escaped quotes
+            return line[1:-1] if line.startswith("[") and line.endswith("]") else line
     return lines[-1] if lines else type(error).__name__
 
 

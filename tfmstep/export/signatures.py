@@ -1,22 +1,22 @@
-"""What each model exports: serving signatures (TF Serving), the function TF-Lite converts, warmup inputs.
+"""Generic export machinery: what a servable is, the generic servable of any model, in-graph input checks.
 
-Driven by the registry. ``servable(name, model, config)`` returns a ``Servable`` for any registered model:
-a family listed in ``FAMILIES`` gets its own signatures (the classifier's ``probabilities``/``classes``,
-the language model's ``next_token_logits`` and ``generate`` with in-graph tokenisation -- bytes, or its
-SentencePiece vocabulary, which then ships in the version's ``assets/`` --, the chain
-reasoner's ``answers``/``steps_used``); any other family gets the generic ``serving_default`` over the
-model's own inputs with its outputs under their own names. Special cases of a family live here and nowhere
-else, so the export, the tests and ``tools/export.py`` stay generic.
+``servable(name, model, config)`` returns a ``Servable`` for any registered model: the family's own
+(its registry ``servable`` hook: the classifier's ``probabilities``/``classes`` in
+``tfmstep/models/cnn_classifier.py``, the language model's ``next_token_logits``/``generate`` in
+``tfmstep/models/lstm_lm/serving.py``, ...), else ``generic_servable``: ``serving_default`` over the
+model's own inputs with its outputs under their own names.
 
 Every serving function is a plain function (``keras.export.ExportArchive`` wraps it in a ``tf.function``
 without ``jit_compile``: an XLA must-compile attribute breaks TF Serving on GPU) with a dynamic batch
-dimension, and refuses an empty batch with a clear in-graph error.
+dimension, and checks its inputs in the graph before any kernel runs (``check_inputs``): rank and static
+dimensions, a batch of 1..``max_batch`` examples, finite float values, plus the family's own value ranges
+(``assert_in_range``). A bad request fails with an ``InvalidArgument`` naming the input -- never a process
+abort inside a kernel (oneDNN's convolution aborts on a rank-3 image), never a silent wrong answer.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Callable, Mapping
 
 import keras
@@ -26,10 +26,8 @@ import tensorflow as tf
 from tfmstep import registry
 from tfmstep.errors import UserError
 
-# Beam widths the LM's ``generate`` signature accepts at run time (1 = greedy). Each is a branch of one
-# tf.switch_case, because beam search needs its width as a static shape.
-BEAM_WIDTHS = (1, 2, 4, 8)
-MAX_GENERATE_LENGTH = 1024
+# Requests larger than this fail in the graph (a family may set its own limit per signature).
+MAX_BATCH = 1024
 
 
 @dataclasses.dataclass
@@ -44,11 +42,15 @@ class Servable:
 
     signatures: dict  # {signature_name: Signature}; "serving_default" is always present
     warmup_inputs: dict  # {signature_name: {input_name: np.ndarray}}: realistic requests for warmup/tests
-    # TF-Lite: a function of the model's inputs returning its raw outputs (a dict), with TF-Lite-friendly
-    # fixed shapes (LSTMs unrolled at the training sequence length).
-    tflite_fn: Callable
+    # TF-Lite: the input signature of ``tflite_fn`` (fixed shapes where TF-Lite needs them, e.g. the LM's
+    # training sequence length) ...
     tflite_input_signature: dict
     primary_output: str  # the output whose argmax is compared between TF-Lite and Keras
+    # ... and a function of those inputs returning the model's raw outputs (a dict). Either given, or
+    # built on first use by ``make_tflite_fn`` (the LM's unrolled copy): the SavedModel path never builds
+    # what only TF-Lite needs. Read it with ``tflite_function()``.
+    tflite_fn: Callable | None = None
+    make_tflite_fn: Callable[[], Callable] | None = None
     agreement_mask: Callable | None = None  # labels -> bool mask of positions that count (None: all)
     # (signature_name, inputs) -> the outputs computed in plain Keras, one example at a time where the
     # serving function batches or pads: what the reloaded SavedModel is checked against.
@@ -59,6 +61,82 @@ class Servable:
     # Non-variable TF resources the serving functions use (the SentencePiece op's model), which the
     # archive must track to save them.
     trackables: list = dataclasses.field(default_factory=list)
+    # Set by tflite.py: a temporary SavedModel of ``tflite_fn``, written once, converted to every format.
+    tflite_source_dir: str | None = dataclasses.field(default=None, repr=False)
+
+    def tflite_function(self) -> Callable:
+        if self.tflite_fn is None:
+            if self.make_tflite_fn is None:
+                raise UserError("this servable has no TF-Lite entry point (tflite_fn)")
+            self.tflite_fn = self.make_tflite_fn()
+        return self.tflite_fn
+
+
+# ---------------------------------------------------------------------------------------------------------
+# In-graph input checks.
+
+
+def shape_text(spec: tf.TensorSpec) -> str:
+    """``[batch, 8, 8, 1]``: a spec's shape as error messages show it."""
+    dims = spec.shape.as_list() if spec.shape.rank is not None else None
+    if dims is None:
+        return "any shape"
+    return "[" + ", ".join("batch" if i == 0 and d is None else ("?" if d is None else str(d))
+                           for i, d in enumerate(dims)) + "]"
+
+
+def assert_that(condition, message: str, *values) -> tf.Operation:
+    """An Assert whose InvalidArgument reads ``message`` with ``{}`` filled in by ``values`` at run time."""
+    return tf.debugging.Assert(condition, [tf.strings.format(message, values) if values else message])
+
+
+def assert_in_range(x, low, high, name: str, what: str = "values") -> tf.Operation:
+    """``low <= x <= high`` everywhere (an empty ``x`` passes); the error names the input and its range."""
+    x = tf.reshape(tf.convert_to_tensor(x), [-1])
+    empty = tf.equal(tf.size(x), 0)
+    inside = tf.logical_and(tf.reduce_all(x >= low), tf.reduce_all(x <= high))
+    smallest = tf.where(empty, tf.zeros([], x.dtype), tf.reduce_min(x))
+    largest = tf.where(empty, tf.zeros([], x.dtype), tf.reduce_max(x))
+    return assert_that(inside, f"input '{name}': {what} must be in [{low:g}, {high:g}], got {{}} to {{}}",
+                       smallest, largest)
+
+
+def after(checks, tensors):
+    """``tensors`` (a dict or one tensor) re-emitted so that everything reading them waits for ``checks``."""
+    with tf.control_dependencies(list(checks)):
+        return tf.nest.map_structure(tf.identity, tensors)
+
+
+def check_inputs(inputs: Mapping, specs: Mapping, *, max_batch: int = MAX_BATCH,
+                 finite: bool = True) -> dict:
+    """The request's tensors, checked in the graph before anything else reads them:
+
+    - rank and every static dimension of the spec, with ``EnsureShape`` (a run-time check TF keeps: an
+      Assert on ``tf.rank`` would be folded away by Grappler, which trusts the signature's static shape);
+    - a batch (axis 0 of every batched input) of 1..``max_batch`` examples, the same for every input;
+    - finite values in every float input (``finite``).
+
+    Returns the checked tensors: read these, not the raw inputs, so every kernel depends on the checks.
+    """
+    checked, checks, batch = {}, [], None
+    for name, spec in specs.items():
+        # EnsureShape's error names the tensor: "Shape of tensor <name> [..] is not compatible with ...".
+        x = tf.ensure_shape(tf.identity(inputs[name], name=name), spec.shape)
+        checked[name] = x
+        if spec.shape.rank and spec.shape[0] is None:  # batched
+            size = tf.shape(x)[0]
+            if batch is None:
+                batch = (name, size)
+                checks.append(assert_that(size > 0, f"empty batch: input '{name}' has no examples"))
+                checks.append(assert_that(size <= max_batch, f"input '{name}': a batch of {{}} examples is "
+                                                              f"over the limit of {max_batch}", size))
+            else:
+                checks.append(assert_that(tf.equal(size, batch[1]), f"input '{name}' has {{}} examples but "
+                                                                    f"'{batch[0]}' has {{}}", size, batch[1]))
+        if finite and spec.dtype.is_floating:
+            checks.append(assert_that(tf.reduce_all(tf.math.is_finite(x)),
+                                      f"input '{name}' has NaN or infinite values"))
+    return after(checks, checked)
 
 
 def _check_nonempty(tensor, what: str):
@@ -99,11 +177,15 @@ def _named_outputs(outputs, model: keras.Model) -> dict:
     return dict(zip(names, flat))
 
 
-def _example_inputs(name: str, config, input_specs: dict, batch_size: int = 2) -> dict:
+def example_inputs(name: str, config, input_specs: dict, batch_size: int = 2) -> dict:
+    """A batch of the validation split as {input_name: np.ndarray} (warmup requests, tests)."""
     inputs, _ = next(iter(registry.get_spec(name).dataset(config, "validation", batch_size)))
     if not isinstance(inputs, Mapping):
         inputs = {next(iter(input_specs)): inputs}
     return {key: np.asarray(value)[:batch_size] for key, value in inputs.items()}
+
+
+_example_inputs = example_inputs
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -115,12 +197,15 @@ def generic_servable(name: str, model: keras.Model, config) -> Servable:
     dict_inputs = _dict_inputs(model)
 
     def call_model(**kwargs):
-        first = next(iter(kwargs.values()))
-        with tf.control_dependencies([_check_nonempty(first, next(iter(kwargs)))]):
-            packed = dict(kwargs) if dict_inputs else first
-            return _named_outputs(model(packed, training=False), model)
+        checked = check_inputs(kwargs, input_specs)
+        packed = dict(checked) if dict_inputs else next(iter(checked.values()))
+        return _named_outputs(model(packed, training=False), model)
 
-    example = _example_inputs(name, config, input_specs)
+    def raw_outputs(**kwargs):  # TF-Lite: no asserts (TF-Lite has no builtin for them)
+        packed = dict(kwargs) if dict_inputs else next(iter(kwargs.values()))
+        return _named_outputs(model(packed, training=False), model)
+
+    example = example_inputs(name, config, input_specs)
     outputs = _named_outputs(model(dict(example) if dict_inputs else next(iter(example.values())),
                                    training=False), model)
     primary = "logits" if "logits" in outputs else next(iter(outputs))
@@ -132,246 +217,8 @@ def generic_servable(name: str, model: keras.Model, config) -> Servable:
     return Servable(
         signatures={"serving_default": Signature(call_model, input_specs)},
         warmup_inputs={"serving_default": example},
-        tflite_fn=call_model, tflite_input_signature=input_specs, primary_output=primary,
+        tflite_fn=raw_outputs, tflite_input_signature=input_specs, primary_output=primary,
         keras_reference=reference)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Classifier: probabilities and classes.
-
-
-def classifier_servable(name: str, model: keras.Model, config) -> Servable:
-    servable = generic_servable(name, model, config)
-    input_name, spec = next(iter(servable.tflite_input_signature.items()))
-
-    def classify(**kwargs):
-        images = kwargs[input_name]
-        with tf.control_dependencies([_check_nonempty(images, input_name)]):
-            logits = tf.cast(model(images, training=False), tf.float32)
-        return {"probabilities": tf.nn.softmax(logits, axis=-1),
-                "classes": tf.argmax(logits, axis=-1, output_type=tf.int32)}
-
-    def logits_only(**kwargs):
-        return {"logits": tf.cast(model(kwargs[input_name], training=False), tf.float32)}
-
-    def reference(signature_name, inputs):
-        logits = keras.ops.convert_to_numpy(model(inputs[input_name], training=False))
-        return {"probabilities": keras.ops.convert_to_numpy(keras.ops.softmax(logits, axis=-1)),
-                "classes": np.argmax(logits, -1)}
-
-    servable.signatures = {"serving_default": Signature(classify, {input_name: spec})}
-    servable.keras_reference = reference
-    servable.tflite_fn = logits_only
-    servable.primary_output = "logits"
-    return servable
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Language model: text in, in-graph tokenisation (bytes or SentencePiece), next-token logits and generation.
-
-_BYTE_STRINGS = [bytes([i]) for i in range(256)]
-
-
-def text_to_tokens(text: tf.Tensor) -> tf.RaggedTensor:
-    """[B] strings -> ragged [B, bytes] int32 byte tokens (the LM's tokenisation, in the graph)."""
-    chars = tf.strings.bytes_split(text)
-    values = tf.reshape(tf.io.decode_raw(chars.flat_values, tf.uint8), [-1])
-    return chars.with_flat_values(tf.cast(values, tf.int32))
-
-
-def tokens_to_text(tokens: tf.Tensor) -> tf.Tensor:
-    """[B, T] byte tokens -> [B] strings (raw bytes; a client decodes them as UTF-8)."""
-    table = tf.constant(_BYTE_STRINGS)
-    return tf.strings.reduce_join(tf.gather(table, tf.clip_by_value(tokens, 0, 255)), axis=-1)
-
-
-@dataclasses.dataclass
-class TextCodec:
-    """How the LM's text becomes tokens and back: in the graph (serving) and in Python (the reference)."""
-
-    unit: str  # what one token is, for the empty-text error
-    to_tokens: Callable  # graph: [B] strings -> ragged [B, tokens] int32
-    to_text: Callable  # graph: [B, T] int32 ids -> [B] strings
-    encode: Callable  # Python: bytes -> int32 ids
-    decode: Callable  # Python: ids -> bytes, what the graph's text output holds
-    vocab_file: str | None = None  # shipped in assets/
-    trackables: list = dataclasses.field(default_factory=list)
-
-
-def byte_codec() -> TextCodec:
-    return TextCodec("byte", text_to_tokens, tokens_to_text,
-                     encode=lambda data: np.frombuffer(data, np.uint8).astype(np.int32),
-                     decode=lambda ids: bytes(np.asarray(ids).astype(np.uint8).tolist()))
-
-
-def sentencepiece_codec(config) -> TextCodec:
-    """The model's own vocabulary file, in the graph through keras-hub's SentencePieceTokenizer (TF Text's
-    SentencepieceOp / SentencepieceTokenizeOp / SentencepieceDetokenizeOp).
-
-    Read from ``config.vocab_file`` and never retrained here: a vocabulary made anew would not be the one
-    the weights were trained with.
-
-    The stock TF Serving model server has these ops: tensorflow/serving's model_servers/BUILD links
-    ``@org_tensorflow_text//tensorflow_text:ops_lib`` (which includes ``sentencepiece_tokenizer_cc``) into
-    ``server_lib``, since tensorflow/serving#1490 (2020); details in tfmstep/export/README.md."""
-    from tfmstep.data import text as text_data
-
-    path = config.vocab_file
-    if not path or not os.path.isfile(path):
-        raise UserError(f"the SentencePiece vocabulary {path!r} (vocab_file) is missing; the export needs "
-                        f"the file the model was trained with (a relative path is read from the current "
-                        f"directory)")
-    with open(path, "rb") as f:
-        proto = f.read()
-    try:
-        python_tokenizer = text_data.SentencePieceTokenizer(proto)
-    except Exception as e:  # not a SentencePiece model proto
-        raise UserError(f"vocab_file {path} is not a SentencePiece model ({type(e).__name__})") from None
-    if python_tokenizer.vocabulary_size != config.vocab_size:
-        raise UserError(f"vocab_file {path} has {python_tokenizer.vocabulary_size} pieces but the model's "
-                        f"vocab_size is {config.vocab_size}")
-    layer = python_tokenizer.tokenizer
-    layer(tf.constant(["x"]))  # a first call builds the layer; ExportArchive tracks only built layers
-
-    def to_tokens(text):
-        return tf.cast(layer.tokenize(text), tf.int32)
-
-    def decode(ids):
-        return python_tokenizer.decode(np.asarray(ids, np.int32)).encode("utf-8")
-
-    # The op holds the model proto as an attribute, so the graph is self-contained; the asset is the same
-    # bytes where TF Serving's layout expects a vocabulary (for clients, and to re-tokenise offline).
-    return TextCodec("SentencePiece token", to_tokens, layer.detokenize, encode=python_tokenizer.encode,
-                     decode=decode, vocab_file=path, trackables=[layer])
-
-
-def text_codec(config) -> TextCodec:
-    return sentencepiece_codec(config) if config.tokenizer == "sentencepiece" else byte_codec()
-
-
-def _masked_step(step_fn):
-    """Wrap ``step(tokens, state)`` so that token -1 (right padding of a shorter prompt) leaves the state
-    and the last logits unchanged: prompts of different lengths then decode in one batch."""
-
-    def step(tokens, state):
-        lstm_state, last_logits = state
-        valid = tokens >= 0
-        logits, new_state = step_fn(tf.maximum(tokens, 0), lstm_state)
-        new_state = tf.where(tf.reshape(valid, [-1, 1, 1, 1]), new_state, lstm_state)
-        logits = tf.where(valid[:, None], logits, last_logits)
-        return logits, (new_state, logits)
-
-    return step
-
-
-def language_model_servable(name: str, model: keras.Model, config) -> Servable:
-    from tfmstep import decoding
-    from tfmstep.models import lstm_lm
-
-    step_fn = _masked_step(lstm_lm.make_step_fn(model))
-    vocab = int(config.vocab_size)
-    codec = text_codec(config)
-
-    def prompt_tokens(text):
-        checks = [_check_nonempty(text, "text")]
-        tokens = codec.to_tokens(text)
-        lengths = tokens.row_lengths()
-        checks.append(tf.debugging.assert_positive(
-            lengths, message=f"every text must have at least 1 {codec.unit}"))
-        with tf.control_dependencies(checks):  # nothing downstream may run on an invalid request
-            return tf.identity(tokens.to_tensor(default_value=-1)), tf.cast(tf.identity(lengths), tf.int32)
-
-    def next_token_logits(text):
-        padded, lengths = prompt_tokens(text)
-        logits = tf.cast(model(tf.maximum(padded, 0), training=False), tf.float32)  # causal: padding is after
-        last = tf.gather(logits, lengths - 1, batch_dims=1)
-        return {"next_token_logits": last,
-                "next_token": tf.argmax(last, -1, output_type=tf.int32)}
-
-    def generate(text, max_length, beam_width):
-        padded, _ = prompt_tokens(text)
-        checks = [
-            tf.debugging.assert_greater_equal(max_length, 1, message="max_length must be >= 1"),
-            tf.debugging.assert_less_equal(max_length, MAX_GENERATE_LENGTH,
-                                           message=f"max_length must be <= {MAX_GENERATE_LENGTH}"),
-            tf.debugging.Assert(tf.reduce_any(tf.equal(beam_width, BEAM_WIDTHS)),
-                                [f"beam_width must be one of {BEAM_WIDTHS}, got", beam_width]),
-        ]
-        with tf.control_dependencies(checks):  # everything downstream waits for the checks
-            padded = tf.identity(padded)
-            max_length, beam_width = tf.identity(max_length), tf.identity(beam_width)
-        batch = tf.shape(padded)[0]
-        state = (lstm_lm.initial_state(model, batch), tf.zeros([batch, vocab], tf.float32))
-
-        def greedy():
-            return decoding.sample(step_fn, padded, state, max_length, greedy=True)
-
-        def beam(width):
-            return lambda: decoding.beam_search(step_fn, padded, state, max_length, beam_width=width)[:2]
-
-        branch = tf.argmax(tf.cast(tf.equal(beam_width, BEAM_WIDTHS), tf.int32), output_type=tf.int32)
-        tokens, log_prob = tf.switch_case(branch, [greedy] + [beam(w) for w in BEAM_WIDTHS[1:]])
-        return {"text": codec.to_text(tokens), "tokens": tokens, "log_prob": log_prob}
-
-    text_spec = {"text": tf.TensorSpec([None], tf.string, name="text")}
-    generate_spec = dict(text_spec, max_length=tf.TensorSpec([], tf.int32, name="max_length"),
-                         beam_width=tf.TensorSpec([], tf.int32, name="beam_width"))
-    prompts = np.array([b"def main(", b"import os\n"], dtype=object)
-
-    # TF-Lite: the whole-sequence forward at the training length, with the LSTMs unrolled (a while-loop
-    # LSTM needs TF select ops; the unrolled one converts to builtins).
-    unrolled = unrolled_copy(model, config.seq_len)
-
-    def sequence_logits(tokens):
-        return {"logits": tf.cast(unrolled(tokens, training=False), tf.float32)}
-
-    def reference(signature_name, inputs):
-        """Each prompt alone (no padding), tokenised in Python, through the Keras model / the unbatched
-        decoders."""
-        rows = []
-        for prompt in inputs["text"]:
-            tokens = tf.constant([codec.encode(prompt).tolist()], tf.int32)
-            if signature_name in ("serving_default", "next_token_logits"):
-                last = keras.ops.convert_to_numpy(model(tokens, training=False))[0, -1]
-                rows.append({"next_token_logits": last, "next_token": np.argmax(last)})
-                continue
-            plain_step = lstm_lm.make_step_fn(model)
-            state = lstm_lm.initial_state(model, 1)
-            length, width = int(inputs["max_length"]), int(inputs["beam_width"])
-            if width == 1:
-                out, log_prob = decoding.sample(plain_step, tokens, state, length, greedy=True)
-            else:
-                out, log_prob, _ = decoding.beam_search(plain_step, tokens, state, length, beam_width=width)
-            rows.append({"tokens": out.numpy()[0], "log_prob": log_prob.numpy()[0],
-                         "text": codec.decode(out.numpy()[0])})
-        return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
-
-    logits_signature = Signature(next_token_logits, text_spec)
-    return Servable(
-        signatures={"serving_default": logits_signature, "next_token_logits": logits_signature,
-                    "generate": Signature(generate, generate_spec)},
-        warmup_inputs={"next_token_logits": {"text": prompts},
-                       "generate": {"text": prompts, "max_length": np.array(8, np.int32),
-                                    "beam_width": np.array(2, np.int32)}},
-        tflite_fn=sequence_logits,
-        tflite_input_signature={"tokens": tf.TensorSpec([None, config.seq_len], tf.int32, name="tokens")},
-        primary_output="logits", keras_reference=reference, vocab_file=codec.vocab_file,
-        trackables=list(codec.trackables))
-
-
-def unrolled_copy(model: keras.Model, sequence_length: int) -> keras.Model:
-    """A copy of the functional model (weights copied now) with every RNN layer unrolled at a fixed length."""
-
-    def clone_layer(layer):
-        layer_config = layer.get_config()
-        if isinstance(layer, keras.layers.RNN) or "unroll" in layer_config:
-            layer_config["unroll"] = True
-        return layer.__class__.from_config(layer_config)
-
-    inputs = keras.Input(shape=(sequence_length,), dtype=model.inputs[0].dtype, name=model.inputs[0].name)
-    copy = keras.models.clone_model(model, input_tensors=inputs, clone_function=clone_layer)
-    copy.set_weights(model.get_weights())
-    return copy
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -408,10 +255,10 @@ def chain_servable(name: str, model: keras.Model, config) -> Servable:
     return servable
 
 
-# Family name -> builder of its Servable. Models not listed get ``generic_servable``.
+# Family name -> builder of its Servable, for families without a registered ``servable`` hook.
+# Families own their serving code (the registry hook); this table only bridges the chain reasoner until
+# its hook lands. Models with neither get ``generic_servable``.
 FAMILIES: dict[str, Callable[[str, keras.Model, Any], Servable]] = {
-    "cnn_classifier": classifier_servable,
-    "lstm_lm": language_model_servable,
     "chain_transformer": chain_servable,
 }
 

@@ -33,22 +33,21 @@ REPRESENTATIVE_EXAMPLES = 200
 def _source_saved_model(model: keras.Model, servable: signatures_lib.Servable) -> str:
     """A SavedModel holding only the TF-Lite entry point; the converter reads it (converting straight
     from a concrete function keeps Keras 3 variables as resource reads that LiteRT cannot run).
-    Written once per servable and reused for every format."""
-    cached = getattr(servable, "_tflite_source_dir", None)
-    if cached and os.path.isdir(cached):
-        return cached
+    Written once per servable (``servable.tflite_source_dir``) and reused for every format."""
+    if servable.tflite_source_dir and os.path.isdir(servable.tflite_source_dir):
+        return servable.tflite_source_dir
     from tfmstep.export import saved_model as saved_model_lib
 
     directory = tempfile.mkdtemp(prefix="tfmstep-tflite-src-")
+    fn = servable.tflite_function()
     source = signatures_lib.Servable(
-        signatures={"serving_default": signatures_lib.Signature(servable.tflite_fn,
-                                                                servable.tflite_input_signature)},
-        warmup_inputs={}, tflite_fn=servable.tflite_fn,
-        tflite_input_signature=servable.tflite_input_signature, primary_output=servable.primary_output)
+        signatures={"serving_default": signatures_lib.Signature(fn, servable.tflite_input_signature)},
+        warmup_inputs={}, tflite_fn=fn, tflite_input_signature=servable.tflite_input_signature,
+        primary_output=servable.primary_output)
     saved_model_lib.build_archive(model, source).write_out(os.path.join(directory, "model"), verbose=False)
-    servable._tflite_source_dir = os.path.join(directory, "model")
+    servable.tflite_source_dir = os.path.join(directory, "model")
     weakref.finalize(servable, shutil.rmtree, directory, True)
-    return servable._tflite_source_dir
+    return servable.tflite_source_dir
 
 
 def representative_dataset(model_name: str, config, input_signature: dict, examples: int):
@@ -116,7 +115,8 @@ def convert(model: keras.Model, model_name: str, config, fmt: str, *,
 
 
 def _output_specs(servable: signatures_lib.Servable) -> list:
-    fn = tf.function(lambda inputs: servable.tflite_fn(**inputs), autograph=False)
+    tflite_fn = servable.tflite_function()
+    fn = tf.function(lambda inputs: tflite_fn(**inputs), autograph=False)
     outputs = fn.get_concrete_function(dict(servable.tflite_input_signature)).structured_outputs
     return tf.nest.flatten(outputs)
 
@@ -208,6 +208,7 @@ def compare_with_keras(model: keras.Model, model_name: str, config, flatbuffer: 
     spec = registry.get_spec(model_name)
     servable = servable or signatures_lib.servable(model_name, model, config)
     lite = LiteModel(flatbuffer)
+    tflite_fn = servable.tflite_function()
     names = list(servable.tflite_input_signature)
     primary = servable.primary_output
     totals = {"keras": {}, "tflite": {}}
@@ -220,7 +221,7 @@ def compare_with_keras(model: keras.Model, model_name: str, config, flatbuffer: 
         feeds = {n: _fit_to_spec(np.asarray(inputs[n]), servable.tflite_input_signature[n]) for n in names}
         labels = tf.nest.map_structure(
             lambda a: _fit_labels(np.asarray(a), feeds, servable), labels)
-        keras_out = {k: np.asarray(v) for k, v in servable.tflite_fn(**feeds).items()}
+        keras_out = {k: np.asarray(v) for k, v in tflite_fn(**feeds).items()}
         lite_out = lite(feeds)
         for source, outputs in (("keras", keras_out), ("tflite", lite_out)):
             loss, metrics = spec.loss(labels, {k: tf.constant(v) for k, v in outputs.items()}

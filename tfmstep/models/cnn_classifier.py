@@ -1,5 +1,9 @@
 """CNN image classifier: stages of Conv2D -> norm -> ReLU, max-pooling between stages, then
-global average pooling, dropout and a linear classifier. Any input size, any class count."""
+global average pooling, dropout and a linear classifier. Any input size, any class count.
+
+Serving (registered as the family's ``servable`` hook): ``serving_default`` takes ``images`` float32
+[batch, H, W, C] in [0, 1] and answers ``probabilities`` [batch, classes] and ``classes`` int32 [batch];
+TF-Lite converts the logits."""
 
 from __future__ import annotations
 
@@ -94,7 +98,45 @@ def per_layer_times(model: keras.Model, config: CNNConfig, batch_size: int = 32,
     return rows
 
 
+# Largest request batch the serving signature takes (a 32x32x3 batch of 1024 is 12 MB of float32).
+MAX_SERVING_BATCH = 1024
+
+
+def classifier_servable(name: str, model: keras.Model, config):
+    """Signatures of the classifier: images in [0, 1] -> probabilities and classes; checked in the graph
+    (rank, height/width/channels, batch size, finite values in [0, 1]) before the first convolution."""
+    import numpy as np
+
+    from tfmstep.export import signatures
+
+    servable = signatures.generic_servable(name, model, config)
+    input_name, spec = next(iter(servable.tflite_input_signature.items()))
+
+    def classify(**kwargs):
+        images = signatures.check_inputs(kwargs, {input_name: spec}, max_batch=MAX_SERVING_BATCH)[input_name]
+        images = signatures.after([signatures.assert_in_range(images, 0.0, 1.0, input_name, "pixel values")],
+                                  images)
+        logits = tf.cast(model(images, training=False), tf.float32)
+        return {"probabilities": tf.nn.softmax(logits, axis=-1),
+                "classes": tf.argmax(logits, axis=-1, output_type=tf.int32)}
+
+    def logits_only(**kwargs):
+        return {"logits": tf.cast(model(kwargs[input_name], training=False), tf.float32)}
+
+    def reference(signature_name, inputs):
+        logits = keras.ops.convert_to_numpy(model(inputs[input_name], training=False))
+        return {"probabilities": keras.ops.convert_to_numpy(keras.ops.softmax(logits, axis=-1)),
+                "classes": np.argmax(logits, -1)}
+
+    servable.signatures = {"serving_default": signatures.Signature(classify, {input_name: spec})}
+    servable.keras_reference = reference
+    servable.tflite_fn = logits_only
+    servable.primary_output = "logits"
+    return servable
+
+
 @register("cnn_classifier", config_class=CNNConfig, loss=classification_loss, dataset=cnn_dataset,
+          servable=classifier_servable,
           presets={
               "tiny": dict(filters=(8, 16), convs_per_stage=1, dropout=0.0),
               "cifar10": dict(dataset="cifar10", filters=(32, 64, 128), augment=True),

@@ -1,5 +1,7 @@
 """LSTM language model: Embedding -> stacked LSTM -> (LayerNorm) -> logits over the next token.
 
+(Registered in ``tfmstep/models/lstm_lm/__init__.py`` with its serving code, ``serving.py``.)
+
 Tokens are bytes by default, or SentencePiece subwords (``tokenizer="sentencepiece"``, vocabulary in
 ``vocab_file``); see ``tfmstep/data/text.py`` for the corpora and the fixed split. The loss is the mean
 next-token cross-entropy in nats; ``bits_per_byte`` turns it into the number compared with the n-gram.
@@ -18,7 +20,6 @@ import tensorflow as tf
 
 from tfmstep.data import text as text_data
 from tfmstep.errors import UserError
-from tfmstep.registry import register
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,13 +134,6 @@ class TiedOutput(keras.layers.Layer):
         return keras.ops.matmul(x, keras.ops.transpose(self.embedding.embeddings)) + self.bias
 
 
-@register("lstm_lm", config_class=LSTMConfig, loss=lm_loss, dataset=lm_dataset,
-          presets={
-              "tiny": dict(embedding_dim=16, units=32, seq_len=32, eval_context=16, max_corpus_bytes=100_000,
-                           dropout=0.0),
-          },
-          # Measured on a 2-core CPU: the XLA-compiled LSTM step ran 6x slower than the plain one.
-          xla_on_cpu=False)
 def build_lstm_lm(config: LSTMConfig) -> keras.Model:
     """Embedding -> stacked LSTM -> logits for next-token prediction (byte level)."""
     tokens = keras.Input(shape=(None,), dtype="int32", name="tokens")
