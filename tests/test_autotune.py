@@ -188,7 +188,7 @@ def tune_short_runs(monkeypatch):
         calls.append(kwargs["run_steps"])
         return real(*args, time_call=_favouring(CHOSEN), **FAKE_BUDGET, **kwargs)
 
-    monkeypatch.setattr(trainer, "MIN_AUTOTUNE_STEPS", 10)
+    monkeypatch.setattr(autotune, "MIN_AUTOTUNE_STEPS", 10)
     monkeypatch.setattr(autotune, "choose_step_settings", choose)
     return calls
 
@@ -260,10 +260,10 @@ def test_short_run_skips_measuring_and_uses_the_family_default(tmp_path, monkeyp
 
     monkeypatch.setattr(autotune, "choose_step_settings", must_not_measure)
     config = trainer.TrainConfig(steps=8, batch_size=8, eval_every=0, eval_batches=1)
-    assert trainer.MIN_AUTOTUNE_STEPS > config.steps
+    assert autotune.MIN_AUTOTUNE_STEPS > config.steps
     metrics = trainer.train("cnn_classifier", str(tmp_path / "run"), "tiny", config=config)
     settings = metrics["step_settings"]
     assert settings["source"] == "default" and "not measured" in settings["note"]
     assert metrics["jit_compile"] == tfmstep.get_spec("cnn_classifier").xla_on_cpu
-    assert metrics["steps_per_call"] == trainer.DEFAULT_STEPS_PER_CALL
+    assert metrics["steps_per_call"] == autotune.DEFAULT_STEPS_PER_CALL
     assert _settings(str(tmp_path / "run")) == settings

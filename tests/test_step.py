@@ -20,7 +20,7 @@ def _run(strategy, jit_compile, clip_norm, num_steps=4):
     with strategy.scope():
         model = spec.build(config)
         optimizer = step_lib.make_optimizer(step_lib.OptimizerConfig(
-            learning_rate=1e-2, warmup_steps=0, total_steps=num_steps, clip_norm=clip_norm))
+            learning_rate=1e-2, warmup_steps=0, total_steps=num_steps))
         optimizer.build(model.trainable_variables)
     steps = step_lib.make_steps(model, optimizer, spec.loss, global_batch_size=BATCH, strategy=strategy,
                                 jit_compile=jit_compile, clip_norm=clip_norm)
@@ -82,3 +82,13 @@ def test_xla_preflight_names_the_failing_op_and_the_way_out():
     steps = step_lib.make_steps(model, optimizer, loss, global_batch_size=4, jit_compile=True)
     with pytest.raises(tfmstep.UserError, match=r"XLA cannot compile.*AsString.*--nojit_compile"):
         step_lib.preflight_xla(steps, tf.ones((4, 3)), tf.zeros((4,)), "toy")
+
+
+def test_optimizer_config_has_no_clip_norm_clipping_is_the_steps():
+    """Clipping lives in make_steps (it must see the all-reduced gradient); a second, unread clip_norm on
+    the optimizer's config would only let the two disagree."""
+    import dataclasses
+
+    assert "clip_norm" not in {f.name for f in dataclasses.fields(step_lib.OptimizerConfig)}
+    with pytest.raises(TypeError):
+        step_lib.OptimizerConfig(clip_norm=1.0)

@@ -4,7 +4,10 @@ A workdir holds everything of one run:
   config.json       model name, preset, overrides and TrainConfig (a resumed run must match it), and the
                     step settings in use (``step_settings``: jit_compile, steps_per_call, how they were
                     chosen and, when auto-tuned, the steps/s of every candidate) -- reused on resume
-  checkpoints/      tf.train.CheckpointManager: model, optimizer, step and input-pipeline position
+  checkpoints/      tf.train.CheckpointManager: model, optimizer, step and input-pipeline position, saved
+                    every ``checkpoint_every`` steps, every ``checkpoint_every_secs`` seconds, at the end,
+                    and on SIGTERM/SIGINT (then the run stops: a preempted run loses at most one call)
+  checkpoints/best/ the checkpoint with the lowest smoothed train loss so far (``best.json`` says which)
   train_log.jsonl   one line per optimizer step (loss and metrics); truncated to the checkpoint on resume
   tensorboard/      scalars: train loss/metrics, learning rate, steps/s, eval loss/metrics
   metrics.json      final metrics and the step settings
@@ -12,6 +15,11 @@ Exact resume: the train stream's batch k depends only on (seed, k), and the chec
 batches were consumed, so a restarted run sees the same batches in the same order as an uninterrupted one.
 The step settings are part of that: a resumed run uses the ones recorded in config.json (XLA and the plain
 step round differently), never a new measurement.
+
+Nothing already saved is lost: every file the trainer rewrites is written atomically (``tfmstep.fileio``);
+data, config and workdir are checked before the first write, so a rejected command leaves the workdir as it
+was; a checkpoint state that cannot be read, or a newest checkpoint that cannot be restored, is an error
+naming the file and the way out (``restore_from``), never a silent restart from step 0.
 """
 
 from __future__ import annotations
@@ -20,6 +28,10 @@ import dataclasses
 import json
 import math
 import os
+import re
+import shutil
+import signal
+import threading
 import time
 from typing import Any, Mapping, Optional
 
@@ -28,19 +40,28 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tfmstep import autotune, registry, step as step_lib
+from tfmstep import autotune, fileio, registry, step as step_lib
+from tfmstep.data import common as data_common
 from tfmstep.errors import UserError
 
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 MIXED_PRECISION = ("", "mixed_bfloat16")
-# Auto-tuning compiles both step variants and times each candidate: runs with fewer steps left than this
-# would spend a large share of their time measuring, so they take the family default without measuring
-# (longer ones still fall back to it when the first timed candidate shows the rest would cost more than
-# autotune.MAX_FRACTION of the run).
-MIN_AUTOTUNE_STEPS = 200
-DEFAULT_STEPS_PER_CALL = 10  # steps_per_call=0 when auto-tuning is skipped
-# TrainConfig fields that make a recorded step setting stale when changed (then it is measured again).
-_STEP_SETTING_FIELDS = ("batch_size", "mixed_precision", "distribute", "jit_compile", "steps_per_call")
+# The step-settings policy lives in tfmstep/autotune.py; these names are kept for callers of the trainer.
+MIN_AUTOTUNE_STEPS = autotune.MIN_AUTOTUNE_STEPS
+DEFAULT_STEPS_PER_CALL = autotune.DEFAULT_STEPS_PER_CALL
+resolve_jit_compile = autotune.resolve_jit_compile
+jit_compile_options = autotune.jit_compile_options
+
+# A checkpoint at least this often (seconds) besides every checkpoint_every steps: a killed run then
+# replays at most this much work, however slow its steps are.
+DEFAULT_CHECKPOINT_EVERY_SECS = 180.0
+BEST_DIR = "best"
+BEST_RECORD = "best.json"
+# The best checkpoint is judged by an exponential moving average of the per-step train loss (bias
+# corrected): about the last 1 / (1 - LOSS_SMOOTHING) = 50 steps.
+LOSS_SMOOTHING = 0.98
+_CKPT_INDEX = re.compile(r"^ckpt-(\d+)\.index$")
+_clock = time.monotonic  # the checkpoint timer's clock (tests replace it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +101,11 @@ class TrainConfig:
 
 
 class TrainingDiverged(UserError):
-    """The loss became NaN or inf; the last good checkpoint was kept."""
+    """The loss became NaN or inf; the last finite and the best checkpoints were kept."""
+
+
+class TrainingInterrupted(UserError):
+    """SIGTERM or SIGINT: a checkpoint of the current step was saved, then the run stopped."""
 
 
 def make_strategy(name: str) -> tf.distribute.Strategy:
@@ -96,47 +121,6 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
     return tf.distribute.get_strategy()
 
 
-def _on_accelerator() -> bool:
-    return bool(tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
-
-
-def _several_cpu_replicas(strategy: tf.distribute.Strategy) -> bool:
-    try:
-        local_replicas = len(strategy.extended.worker_devices)
-    except (RuntimeError, AttributeError):  # the default strategy has no worker_devices
-        local_replicas = 1
-    return local_replicas > 1 and not _on_accelerator()
-
-
-def resolve_jit_compile(config: TrainConfig, spec: registry.ModelSpec,
-                        strategy: tf.distribute.Strategy) -> bool:
-    """The jit_compile a run uses without measuring: the explicit setting, else the family default."""
-    on_accelerator = _on_accelerator()
-    if _several_cpu_replicas(strategy):
-        # Several replicas on CPU devices of one host: XLA cannot place a replica's cluster on a second
-        # logical CPU ("variable on a different device"), so the replicas run the plain step.
-        if config.jit_compile:
-            logging.warning("jit_compile is not supported with several CPU replicas; running without XLA.")
-        return False
-    if config.jit_compile is not None:
-        return config.jit_compile
-    return True if on_accelerator else spec.xla_on_cpu
-
-
-def jit_compile_options(config: TrainConfig, spec: registry.ModelSpec,
-                        strategy: tf.distribute.Strategy) -> tuple:
-    """The jit_compile values auto-tuning may try: both, unless set explicitly or XLA is impossible."""
-    if config.jit_compile is not None or _several_cpu_replicas(strategy):
-        return (resolve_jit_compile(config, spec, strategy),)
-    return (False, True)
-
-
-def _single_process(strategy: tf.distribute.Strategy) -> bool:
-    """False for multi-worker and TPU clusters: workers timing on their own could choose differently."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    return resolver is None or not resolver.cluster_spec().as_dict()
-
-
 def _worker_workdir(workdir: str, strategy: tf.distribute.Strategy) -> str:
     """Multi-worker runs: the chief owns the workdir; every other worker writes (the same checkpoints,
     as each must take part in saving) under workdir/workers/<id>, so nothing is written twice."""
@@ -149,6 +133,8 @@ def _worker_workdir(workdir: str, strategy: tf.distribute.Strategy) -> str:
     return workdir if is_chief else os.path.join(workdir, "workers", str(resolver.task_id))
 
 
+# --- what the workdir already holds ----------------------------------------------------------------------
+
 def _run_record(model_name, preset, overrides, config: TrainConfig) -> dict:
     return {"model": model_name, "preset": preset, "overrides": dict(overrides),
             "train": dataclasses.asdict(config)}
@@ -160,9 +146,43 @@ def _saved_record(workdir: str) -> Optional[dict]:
         return None
     try:
         with open(path) as f:
-            return json.load(f)
+            record = json.load(f)
+        if not isinstance(record, dict) or "model" not in record:
+            raise ValueError("no 'model' entry")
+        return record
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
+        raise UserError(f"cannot read {path} ({e}): it is damaged. It only records the command of the run: "
+                        f"remove it and rerun the same command to resume (the checkpoints are kept and "
+                        f"are checked against the model when restored)") from None
+
+
+def _checkpoint_numbers(directory: str) -> list:
+    """Numbers N of the complete-looking ``ckpt-N`` checkpoints (an ``.index`` file) in ``directory``."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    return sorted(int(m.group(1)) for m in map(_CKPT_INDEX.match, names) if m)
+
+
+def _listing(numbers: list) -> str:
+    shown = [f"ckpt-{n}" for n in numbers[-5:]]
+    return ", ".join((["..."] if len(numbers) > 5 else []) + shown) or "none"
+
+
+def _log_size(workdir: str) -> int:
+    try:
+        return os.path.getsize(os.path.join(workdir, "train_log.jsonl"))
+    except OSError:
+        return 0
+
+
+def _has_training(workdir: str) -> bool:
+    """Whether the workdir holds any trained state (checkpoints or logged steps), as opposed to a
+    config.json written by a run that stopped before its first step."""
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    return bool(_checkpoint_numbers(ckpt_dir) or _checkpoint_numbers(os.path.join(ckpt_dir, BEST_DIR))
+                or _log_size(workdir) or os.path.exists(os.path.join(workdir, "metrics.json")))
 
 
 def _check_workdir_matches(workdir: str, record: dict) -> None:
@@ -172,23 +192,93 @@ def _check_workdir_matches(workdir: str, record: dict) -> None:
     for key in ("model", "preset", "overrides"):
         # Compared as JSON stores them: a tuple override (filters=(4, 8)) comes back as a list.
         if saved.get(key) != json.loads(json.dumps(record[key])):
+            if not _has_training(workdir):
+                logging.info("%s/config.json has %s=%r but nothing was trained there yet; it is replaced.",
+                             workdir, key, saved.get(key))
+                return
             raise UserError(f"workdir {workdir} holds a run with {key}={saved.get(key)!r}, not "
                             f"{record[key]!r}; use a new --workdir (nothing was changed)")
+
+
+def _check_checkpoint_state(workdir: str, restore_from: str) -> None:
+    """Refuse to start from scratch over saved checkpoints: a state file (``checkpoints/checkpoint``)
+    that cannot be read, or checkpoints without one, is an error naming the way out, unless the
+    checkpoint to restore is given explicitly (then an unreadable state file is moved aside, not
+    deleted, because tf.train.CheckpointManager cannot start over it)."""
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    state_file = os.path.join(ckpt_dir, "checkpoint")
+    numbers = _checkpoint_numbers(ckpt_dir)
+    problem = ""
+    if os.path.exists(state_file):
+        try:
+            state = tf.train.get_checkpoint_state(ckpt_dir)  # None (and a log line) if it does not parse
+        except (ValueError, tf.errors.OpError) as e:  # e.g. an empty file: "Invalid checkpoint state"
+            state, problem = None, str(e).splitlines()[0]
+        if state is None or not state.model_checkpoint_path:
+            problem = f"{state_file} cannot be read" + (f" ({problem})" if problem else "")
+    elif numbers:
+        problem = f"{ckpt_dir} has checkpoints but no 'checkpoint' state file"
+    elif _checkpoint_numbers(os.path.join(ckpt_dir, BEST_DIR)):
+        problem = f"{ckpt_dir} has no checkpoint but {ckpt_dir}/{BEST_DIR} has one"
+    elif os.path.exists(os.path.join(workdir, "metrics.json")):
+        raise UserError(f"workdir {workdir} holds a finished run (metrics.json) but no checkpoints; starting "
+                        f"over would overwrite it -- use a new --workdir")
+    if not problem:
+        return
+    if not restore_from:
+        newest = f"--restore_from=ckpt-{numbers[-1]}" if numbers else "--restore_from=best"
+        raise UserError(f"{problem}; not starting over from step 0 (that would overwrite the saved "
+                        f"checkpoints: {_listing(numbers)}). Rerun with {newest} (or an older "
+                        f"--restore_from=ckpt-N) to resume from a checkpoint explicitly; nothing was changed")
+    if os.path.exists(state_file) and problem.startswith(state_file):
+        aside = f"{state_file}.unreadable-{int(time.time())}"
+        try:
+            os.replace(state_file, aside)
+        except OSError as e:
+            raise UserError(f"{problem}, and it cannot be moved aside: {e.strerror or e}") from None
+        logging.warning("%s; moved it to %s and restoring %s as asked.", problem, aside, restore_from)
+
+
+def _clean_leftovers(workdir: str) -> None:
+    """Remove what a killed write leaves behind: TF's ``ckpt-N_temp/`` shard directories (a checkpoint is
+    only complete once they are merged) and ``fileio``'s temporary files. Nothing complete is touched."""
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    for directory in (ckpt_dir, os.path.join(ckpt_dir, BEST_DIR)):
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            continue
+        for name in names:
+            path = os.path.join(directory, name)
+            if name.endswith("_temp") and os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+                logging.info("Removed %s, left by a checkpoint write that did not finish.", path)
+        fileio.remove_stale_temporaries(directory)
+    for path in fileio.remove_stale_temporaries(workdir):
+        logging.info("Removed %s, left by a file write that did not finish.", path)
+
+
+# --- model, optimizer and checkpoints of one workdir -----------------------------------------------------
+
+def _first_line(e: BaseException) -> str:
+    text = str(getattr(e, "message", "") or e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 class _Run:
     """Model, optimizer and checkpoint state of one workdir."""
 
-    def __init__(self, model_name, preset, overrides, config: TrainConfig, workdir,
+    def __init__(self, spec: registry.ModelSpec, model_config, config: TrainConfig, workdir,
                  strategy: tf.distribute.Strategy):
-        self.spec = registry.get_spec(model_name)
-        self.model_config = registry.get_config(model_name, preset, **overrides)
+        self.spec = spec
+        self.model_config = model_config
         self.strategy = strategy
+        self.ckpt_dir = os.path.join(workdir, "checkpoints")
         with strategy.scope():
             self.model = self.spec.build(self.model_config)
             self.optimizer = step_lib.make_optimizer(step_lib.OptimizerConfig(
                 learning_rate=config.learning_rate, weight_decay=config.weight_decay,
-                warmup_steps=config.warmup_steps, total_steps=config.steps, clip_norm=config.clip_norm))
+                warmup_steps=config.warmup_steps, total_steps=config.steps))
             self.optimizer.build(self.model.trainable_variables)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
             # Batches consumed from the train stream; the stream is rebuilt at this position on resume.
@@ -200,34 +290,116 @@ class _Run:
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
                                               step=self.step, data_position=self.data_position,
                                               rng_states=self.rng_states)
-        self.manager = tf.train.CheckpointManager(self.checkpoint, os.path.join(workdir, "checkpoints"),
+        self.manager = tf.train.CheckpointManager(self.checkpoint, self.ckpt_dir,
                                                   max_to_keep=config.keep_checkpoints)
+        self._best_manager = None
 
-    def restore_latest(self) -> Optional[str]:
-        path = self.manager.latest_checkpoint
+    @property
+    def best_manager(self) -> tf.train.CheckpointManager:
+        if self._best_manager is None:
+            best_dir = os.path.join(self.ckpt_dir, BEST_DIR)
+            try:
+                self._best_manager = tf.train.CheckpointManager(self.checkpoint, best_dir, max_to_keep=1)
+            except ValueError:  # an unreadable state file of the best checkpoint: start that record over
+                os.replace(os.path.join(best_dir, "checkpoint"),
+                           os.path.join(best_dir, f"checkpoint.unreadable-{int(time.time())}"))
+                self._best_manager = tf.train.CheckpointManager(self.checkpoint, best_dir, max_to_keep=1)
+        return self._best_manager
+
+    def resolve(self, restore_from: str) -> Optional[str]:
+        """The checkpoint prefix to restore: ``restore_from`` ("ckpt-N", "N", "best" or a path), else the
+        latest one of the workdir (None: start from scratch)."""
+        if not restore_from:
+            return self.manager.latest_checkpoint
+        if restore_from == "best":
+            path = tf.train.latest_checkpoint(os.path.join(self.ckpt_dir, BEST_DIR))
+            if path is None:
+                raise UserError(f"--restore_from=best: there is no best checkpoint in "
+                                f"{os.path.join(self.ckpt_dir, BEST_DIR)}")
+            return path
+        if os.path.isabs(restore_from) or os.sep in restore_from:
+            path = restore_from
+        else:
+            path = os.path.join(self.ckpt_dir, f"ckpt-{restore_from}" if restore_from.isdigit()
+                                else restore_from)
+        if not os.path.exists(path + ".index"):
+            raise UserError(f"--restore_from={restore_from}: there is no checkpoint {path} (checkpoints in "
+                            f"{self.ckpt_dir}: {_listing(_checkpoint_numbers(self.ckpt_dir))})")
+        return path
+
+    def restore(self, restore_from: str = "") -> Optional[str]:
+        path = self.resolve(restore_from)
         if path is None:
             return None
         try:
             self.checkpoint.restore(path).assert_existing_objects_matched()
         except Exception as e:  # DataLossError, shape mismatch, missing variables, truncated files
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            older = [n for n in _checkpoint_numbers(self.ckpt_dir)
+                     if os.path.join(self.ckpt_dir, f"ckpt-{n}") != path]
+            way_out = (f"rerun with --restore_from=ckpt-{older[-1]} (or another of {_listing(older)}) to "
+                       f"resume from an older checkpoint, or use a new --workdir" if older
+                       else "move it away or use a new --workdir")
             raise UserError(f"checkpoint {path} is corrupt or belongs to another model "
-                            f"({type(e).__name__}: {first[:200]}); it was left untouched -- move it "
-                            f"away or use a new --workdir") from None
+                            f"({type(e).__name__}: {_first_line(e)}); it was left untouched -- "
+                            f"{way_out}") from None
         return path
 
+    def save(self, manager: tf.train.CheckpointManager, number: int) -> str:
+        """``manager.save`` at ``number``; a failed write (disk full, read-only) is one UserError line,
+        after the partial files of that write are removed (complete checkpoints are never touched)."""
+        prefix = os.path.join(manager.directory, f"ckpt-{number}")
+        existed = prefix in manager.checkpoints
+        try:
+            return manager.save(checkpoint_number=number)
+        except (tf.errors.OpError, OSError) as e:
+            if not existed:
+                _remove_checkpoint_files(prefix)
+            reason = _first_line(e)
+            raise UserError(f"cannot write checkpoint {prefix} ({type(e).__name__}: {reason}); its partial "
+                            f"files were removed and the earlier checkpoints are intact (latest: "
+                            f"{self.manager.latest_checkpoint or 'none'}) -- free space or fix the "
+                            f"permissions, then rerun the same command to resume") from None
 
-def load_trained(workdir: str):
-    """(model, model_config, spec) of the run in ``workdir``, with its latest checkpoint restored."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+
+def _remove_checkpoint_files(prefix: str) -> None:
+    directory, base = os.path.split(prefix)
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        if name == f"{base}.index" or name.startswith(f"{base}.data-") or name == f"{base}_temp":
+            path = os.path.join(directory, name)
+            try:
+                shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
+            except OSError:
+                pass
+
+
+def validate_data(spec: registry.ModelSpec, model_config) -> None:
+    """Check the family's data against ``model_config`` before anything is written (label range vs
+    classes, empty data, image shape, ids vs vocabulary): the family's ``validate_data`` hook when its
+    ModelSpec has one, else the check its data module offers for the config class
+    (``tfmstep.data.common.validates_data_of``). Families with neither are not checked."""
+    check = getattr(spec, "validate_data", None) or data_common.data_validator(model_config)
+    if check is not None:
+        check(model_config)
+
+
+def load_trained(workdir: str, restore_from: str = ""):
+    """(model, model_config, spec) of the run in ``workdir``, with its latest checkpoint (or
+    ``restore_from``) restored."""
+    record = _saved_record(workdir)
+    if record is None:
         raise UserError(f"no trained run in {workdir} (missing config.json)")
-    with open(path) as f:
-        record = json.load(f)
-    config = TrainConfig(**record["train"])
-    run = _Run(record["model"], record["preset"], _files_found_in_workdir(record["overrides"], workdir),
-               config, workdir, tf.distribute.get_strategy())
-    if run.restore_latest() is None:
+    _check_checkpoint_state(workdir, restore_from="")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in record["train"].items() if k in fields})
+    spec = registry.get_spec(record["model"])
+    model_config = registry.get_config(record["model"], record["preset"],
+                                       **_files_found_in_workdir(record["overrides"], workdir))
+    run = _Run(spec, model_config, config, workdir, tf.distribute.get_strategy())
+    if run.restore(restore_from) is None:
         raise UserError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
     return run.model, run.model_config, run.spec
 
@@ -246,15 +418,123 @@ def _files_found_in_workdir(overrides: dict, workdir: str) -> dict:
     return resolved
 
 
-def _truncate_log(path: str, last_step: int) -> None:
-    """Drop log lines past the restored step: steps after the last checkpoint are redone, not duplicated."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
-    with open(path, "w") as f:
-        f.writelines(lines)
+# --- the log and the best-so-far record ------------------------------------------------------------------
 
+def _read_log(path: str) -> tuple:
+    """(entries, the file's text); a line that does not parse (the torn last line of a killed write) is
+    dropped."""
+    if not os.path.exists(path):
+        return [], ""
+    with open(path) as f:
+        text = f.read()
+    entries = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            int(entry["step"])
+        except (ValueError, KeyError, TypeError):
+            logging.warning("%s line %d does not parse (a write cut short); dropped.", path, number)
+            continue
+        entries.append(entry)
+    return entries, text
+
+
+def _truncate_log(path: str, last_step: int) -> list:
+    """Drop log lines past the restored step (steps after the last checkpoint are redone, not duplicated),
+    rewriting the file atomically; returns the kept entries."""
+    entries, text = _read_log(path)
+    kept = [e for e in entries if e["step"] <= last_step]
+    new_text = "".join(json.dumps(e) + "\n" for e in kept)
+    if new_text != text:  # also drops a torn line, which the next append would otherwise extend
+        fileio.atomic_write(path, new_text)
+    if last_step and (not kept or kept[-1]["step"] != last_step):
+        logging.warning("%s ends at step %d, not at the restored step %d.", path,
+                        kept[-1]["step"] if kept else 0, last_step)
+    return kept
+
+
+class _LossTracker:
+    """Bias-corrected exponential moving average of the per-step train loss, and the lowest value it had
+    at a checkpoint (the best checkpoint)."""
+
+    def __init__(self, best_dir: str):
+        self.best_path = os.path.join(best_dir, BEST_RECORD)
+        self.average, self.weight = 0.0, 0.0
+        self.best: Optional[dict] = None
+        self.at_last_save: Optional[float] = None  # the smoothed loss when the latest checkpoint was saved
+        if os.path.exists(self.best_path) and tf.train.latest_checkpoint(best_dir):
+            try:
+                with open(self.best_path) as f:
+                    self.best = json.load(f)
+                float(self.best["smoothed_train_loss"])
+            except (OSError, ValueError, KeyError, TypeError):
+                logging.warning("%s cannot be read; the best checkpoint is judged afresh.", self.best_path)
+                self.best = None
+
+    def add(self, losses) -> None:
+        for loss in np.asarray(losses, np.float64).ravel():
+            self.average = LOSS_SMOOTHING * self.average + (1.0 - LOSS_SMOOTHING) * float(loss)
+            self.weight = LOSS_SMOOTHING * self.weight + (1.0 - LOSS_SMOOTHING)
+
+    @property
+    def smoothed(self) -> Optional[float]:
+        return self.average / self.weight if self.weight else None
+
+    def is_best(self) -> bool:
+        value = self.smoothed
+        return value is not None and math.isfinite(value) and (
+            self.best is None or value < float(self.best["smoothed_train_loss"]))
+
+    def record_best(self, step: int, checkpoint: str) -> None:
+        self.best = {"step": step, "checkpoint": checkpoint, "smoothed_train_loss": self.smoothed,
+                     "criterion": f"lowest exponential moving average ({LOSS_SMOOTHING}) of the train loss "
+                                  f"at a checkpoint"}
+        fileio.atomic_write_json(self.best_path, self.best)
+
+
+# --- stopping on SIGTERM / SIGINT ------------------------------------------------------------------------
+
+class _StopSignals:
+    """SIGTERM and SIGINT ask the loop to save a checkpoint after the current call and stop (how
+    preemptible machines end a job). A second signal acts as it would without this (SIGINT raises
+    KeyboardInterrupt, SIGTERM kills). Only in the main thread of a single-process run: under a
+    multi-worker strategy every worker must take part in a save, so one worker cannot save alone."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.requested = ""
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if self.enabled:
+            for sig in self.SIGNALS:
+                try:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+                except (ValueError, OSError):
+                    pass
+        return self
+
+    def _handle(self, signum, frame):
+        del frame
+        self.requested = signal.Signals(signum).name
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+        logging.warning("%s: saving a checkpoint after the current call, then stopping (send it again to "
+                        "stop at once, without saving).", self.requested)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            try:
+                signal.signal(sig, handler)
+            except (ValueError, OSError, TypeError):
+                pass
+        return False
+
+
+# --- training ---------------------------------------------------------------------------------------------
 
 def evaluate(steps: step_lib.Steps, dataset, strategy, max_batches: int = 0) -> dict:
     totals: dict[str, float] = {}
@@ -270,103 +550,85 @@ def evaluate(steps: step_lib.Steps, dataset, strategy, max_batches: int = 0) -> 
 
 
 def train(model_name: str, workdir: str, preset: str = "default",
-          overrides: Optional[Mapping[str, Any]] = None, config: TrainConfig = TrainConfig()) -> dict:
-    """Train (or resume) ``model_name`` in ``workdir``; returns the final metrics (also in metrics.json)."""
+          overrides: Optional[Mapping[str, Any]] = None, config: TrainConfig = TrainConfig(), *,
+          restore_from: str = "", checkpoint_every_secs: float = DEFAULT_CHECKPOINT_EVERY_SECS) -> dict:
+    """Train (or resume) ``model_name`` in ``workdir``; returns the final metrics (also in metrics.json).
+
+    ``restore_from``: start from this checkpoint instead of the latest ("ckpt-N", "N", "best" or a path)
+    -- the way out when the latest cannot be read. ``checkpoint_every_secs``: also save a checkpoint when
+    this much time passed since the last one (0: only by steps). SIGTERM/SIGINT save and stop the run
+    (``TrainingInterrupted``); rerunning the same command resumes it.
+    """
+    if checkpoint_every_secs < 0 or not math.isfinite(checkpoint_every_secs):
+        raise UserError(f"checkpoint_every_secs must be >= 0 (0: only by steps), got {checkpoint_every_secs}")
     overrides = dict(overrides or {})
     record = _run_record(model_name, preset, overrides, config)
-    registry.get_config(model_name, preset, **overrides)  # fail on bad input before touching the workdir
+    spec = registry.get_spec(model_name)
+    model_config = registry.get_config(model_name, preset, **overrides)  # bad input fails first
     _check_workdir_matches(workdir, record)
+    validate_data(spec, model_config)  # the data against the config, before anything is written
     keras.utils.set_random_seed(config.seed)
     previous_policy = keras.mixed_precision.global_policy()
     if config.mixed_precision:
         keras.mixed_precision.set_global_policy(config.mixed_precision)
     try:
-        return _train(model_name, workdir, preset, overrides, config, record)
+        return _train(spec, model_config, workdir, preset, config, record, restore_from,
+                      checkpoint_every_secs)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
 
 
-def _reusable_settings(saved: Optional[dict], config: TrainConfig) -> Optional[dict]:
-    """The step settings an earlier run in this workdir used, if they still apply to ``config``."""
-    if not saved or "step_settings" not in saved:
-        return None
-    before = saved.get("train", {})
-    if any(before.get(name) != getattr(config, name) for name in _STEP_SETTING_FIELDS):
-        logging.info("The step settings in config.json were chosen for other %s; choosing again.",
-                     "/".join(_STEP_SETTING_FIELDS))
-        return None
-    return saved["step_settings"]
-
-
-def _step_settings(run: _Run, config: TrainConfig, strategy: tf.distribute.Strategy, model_name: str,
-                   saved: Optional[dict]) -> autotune.StepSettings:
-    """jit_compile and steps_per_call for this run: explicit, recorded by an earlier run in the workdir
-    (a resumed run must not change them), the family default (short or multi-process runs), or measured."""
-    jit_options = jit_compile_options(config, run.spec, strategy)
-    if len(jit_options) == 1 and config.steps_per_call:
-        return autotune.StepSettings(jit_options[0], config.steps_per_call, "explicit")
-    recorded = _reusable_settings(saved, config)
-    if recorded is not None:
-        settings = autotune.StepSettings.from_record(recorded)
-        if settings.source != "reused":
-            settings.note = f"{settings.source} in an earlier run in this workdir"
-            settings.source = "reused"
-        logging.info("Step settings from config.json (%s): jit_compile=%s, steps_per_call=%d%s",
-                     settings.note, settings.jit_compile, settings.steps_per_call,
-                     f"; measured steps/s: {settings.summary()}" if settings.summary() else "")
-        return settings
-    start = int(run.data_position.numpy())
-    remaining = config.steps - int(run.step.numpy())
-    reason = ""
-    if remaining < MIN_AUTOTUNE_STEPS:
-        reason = f"{remaining} steps to run, fewer than the {MIN_AUTOTUNE_STEPS} that pay for measuring"
-    elif not _single_process(strategy):
-        reason = "multi-process strategy (every worker must use the same settings)"
-    fallback = (resolve_jit_compile(config, run.spec, strategy),
-                config.steps_per_call or DEFAULT_STEPS_PER_CALL)
-    if reason:
-        settings = autotune.StepSettings(*fallback, "default", note=f"not measured: {reason}")
-        logging.info("Step settings not measured (%s): jit_compile=%s (family default), steps_per_call=%d",
-                     reason, settings.jit_compile, settings.steps_per_call)
-        return settings
-    per_call = ((config.steps_per_call,) if config.steps_per_call else autotune.steps_per_call_candidates(
-        remaining, (config.log_every, config.checkpoint_every, config.eval_every)))
-    return autotune.choose_step_settings(
-        run.model, run.optimizer, run.spec.loss,
-        lambda: run.spec.dataset(run.model_config, "train", config.batch_size, config.seed, start),
-        global_batch_size=config.batch_size, run_steps=remaining, strategy=strategy,
-        clip_norm=config.clip_norm, jit_options=jit_options, steps_per_call_options=per_call,
-        model_name=model_name, fallback=fallback)
-
-
-def _train(model_name, workdir, preset, overrides, config: TrainConfig, record: dict) -> dict:
+def _train(spec, model_config, workdir, preset, config: TrainConfig, record: dict, restore_from: str,
+           checkpoint_every_secs: float) -> dict:
+    model_name = spec.name
     strategy = make_strategy(config.distribute)
     workdir = _worker_workdir(workdir, strategy)
-    run = _Run(model_name, preset, overrides, config, workdir, strategy)
+    _check_checkpoint_state(workdir, restore_from)
+    fileio.check_writable(workdir)  # a read-only workdir fails here, before any work or write
+    if os.path.isdir(os.path.join(workdir, "checkpoints")):
+        fileio.check_writable(os.path.join(workdir, "checkpoints"))
+    run = _Run(spec, model_config, config, workdir, strategy)
     saved = _saved_record(workdir)
-    restored = run.restore_latest()
-    log_path = os.path.join(workdir, "train_log.jsonl")
+    restored = run.restore(restore_from)
     start = int(run.step.numpy())
     if restored:
         logging.info("Resumed from %s at step %d.", restored, start)
 
-    settings = _step_settings(run, config, strategy, model_name, saved)
-    jit_compile, steps_per_call = settings.jit_compile, settings.steps_per_call
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump({**record, "step_settings": settings.as_record()}, f, indent=2)
-    _truncate_log(log_path, start)
-    train_ds = run.spec.dataset(run.model_config, "train", config.batch_size, config.seed,
+    with _StopSignals(enabled=autotune.single_process(strategy)) as stop:
+        settings = autotune.settings_for_run(
+            config, spec, strategy, model=run.model, optimizer=run.optimizer,
+            dataset_fn=lambda: spec.dataset(model_config, "train", config.batch_size, config.seed,
+                                            int(run.data_position.numpy())),
+            run_steps=config.steps - start, model_name=model_name, saved_record=saved)
+        # Every read that can fail (data, step compilation) happens before the first write.
+        train_ds = spec.dataset(model_config, "train", config.batch_size, config.seed,
                                 int(run.data_position.numpy()))
-    eval_ds = run.spec.dataset(run.model_config, "validation", config.batch_size, config.seed)
-    steps = settings.steps  # auto-tuning hands over the chosen step, already compiled and pre-flighted
-    if steps is None:
-        steps = step_lib.make_steps(run.model, run.optimizer, run.spec.loss,
-                                    global_batch_size=config.batch_size, strategy=strategy,
-                                    jit_compile=jit_compile, clip_norm=config.clip_norm)
-        if jit_compile and strategy.num_replicas_in_sync == 1:
-            inputs, labels = next(iter(train_ds))
-            step_lib.preflight_xla(steps, inputs, labels, model_name)
+        eval_ds = spec.dataset(model_config, "validation", config.batch_size, config.seed)
+        steps = settings.steps  # auto-tuning hands over the chosen step, already compiled and pre-flighted
+        if steps is None:
+            steps = step_lib.make_steps(run.model, run.optimizer, spec.loss,
+                                        global_batch_size=config.batch_size, strategy=strategy,
+                                        jit_compile=settings.jit_compile, clip_norm=config.clip_norm)
+            if settings.jit_compile and strategy.num_replicas_in_sync == 1:
+                inputs, labels = next(iter(train_ds))
+                step_lib.preflight_xla(steps, inputs, labels, model_name)
+
+        _clean_leftovers(workdir)
+        fileio.atomic_write_json(os.path.join(workdir, "config.json"),
+                                 {**record, "step_settings": settings.as_record()})
+        log_path = os.path.join(workdir, "train_log.jsonl")
+        tracker = _LossTracker(os.path.join(run.ckpt_dir, BEST_DIR))
+        tracker.add([e["loss"] for e in _truncate_log(log_path, start) if "loss" in e])
+        tracker.at_last_save = tracker.smoothed if restored else None
+        return _loop(run, steps, settings, config, train_ds, eval_ds, strategy, workdir, preset, start,
+                     tracker, stop, checkpoint_every_secs)
+
+
+def _loop(run: _Run, steps, settings, config: TrainConfig, train_ds, eval_ds, strategy, workdir, preset,
+          start: int, tracker: _LossTracker, stop: _StopSignals, checkpoint_every_secs: float) -> dict:
+    model_name = run.spec.name
+    jit_compile, steps_per_call = settings.jit_compile, settings.steps_per_call
+    log_path = os.path.join(workdir, "train_log.jsonl")
     iterator = iter(strategy.experimental_distribute_dataset(train_ds))
     writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
     logging.info("Training %s (%s preset) for %d steps, batch %d, jit_compile=%s, steps_per_call=%d (%s), "
@@ -384,59 +646,109 @@ def _train(model_name, workdir, preset, overrides, config: TrainConfig, record: 
     eval_metrics: dict = {}
     started = time.perf_counter()
     window_start, window_steps, window_values = time.perf_counter(), 0, {}
-    current = start
-    with open(log_path, "a") as log:
-        while current < config.steps:
-            num = boundary(current) - current
-            values = {k: v.numpy() for k, v in steps.train(iterator, tf.constant(num, tf.int32)).items()}
-            finite = np.isfinite(values["loss"])
-            if not finite.all():
-                bad = current + int(np.argmin(finite)) + 1
-                log.flush()
-                raise TrainingDiverged(
-                    f"loss became {values['loss'][~finite][0]} at step {bad}; training stopped. The last "
-                    f"good checkpoint ({run.manager.latest_checkpoint or 'none'}) was kept. Lower "
-                    f"--learning_rate or --clip_norm")
-            for i in range(num):
-                log.write(json.dumps({"step": current + i + 1,
-                                      **{k: float(v[i]) for k, v in values.items()}}) + "\n")
-            current += num
-            run.step.assign(current)
-            run.data_position.assign(current)
-            window_steps += num
-            for k, v in values.items():
-                window_values[k] = window_values.get(k, 0.0) + float(v.sum())
-            if current % config.log_every == 0 or current == config.steps:
-                elapsed = time.perf_counter() - window_start
-                means = {k: v / window_steps for k, v in window_values.items()}
-                lr = step_lib.current_learning_rate(run.optimizer)
-                with writer.as_default(step=current):
-                    for k, v in means.items():
-                        tf.summary.scalar(f"train/{k}", v)
-                    tf.summary.scalar("train/learning_rate", lr)
-                    tf.summary.scalar("train/steps_per_second", window_steps / elapsed)
-                logging.info("step %d/%d  %s  lr=%.3g  %.1f steps/s", current, config.steps,
-                             "  ".join(f"{k}={v:.4f}" for k, v in means.items()), lr,
-                             window_steps / elapsed)
-                window_start, window_steps, window_values = time.perf_counter(), 0, {}
-            if current % config.checkpoint_every == 0 or current == config.steps:
-                log.flush()
-                run.manager.save(checkpoint_number=current)
-            if (config.eval_every and current % config.eval_every == 0) or current == config.steps:
-                eval_metrics = evaluate(steps, eval_ds, strategy, config.eval_batches)
-                with writer.as_default(step=current):
-                    for k, v in eval_metrics.items():
-                        tf.summary.scalar(f"eval/{k}", v)
-                logging.info("eval at step %d: %s", current,
-                             "  ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
+    current = saved_at = start
+    last_save = _clock()
+
+    def save(log) -> None:
+        nonlocal saved_at, last_save
+        log.flush()
+        os.fsync(log.fileno())  # the log reaches the disk no later than the checkpoint it is cut to
+        path = run.save(run.manager, current)
+        tracker.at_last_save = tracker.smoothed
+        if tracker.is_best():
+            run.save(run.best_manager, current)
+            tracker.record_best(current, path)
+        saved_at, last_save = current, _clock()
+
+    def stop_if_asked(log) -> None:
+        if not stop.requested:
+            return
+        if current > saved_at:
+            save(log)
+        latest = run.manager.latest_checkpoint
+        raise TrainingInterrupted(
+            f"stopped by {stop.requested} at step {current} of {config.steps}; "
+            + (f"checkpoint {latest} holds it" if latest and saved_at == current else
+               f"no step was trained yet (latest checkpoint: {latest or 'none'})")
+            + " -- rerun the same command to resume")
+
+    try:
+        with open(log_path, "a") as log:
+            while current < config.steps:
+                stop_if_asked(log)
+                num = boundary(current) - current
+                values = {k: v.numpy() for k, v in steps.train(iterator, tf.constant(num, tf.int32)).items()}
+                finite = np.isfinite(values["loss"])
+                if not finite.all():
+                    bad = current + int(np.argmin(finite)) + 1
+                    log.flush()
+                    raise TrainingDiverged(
+                        f"loss became {values['loss'][~finite][0]} at step {bad}; training stopped. "
+                        f"{_kept_checkpoints(run, tracker)}. Lower --learning_rate or --clip_norm")
+                for i in range(num):
+                    log.write(json.dumps({"step": current + i + 1,
+                                          **{k: float(v[i]) for k, v in values.items()}}) + "\n")
+                tracker.add(values["loss"])
+                current += num
+                run.step.assign(current)
+                run.data_position.assign(current)
+                window_steps += num
+                for k, v in values.items():
+                    window_values[k] = window_values.get(k, 0.0) + float(v.sum())
+                if current % config.log_every == 0 or current == config.steps:
+                    elapsed = time.perf_counter() - window_start
+                    means = {k: v / window_steps for k, v in window_values.items()}
+                    lr = step_lib.current_learning_rate(run.optimizer)
+                    with writer.as_default(step=current):
+                        for k, v in means.items():
+                            tf.summary.scalar(f"train/{k}", v)
+                        tf.summary.scalar("train/learning_rate", lr)
+                        tf.summary.scalar("train/steps_per_second", window_steps / elapsed)
+                    logging.info("step %d/%d  %s  lr=%.3g  %.1f steps/s", current, config.steps,
+                                 "  ".join(f"{k}={v:.4f}" for k, v in means.items()), lr,
+                                 window_steps / elapsed)
+                    window_start, window_steps, window_values = time.perf_counter(), 0, {}
+                if (current % config.checkpoint_every == 0 or current == config.steps
+                        or (checkpoint_every_secs and _clock() - last_save >= checkpoint_every_secs)):
+                    save(log)
+                stop_if_asked(log)
+                if (config.eval_every and current % config.eval_every == 0) or current == config.steps:
+                    eval_metrics = evaluate(steps, eval_ds, strategy, config.eval_batches)
+                    with writer.as_default(step=current):
+                        for k, v in eval_metrics.items():
+                            tf.summary.scalar(f"eval/{k}", v)
+                    logging.info("eval at step %d: %s", current,
+                                 "  ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
+    except OSError as e:  # the log or the summaries: disk full, file system gone read-only
+        raise UserError(f"cannot write to {workdir} ({e.strerror or e}); the checkpoints are intact (latest: "
+                        f"{run.manager.latest_checkpoint or 'none'}) -- free space and rerun the same "
+                        f"command to resume") from None
     writer.flush()
     if not eval_metrics:  # already finished before this call: evaluate what is there
         eval_metrics = evaluate(steps, eval_ds, strategy, config.eval_batches)
     final = {"model": model_name, "preset": preset, "step": current, "eval": eval_metrics,
              "train_seconds_this_run": round(time.perf_counter() - started, 2),
              "parameters": int(run.model.count_params()), "jit_compile": jit_compile,
-             "steps_per_call": steps_per_call, "step_settings": settings.as_record()}
-    with open(os.path.join(workdir, "metrics.json"), "w") as f:
-        json.dump(final, f, indent=2)
+             "steps_per_call": steps_per_call, "step_settings": settings.as_record(),
+             "best_checkpoint": tracker.best}
+    fileio.atomic_write_json(os.path.join(workdir, "metrics.json"), final)
     logging.info("Final metrics: %s", json.dumps(final))
     return final
+
+
+def _kept_checkpoints(run: _Run, tracker: _LossTracker) -> str:
+    """What the NaN guard kept, and which one a rerun restores."""
+    latest = run.manager.latest_checkpoint
+    if latest is None:
+        return "No checkpoint was saved before it"
+    smoothed = (f", smoothed train loss {tracker.at_last_save:.4g}" if tracker.at_last_save is not None
+                else "")
+    text = f"The last good checkpoint ({latest}{smoothed}) was kept; rerunning the same command restores it"
+    best = tracker.best
+    if best and best.get("checkpoint") != latest:
+        best_path = tf.train.latest_checkpoint(os.path.join(run.ckpt_dir, BEST_DIR))
+        text += (f". The best one so far ({best_path}, step {best['step']}, smoothed train loss "
+                 f"{best['smoothed_train_loss']:.4g}) was kept too: --restore_from=best continues from it")
+    elif best:
+        text += f" (it is also the best so far: smoothed train loss {best['smoothed_train_loss']:.4g})"
+    return text

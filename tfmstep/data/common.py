@@ -1,8 +1,14 @@
-"""Helpers shared by the input pipelines."""
+"""Helpers shared by the input pipelines: the indexed streams that make resume exact, TFDS loading that
+never downloads, and the hook through which a family's data is checked against its config."""
 
 from __future__ import annotations
 
+import difflib
+from typing import Callable, Optional
+
 import tensorflow as tf
+
+from tfmstep.errors import UserError
 
 _EPOCHS_FOREVER = 2**40
 
@@ -15,7 +21,7 @@ def shuffled_index_stream(num_examples: int, seed: int, start_example: int = 0) 
     without a shuffle buffer in the checkpoint.
     """
     if num_examples < 1:
-        raise ValueError("cannot stream an empty dataset")
+        raise UserError("cannot stream an empty dataset (0 examples)")
     start_epoch, offset = divmod(int(start_example), num_examples)
 
     def epoch_permutation(epoch):
@@ -30,3 +36,66 @@ def example_seeds(seed: int, start_example: int = 0) -> tf.data.Dataset:
     """Infinite stream of per-example stateless seeds ``[seed, k]`` for generated data, from ``start``."""
     return tf.data.Dataset.range(int(start_example), _EPOCHS_FOREVER * 1000).map(
         lambda k: tf.stack([tf.constant(seed, tf.int64), k]))
+
+
+# --- TFDS, never downloading -----------------------------------------------------------------------------
+
+class NotAvailableLocally(Exception):
+    """A known TFDS dataset that is not prepared on this machine (or TFDS is not installed): callers fall
+    back to their offline data and say so."""
+
+
+def load_tfds(name: str, **kwargs):
+    """``tfds.load(name, download=False, **kwargs)``.
+
+    A name TFDS does not know is bad input (``UserError`` with the closest names), not a reason to fall
+    back silently; a known dataset that is not prepared locally raises ``NotAvailableLocally``. Any other
+    error is a real failure and propagates.
+    """
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise NotAvailableLocally(f"tensorflow_datasets is not installed ({e})") from None
+    not_found = getattr(tfds.core, "DatasetNotFoundError", None)
+    try:
+        return tfds.load(name, download=False, **kwargs)
+    except AssertionError as e:  # "Dataset x: could not find data in ~/tensorflow_datasets ..."
+        raise NotAvailableLocally(str(e).splitlines()[0] if str(e) else "not prepared") from None
+    except Exception as e:
+        if not_found is None or not isinstance(e, not_found):
+            raise
+        try:
+            close = difflib.get_close_matches(name, tfds.list_builders(), n=3)
+        except Exception:  # the list is a convenience only
+            close = []
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise UserError(f"unknown TFDS dataset {name!r}{hint}") from None
+
+
+# --- checking data against the model config --------------------------------------------------------------
+
+_DATA_VALIDATORS: dict[str, Callable] = {}
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def validates_data_of(config_class_path: str) -> Callable:
+    """Decorator for ``fn(config) -> None``: checks the data a family would train on against its config
+    (label range vs classes, empty splits, image shape, ids vs vocabulary) and raises one ``UserError``
+    line naming the file, the field and the value. The trainer calls it before anything is written.
+
+    Keyed by the config class's import path, so that a family's data module can offer it without the
+    model module (or the registry) changing; ``data_validator`` looks it up."""
+
+    def register(fn: Callable) -> Callable:
+        _DATA_VALIDATORS[config_class_path] = fn
+        return fn
+
+    return register
+
+
+def data_validator(config) -> Optional[Callable]:
+    """The data check offered for ``config``'s class, or None."""
+    return _DATA_VALIDATORS.get(_class_path(type(config)))

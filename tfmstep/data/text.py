@@ -26,7 +26,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tfmstep.data.common import example_seeds
+from tfmstep import fileio
+from tfmstep.data.common import NotAvailableLocally, example_seeds, load_tfds, validates_data_of
 from tfmstep.errors import UserError
 
 BYTE_VOCAB_SIZE = 256
@@ -84,16 +85,21 @@ def load_corpus(corpus: str, text_file: str = "", max_bytes: int = 0) -> bytes:
         data = _stdlib_corpus(max_bytes)
     else:
         try:
-            import tensorflow_datasets as tfds
+            ds = load_tfds(corpus, split="train")  # never downloads; an unknown name is an error
+        except NotAvailableLocally as e:
+            logging.warning("TFDS corpus %r is not available locally (%s); FALLING BACK to the offline "
+                            "Python standard library sources.", corpus, e)
+            data = _stdlib_corpus(max_bytes)
+        else:
+            import tensorflow_datasets as tfds  # load_tfds imported it
 
-            ds = tfds.load(corpus, split="train", download=False)
-            data = b"".join(x["text"] for x in tfds.as_numpy(ds))
+            try:
+                data = b"".join(x["text"] for x in tfds.as_numpy(ds))
+            except (KeyError, TypeError) as e:
+                raise UserError(f"TFDS dataset {corpus!r} has no 'text' feature a language model can "
+                                f"read ({type(e).__name__}: {e})") from None
             data = data[:max_bytes] if max_bytes else data
             logging.info("Corpus: TFDS %s, prepared locally (%d bytes).", corpus, len(data))
-        except Exception as e:  # not prepared locally / unknown name; never downloads
-            logging.warning("TFDS corpus %r is not available locally (%s); FALLING BACK to the offline "
-                            "Python standard library sources.", corpus, type(e).__name__)
-            data = _stdlib_corpus(max_bytes)
     if len(data) < 1000:
         raise UserError(f"corpus has only {len(data)} bytes; a language model needs at least 1000")
     _corpus_cache[key] = data
@@ -170,11 +176,12 @@ def load_or_train_sentencepiece(vocab_file: str, vocab_size: int, train_bytes: b
         logging.info("Vocabulary: %s (%d pieces).", vocab_file, tokenizer.vocabulary_size)
     else:
         proto = SentencePieceTokenizer.train(train_bytes, vocab_size)
-        os.makedirs(os.path.dirname(os.path.abspath(vocab_file)), exist_ok=True)
-        tmp = f"{vocab_file}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(proto)
-        os.replace(tmp, vocab_file)  # atomic: a reader never sees half a vocabulary
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(vocab_file)), exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create the directory of vocab_file {vocab_file}: {e.strerror or e}"
+                            ) from None
+        fileio.atomic_write(vocab_file, proto)  # a reader never sees half a vocabulary
         tokenizer = SentencePieceTokenizer(proto)
         logging.info("Vocabulary: trained %d SentencePiece pieces on the train split, wrote %s.",
                      tokenizer.vocabulary_size, vocab_file)
@@ -217,6 +224,29 @@ def tokenized_corpus(corpus: str, text_file: str, max_bytes: int, validation_fra
                  100 * validation_fraction, result.bytes_per_validation_token)
     _tokenized_cache[key] = result
     return result
+
+
+@validates_data_of("tfmstep.models.lstm_lm.LSTMConfig")
+def validate_config(config) -> None:
+    """The corpus of ``config`` (an LSTM config) checked against it before anything is trained or written:
+    the text is there and readable, both splits are long enough for ``seq_len``, and every token id is in
+    the vocabulary. One UserError line naming the file (or corpus), the field and the value."""
+    corpus = tokenized_corpus(config.corpus, config.text_file, config.max_corpus_bytes,
+                              config.validation_fraction, config.tokenizer, config.vocab_file,
+                              config.vocab_size)
+    source = f"text_file={config.text_file}" if config.text_file else f"corpus={config.corpus}"
+    for split, tokens, needed, knob in (("train", corpus.train, config.seq_len + 2, "seq_len"),
+                                        ("validation", corpus.validation, config.seq_len + 1,
+                                         "seq_len or raise validation_fraction")):
+        if len(tokens) < needed:
+            raise UserError(f"{source}: the {split} split has {len(tokens)} tokens, fewer than the {needed} "
+                            f"seq_len={config.seq_len} needs; use a longer text or lower {knob}")
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= config.vocab_size:
+            bad = low if low < 0 else high
+            raise UserError(f"{source}: the {split} split has token id {bad}, outside the vocabulary "
+                            f"0..{config.vocab_size - 1} (vocab_size={config.vocab_size}, "
+                            f"tokenizer={config.tokenizer})")
 
 
 def window_dataset(tokens: np.ndarray, split: str, seq_len: int, batch_size: int, seed: int,
