@@ -1,5 +1,6 @@
-"""The LSTM language model family: model, data and generation (``model.py``) and its serving signatures
-(``serving.py``, imported when a model is exported), registered together.
+"""The LSTM language model family: model, data and generation (``model.py``), its serving signatures
+(``serving.py``) and benchmark hooks (``timing.py``), registered together; the hooks import their module
+when called, so training imports neither the export nor the benchmark package.
 
 ``from tfmstep.models import lstm_lm`` gives the names other modules use (``lstm_lm.make_step_fn``,
 ``lstm_lm.tokenized_corpus``, ...)."""
@@ -17,6 +18,20 @@ def lstm_servable(name, model, config):
     return serving.lstm_servable(name, model, config)
 
 
+def per_token_times(model, config, **kwargs):
+    """The ``inference_timer`` hook (``timing.py``)."""
+    from tfmstep.models.lstm_lm import timing
+
+    return timing.per_token_times(model, config, **kwargs)
+
+
+def forward_flops(config) -> float:
+    """The ``forward_flops`` hook (``timing.py``)."""
+    from tfmstep.models.lstm_lm import timing
+
+    return timing.forward_flops(config)
+
+
 register(
     "lstm_lm", config_class=LSTMConfig, loss=lm_loss, dataset=lm_dataset,
     presets={
@@ -25,7 +40,7 @@ register(
     },
     # Measured on a 2-core CPU: the XLA-compiled LSTM step ran 6x slower than the plain one.
     xla_on_cpu=False,
-    servable=lstm_servable,
+    servable=lstm_servable, inference_timer=per_token_times, forward_flops=forward_flops,
 )(build_lstm_lm)
 
 __all__ = ["DECODERS", "LSTMConfig", "TiedOutput", "bits_per_byte", "build_lstm_lm", "generate_text",
