@@ -1,0 +1,71 @@
+"""The programs: every main is a console script over tfmstep.cli, tools/*.py are shims of them, and bad
+input ends a program with one ``error: ...`` line and exit code 2."""
+
+import ast
+import configparser
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _console_scripts() -> dict:
+    parser = configparser.ConfigParser()
+    parser.read(os.path.join(ROOT, "setup.cfg"))
+    lines = parser["options.entry_points"]["console_scripts"].strip().splitlines()
+    return dict((part.strip() for part in line.split("=", 1)) for line in lines)
+
+
+SCRIPTS = _console_scripts()
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_console_script_is_a_run_function_of_a_cli_module(script):
+    module_name, function = SCRIPTS[script].split(":")
+    assert module_name.startswith("tfmstep.cli.") and function == "run"
+    # Read, not imported: every main defines its absl flags globally, so two mains clash in one process.
+    spec = importlib.util.find_spec(module_name)
+    assert spec is not None, f"{script}: no module {module_name}"
+    with open(spec.origin) as f:
+        tree = ast.parse(f.read())
+    assert any(isinstance(node, ast.FunctionDef) and node.name == function for node in tree.body)
+
+
+SHIMS = {"train.py": "train", "generate.py": "generate", "ngram_baseline.py": "ngram_baseline",
+         "benchmark.py": "benchmark", "profile_step.py": "profile", "export.py": "export"}
+
+
+@pytest.mark.parametrize("shim", sorted(SHIMS))
+def test_tools_script_is_a_shim_of_its_console_script(shim):
+    with open(os.path.join(ROOT, "tools", shim)) as f:
+        code = [line for line in f.read().split('"""')[-1].splitlines() if line.strip()]
+    assert code == [f"from tfmstep.cli.{SHIMS[shim]} import run", 'if __name__ == "__main__":', "    run()"]
+    assert f"tfmstep.cli.{SHIMS[shim]}:run" in SCRIPTS.values()
+
+
+def _run(module, *args):
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+
+
+@pytest.mark.parametrize("module,args,message", [
+    ("tfmstep.cli.benchmark", ["--sections=training", "--models=nope"], "error: unknown model 'nope'"),
+    ("tfmstep.cli.profile", ["--models=nope"], "error: unknown model 'nope'"),
+    ("tfmstep.cli.ngram_baseline", ["--preset=nope"], "error: unknown preset 'nope'"),
+    ("tfmstep.cli.export", ["--model=nope"], "error: unknown model 'nope'"),
+])
+def test_bad_input_is_one_error_line_and_exit_2(module, args, message):
+    result = _run(module, *args)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr[-2000:]
+
+
+def test_ngram_baseline_on_the_tiny_lm_corpus(tmp_path):
+    out = tmp_path / "ngram.json"
+    result = _run("tfmstep.cli.ngram_baseline", "--preset=tiny", "--max_order=2", f"--output={out}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "best: order" in result.stdout and out.exists()
