@@ -143,20 +143,14 @@ def eager_runner(spec, config, batch_size, *, steps) -> Runner:
 
 def autotuned_settings(spec, config, batch_size: int, run_steps: int) -> autotune.StepSettings:
     """What the trainer would choose for a default-strategy run of ``run_steps`` steps with the default
-    TrainConfig intervals: the same candidates, budget and data pipeline."""
+    TrainConfig intervals: the trainer's own policy (``autotune.settings_for_run``) on the same data."""
     model = fresh_model(spec, config)
     optimizer = make_optimizer(run_steps)
     optimizer.build(model.trainable_variables)
-    defaults = trainer.TrainConfig(steps=run_steps, batch_size=batch_size)
-    strategy = tf.distribute.get_strategy()
-    fallback = (trainer.resolve_jit_compile(defaults, spec, strategy), trainer.DEFAULT_STEPS_PER_CALL)
-    return autotune.choose_step_settings(
-        model, optimizer, spec.loss, lambda: spec.dataset(config, "train", batch_size, seed=0),
-        global_batch_size=batch_size, run_steps=run_steps, strategy=strategy,
-        jit_options=trainer.jit_compile_options(defaults, spec, strategy),
-        steps_per_call_options=autotune.steps_per_call_candidates(
-            run_steps, (defaults.log_every, defaults.checkpoint_every, defaults.eval_every)),
-        model_name=spec.name, fallback=fallback)
+    return autotune.settings_for_run(
+        trainer.TrainConfig(steps=run_steps, batch_size=batch_size), spec, tf.distribute.get_strategy(),
+        model=model, optimizer=optimizer, dataset_fn=lambda: spec.dataset(config, "train", batch_size, seed=0),
+        run_steps=run_steps, model_name=spec.name)
 
 
 def benchmark_training(name: str, preset: str = "default", batch_size: int = 64, steps: int = 50,

@@ -12,7 +12,7 @@ import dataclasses
 
 from absl import app, flags
 
-from tfmstep import registry, trainer
+from tfmstep import autotune, registry, trainer
 from tfmstep.cli import exit_on_user_error
 
 _DEFAULTS = trainer.TrainConfig()
@@ -32,7 +32,7 @@ flags.DEFINE_float("clip_norm", _DEFAULTS.clip_norm, "Global gradient-norm clip 
                    lower_bound=0.0)
 flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"],
                   "XLA for the step; auto times both on this run and keeps the faster (runs shorter than "
-                  f"{trainer.MIN_AUTOTUNE_STEPS} steps use the model family's default).")
+                  f"{autotune.MIN_AUTOTUNE_STEPS} steps use the model family's default).")
 flags.DEFINE_integer("steps_per_call", _DEFAULTS.steps_per_call,
                      "Optimizer steps per compiled call; 0 chooses it by timing a few values on this run.",
                      lower_bound=0)
