@@ -14,7 +14,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfmstep.benchmark.timing import percentile_summary, time_in_loop
 from tfmstep.data import images as image_data
 from tfmstep.errors import UserError
 from tfmstep.registry import register
@@ -79,6 +78,8 @@ def cnn_dataset(config: CNNConfig, split: str, batch_size: int, seed: int = 0, s
 def per_layer_times(model: keras.Model, config: CNNConfig, batch_size: int = 32, repeats: int = 50) -> list:
     """Inference time of each layer, each run on its real input from the data (the benchmark's
     ``inference_timer`` hook), and of the whole model as one graph."""
+    from tfmstep.benchmark.timing import percentile_summary, time_in_loop  # only when benchmarking
+
     inputs, _ = next(iter(cnn_dataset(config, "validation", batch_size)))
     # Each layer's real input: run the model once, capturing intermediate tensors.
     layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
