@@ -6,7 +6,6 @@ Writes a TensorBoard profiler trace per model (open with `tensorboard --logdir=<
 and prints / writes a markdown table per model (benchmarks/README.md explains how to read it).
 """
 
-
 from absl import app, flags
 
 from tfmstep import profiling
