@@ -57,6 +57,13 @@ def _to_array(name: str, value: Any, spec: tf.TensorSpec) -> np.ndarray:
                                  otypes=[object])(array) if array.size else array
         else:
             array = np.asarray(value)
+            if array.dtype == object and dtype.is_integer:  # integers beyond 64 bits (JSON has no limit)
+                flat = [v for v in array.reshape(-1)]
+                if flat and all(isinstance(v, int) and not isinstance(v, bool) for v in flat):
+                    info = np.iinfo(dtype.as_numpy_dtype)
+                    worst = max(flat, key=abs)
+                    raise BadRequest(f"input {name!r}: {worst} is outside the {dtype.name} range "
+                                     f"[{info.min}, {info.max}]")
             if array.dtype == object or array.dtype.kind in "US":
                 raise ValueError("expected numbers")
             if dtype.is_integer:

@@ -1,0 +1,100 @@
+"""Every CNN preset and both LSTM recipes -- byte and subword, tied and untied output -- export to every
+format (SavedModel + the four TF-Lite files), on tiny sizes, through the export the tool runs; the
+servable's info file carries no machine paths."""
+
+import json
+import os
+
+import keras
+import pytest
+
+import tfmstep
+from tfmstep import export
+from tfmstep.export import saved_model
+from tfmstep.models import lstm_lm
+
+# The recipes' structure (models/lstm_stdlib*.flags) at tiny sizes: units 32; embedding_dim 16 ties through
+# a projection (as the subword recipe's 256 vs 512 does), 32 ties directly.
+LSTM_VARIANTS = {
+    "byte-untied (lstm_stdlib)": {},
+    "byte-tied-direct": {"tie_weights": True, "embedding_dim": 32},
+    "subword-tied-projection (lstm_stdlib_subword)": {"tokenizer": "sentencepiece", "tie_weights": True},
+    "subword-untied": {"tokenizer": "sentencepiece"},
+}
+CNN_PRESETS = {"tiny": {}, "default (cnn_digits)": {}, "cifar10 (on digits)": {"dataset": "digits",
+                                                                               "augment": False}}
+
+
+@pytest.fixture(scope="module")
+def vocab_file(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("vocab") / "vocab.spm")
+    lstm_lm.tokenized_corpus(tfmstep.get_config("lstm_lm", "tiny", tokenizer="sentencepiece", vocab_size=400,
+                                                vocab_file=path))
+    return path
+
+
+def _export_everything(name, config, base):
+    keras.utils.set_random_seed(0)
+    model = tfmstep.get_spec(name).build(config)
+    report = export.export_all(model, name, config, base, export.FORMATS, max_eval_batches=1)
+    assert sorted(report["artifacts"]) == sorted(export.FORMATS)
+    saved = report["artifacts"]["saved_model"]
+    assert saved["reloaded_mismatched_outputs"] == [] and saved["reloaded_max_abs_diff"] < 1e-4, saved
+    assert report["artifacts"]["tflite_fp32"]["agreement"] == 1.0
+    with open(os.path.join(saved["path"], saved_model.INFO_FILE)) as f:
+        info_text = f.read()
+    assert str(base) not in info_text and os.path.expanduser("~") + os.sep not in info_text
+    return report, json.loads(info_text)
+
+
+# The two recipes run by default; the other variants (and presets) are marked slow to keep the suite short.
+RECIPES = ("byte-untied (lstm_stdlib)", "subword-tied-projection (lstm_stdlib_subword)", "tiny")
+
+
+def _params(names):
+    return [name if name in RECIPES else pytest.param(name, marks=pytest.mark.slow) for name in names]
+
+
+@pytest.mark.parametrize("variant", _params(LSTM_VARIANTS))
+def test_every_lstm_recipe_exports_to_every_format(variant, vocab_file, tmp_path):
+    overrides = dict(LSTM_VARIANTS[variant])
+    if overrides.get("tokenizer") == "sentencepiece":
+        overrides.update(vocab_size=400, vocab_file=vocab_file)
+    config = tfmstep.get_config("lstm_lm", "tiny", **overrides)
+    _, info = _export_everything("lstm_lm", config, tmp_path)
+    if "vocab_file" in overrides:
+        assert info["config"]["vocab_file"] == info["vocab_asset"] == "assets/vocab.spm"
+
+
+@pytest.mark.parametrize("preset", _params(CNN_PRESETS))
+def test_every_cnn_preset_exports_to_every_format(preset, tmp_path):
+    config = tfmstep.get_config("cnn_classifier", preset.split()[0], **CNN_PRESETS[preset])
+    _export_everything("cnn_classifier", config, tmp_path)
+
+
+def test_saved_model_alone_never_builds_the_tflite_copy(tmp_path, monkeypatch):
+    """The unrolled LSTM copy is TF-Lite's alone: exporting only the SavedModel must not build it (it
+    crashed the tied LM's SavedModel export before)."""
+    from tfmstep.models.lstm_lm import serving as lm_serving
+
+    def fail(*args):
+        raise AssertionError("the unrolled TF-Lite copy was built for a SavedModel export")
+
+    monkeypatch.setattr(lm_serving, "unrolled_copy", fail)
+    model = tfmstep.build("lstm_lm", "tiny", tie_weights=True)
+    config = tfmstep.get_config("lstm_lm", "tiny", tie_weights=True)
+    report = export.export_all(model, "lstm_lm", config, str(tmp_path), ["saved_model"])
+    assert report["artifacts"]["saved_model"]["reloaded_mismatched_outputs"] == []
+
+
+def test_export_info_has_relative_names_only(tmp_path):
+    data = tmp_path / "data" / "corpus.txt"
+    data.parent.mkdir()
+    data.write_text("def f(x):\n    return x\n" * 400)
+    config = tfmstep.get_config("lstm_lm", "tiny", text_file=str(data))
+    model = tfmstep.get_spec("lstm_lm").build(config)
+    path = saved_model.export_saved_model(model, "lstm_lm", config, str(tmp_path / "export"))
+    with open(os.path.join(path, saved_model.INFO_FILE)) as f:
+        info = json.load(f)
+    assert info["config"]["text_file"] == "corpus.txt"
+    assert str(tmp_path) not in json.dumps(info)
