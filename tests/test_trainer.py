@@ -74,7 +74,8 @@ def test_nan_loss_stops_training_and_keeps_last_good_checkpoint(tmp_path):
     good = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
     # The same workdir continued with an absurd learning rate: the loss overflows.
     blown = trainer.TrainConfig(**{**config.__dict__, "steps": 200, "learning_rate": 1e30})
-    with pytest.raises(trainer.TrainingDiverged, match=r"loss became (nan|inf).*ckpt-40.*was kept"):
+    with pytest.raises(trainer.TrainingDiverged, match=r"loss became (nan|inf).*ckpt-40.*was kept"
+                                                        r".*rerunning the same command restores it"):
         trainer.train("cnn_classifier", workdir, "tiny", config=blown)
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == good
 

@@ -379,9 +379,9 @@ def _remove_checkpoint_files(prefix: str) -> None:
 def validate_data(spec: registry.ModelSpec, model_config) -> None:
     """Check the family's data against ``model_config`` before anything is written (label range vs
     classes, empty data, image shape, ids vs vocabulary): the family's ``validate_data`` hook when its
-    ModelSpec has one, else the check its data module offers for the config class
+    ModelSpec has one, else the check its data module offers for the family
     (``tfmstep.data.common.validates_data_of``). Families with neither are not checked."""
-    check = getattr(spec, "validate_data", None) or data_common.data_validator(model_config)
+    check = getattr(spec, "validate_data", None) or data_common.data_validator(spec.name)
     if check is not None:
         check(model_config)
 

@@ -77,25 +77,22 @@ def load_tfds(name: str, **kwargs):
 _DATA_VALIDATORS: dict[str, Callable] = {}
 
 
-def _class_path(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
+def validates_data_of(model_name: str) -> Callable:
+    """Decorator for ``fn(config) -> None``: checks the data registered model ``model_name`` would train
+    on against its config (label range vs classes, empty splits, image shape, ids vs vocabulary) and raises
+    one ``UserError`` line naming the file, the field and the value. The trainer calls it before anything
+    is written.
 
-
-def validates_data_of(config_class_path: str) -> Callable:
-    """Decorator for ``fn(config) -> None``: checks the data a family would train on against its config
-    (label range vs classes, empty splits, image shape, ids vs vocabulary) and raises one ``UserError``
-    line naming the file, the field and the value. The trainer calls it before anything is written.
-
-    Keyed by the config class's import path, so that a family's data module can offer it without the
-    model module (or the registry) changing; ``data_validator`` looks it up."""
+    This lets a family's data module offer the check without the model module or the registry changing;
+    a ``validate_data`` hook on the family's ModelSpec, where there is one, takes precedence."""
 
     def register(fn: Callable) -> Callable:
-        _DATA_VALIDATORS[config_class_path] = fn
+        _DATA_VALIDATORS[model_name] = fn
         return fn
 
     return register
 
 
-def data_validator(config) -> Optional[Callable]:
-    """The data check offered for ``config``'s class, or None."""
-    return _DATA_VALIDATORS.get(_class_path(type(config)))
+def data_validator(model_name: str) -> Optional[Callable]:
+    """The data check offered for registered model ``model_name``, or None."""
+    return _DATA_VALIDATORS.get(model_name)

@@ -226,7 +226,7 @@ def tokenized_corpus(corpus: str, text_file: str, max_bytes: int, validation_fra
     return result
 
 
-@validates_data_of("tfmstep.models.lstm_lm.LSTMConfig")
+@validates_data_of("lstm_lm")
 def validate_config(config) -> None:
     """The corpus of ``config`` (an LSTM config) checked against it before anything is trained or written:
     the text is there and readable, both splits are long enough for ``seq_len``, and every token id is in
