@@ -8,12 +8,13 @@ checkpoint), then recovers and checks the result against an uninterrupted run bi
 must give one ``UserError`` line (the CLI prints it as ``error: ...`` with exit code 2) and leave the
 workdir as it was.
 
-The module prints the table at the end (``pytest tests/test_reliability.py -q -s`` shows it); the README's
+The module prints the table when it is done (``pytest tests/test_reliability.py -q``); the README's
 "Reliability" section has it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -58,9 +59,9 @@ def _print_table(request):
                  f"{sum(r[2].startswith('survived') for r in faults)}; bad inputs tried / clear errors: "
                  f"{len(inputs)} / {sum(r[2].startswith('clear error') for r in inputs)}; data lost: "
                  f"{sum(r[3] for r in ROWS)}")
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    for line in lines:
-        (reporter.write_line if reporter else print)(line)
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        print("\n".join(lines))
 
 
 # --- helpers ----------------------------------------------------------------------------------------------
@@ -206,6 +207,21 @@ if fault == "between_checkpoints":  # inside call 7: 6 calls (24 steps) done, ch
         steps.train = counted
         return steps
     step_lib.make_steps = make_steps
+elif fault == "sigterm":  # SIGTERM at the end of call 7 (steps 25-28), through the CLI's error path
+    import signal
+    real = step_lib.make_steps
+    def make_steps(*a, **k):
+        steps = real(*a, **k)
+        train, calls = steps.train, [0]
+        def counted(it, n):
+            out = train(it, n)
+            calls[0] += 1
+            if calls[0] == 7:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return out
+        steps.train = counted
+        return steps
+    step_lib.make_steps = make_steps
 elif fault in ("log_rewrite", "config_write"):  # inside the atomic write: temp file done, not renamed
     target = {"log_rewrite": "train_log.jsonl", "config_write": "config.json"}[fault]
     real_replace = os.replace
@@ -333,6 +349,21 @@ def test_sigterm_and_sigint_save_then_stop_and_lose_nothing(tmp_path, monkeypatc
     _assert_like_straight(workdir, straight)
     _row("fault", f"{signal.Signals(signum).name} mid-run (step 28)",
          "survived: checkpoint at 28, exit, 0 steps replayed", lost)
+
+
+def test_sigterm_through_the_cli_is_one_line_and_exit_code_2(tmp_path, straight):
+    workdir = tmp_path / "run"
+    result = _child("sigterm", workdir)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
+    assert "stopped by SIGTERM at step 28" in errors[0] and "rerun the same command" in errors[0]
+    assert "Traceback" not in result.stderr
+    lost = _lost(workdir, straight)
+    assert _latest_step(workdir) == 28
+    _train(workdir)
+    _assert_like_straight(workdir, straight)
+    _row("fault", "SIGTERM to the train command (step 28)",
+         "survived: `error:` line, exit 2, checkpoint at 28, exact resume", lost)
 
 
 def test_time_based_checkpoints_bound_the_replay_to_one_call(tmp_path, monkeypatch, straight):

@@ -117,17 +117,20 @@ def test_cli_bad_input_gives_one_error_line_and_nonzero_exit(tmp_path, repo_root
         "missing data file": (["--config=dataset=npz", f"--config=data_file={tmp_path}/none.npz"],
                               "data file not found"),
         "corrupt checkpoint": (["--steps=8"], "is corrupt or belongs to another model"),
+        "num_classes=0": (["--config=num_classes=0"], "num_classes must be >= 1"),
+        "labels >= num_classes": (["--config=num_classes=3"], "but num_classes=3"),
     }
     for name, (args, message) in cases.items():
         base = ["--model=cnn_classifier", "--preset=tiny", "--batch_size=8", "--jit_compile=false",
                 f"--workdir={workdir}"]
-        if name == "missing data file":
+        if name in ("missing data file", "num_classes=0", "labels >= num_classes"):
             base[-1] = f"--workdir={tmp_path / 'other'}"
         result = _train_cli(repo_root, *base, *args)
         assert result.returncode == 2, (name, result.stderr[-1500:])
         errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and message in errors[0], (name, result.stderr[-1500:])
     assert _tree_digest(workdir) == saved  # nothing already saved was changed
+    assert not (tmp_path / "other").exists()  # data errors come before anything is written
 
     bad_flag = _train_cli(repo_root, "--steps=many", f"--workdir={workdir}")
     assert bad_flag.returncode != 0 and "--steps" in bad_flag.stderr
