@@ -224,6 +224,9 @@ def _run_load(call, clients: int, seconds: float) -> dict:
             with lock:
                 (latencies.append(elapsed) if ok is True else failures.append(ok))
 
+    call({})  # untimed: a freshly loaded signature optimises its graph on the first call (the server
+    # did it at load, replaying the warmup requests)
+    stop = time.time() + seconds
     started = time.time()
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
         for future in [pool.submit(client) for _ in range(clients)]:
@@ -284,8 +287,8 @@ def test_short_load_has_no_failures(server, export_base):
 
 @pytest.mark.slow
 def test_load_8_clients_30_seconds_against_in_process(server, export_base):
-    """The measured table in export/README.md: 8 concurrent clients, 10 s per request type and path."""
-    rows = _load_table(server, export_base, clients=8, seconds=10.0)
+    """The measured table in export/README.md: 8 concurrent clients, 5 s per request type and path (30 s)."""
+    rows = _load_table(server, export_base, clients=8, seconds=5.0)
     for row in rows:
         assert row["failures"] == 0 and row["requests"] > 0, row
 

@@ -4,9 +4,9 @@
   report = export.export_all(model, "cnn_classifier", config, "export/artifacts",
                              formats=("saved_model", "tflite_int8"))
 
-``signatures.py`` says what each family serves; ``saved_model.py`` writes TF Serving versions atomically
+``signatures.py`` holds the generic servable machinery (each family registers its own signatures); ``saved_model.py`` writes TF Serving versions atomically
 (with warmup requests); ``tflite.py`` converts, checks for builtin-only ops and compares with Keras;
-``serving.py`` checks REST request bodies against a signature.
+``serving.py`` checks REST request bodies against a signature; ``server.py`` is ``tfmstep-serve``.
 """
 
 from __future__ import annotations

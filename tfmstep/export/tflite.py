@@ -1,6 +1,6 @@
 """TF-Lite artifacts (fp32, dynamic-range int8, fp16, full-integer int8), checked and run with LiteRT.
 
-Every artifact is converted with ``tf.lite.TFLiteConverter`` from the model's ``tflite_fn`` (see
+Every artifact is converted with ``tf.lite.TFLiteConverter`` from the servable's ``tflite_function()`` (see
 ``signatures.py``: raw outputs, LSTMs unrolled at a fixed length), restricted to TF-Lite builtin ops: LiteRT
 refuses TF select ("Flex") ops, so ``check_builtin_ops`` reads the flatbuffer's operator codes and fails
 with the op names if anything else slipped in. ``compare_with_keras`` runs the artifact with
