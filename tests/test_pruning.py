@@ -85,3 +85,20 @@ def test_bad_pruning_config_fails_with_one_line():
     with pytest.raises(UserError, match="must be >= the pruning end_step"):
         pruning.fine_tune_with_pruning(model, "cnn_classifier", config, pruning.PruningConfig(end_step=100),
                                        steps=10)
+
+
+def test_sweep_hands_models_to_the_exporter(tmp_path):
+    """pruning_sweep exports nothing; export.export_pruned writes and measures the models it hands back."""
+    from tfmstep import export
+
+    keras.utils.set_random_seed(0)
+    model, config = tfmstep.build("cnn_classifier", "tiny"), tfmstep.get_config("cnn_classifier", "tiny")
+    sweep = pruning.pruning_sweep(model, "cnn_classifier", config, [0.5], steps=3, batch_size=8)
+    assert [row["tag"] for row in sweep.report["rows"]] == ["trained", "s0", "s0.5"]
+    assert set(sweep.models) == {"trained", "s0", "s0.5"} and sweep.models["trained"] is model
+    assert not (tmp_path / "pruned").exists()
+    report = export.export_pruned(sweep, str(tmp_path), formats=("fp32",))
+    for row in report["rows"]:
+        assert (tmp_path / "pruned" / row["tag"] / "cnn_classifier_fp32.tflite").exists()
+        assert row["tflite_fp32"]["gzip_bytes"] > 0
+    assert "fine-tuned, sparsity 0.5" in pruning.pruning_table(report)
