@@ -81,11 +81,23 @@ def test_missing_text_file_is_a_clear_error(tmp_path):
         lstm_lm.token_splits(config)
 
 
-def test_tfds_corpus_that_is_not_prepared_falls_back_to_the_stdlib_and_says_so(caplog):
+def test_tfds_corpus_that_is_not_prepared_falls_back_to_the_stdlib_and_says_so(caplog, monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+
+    def not_prepared(name, **kwargs):  # what tfds.load(download=False) raises for an unprepared dataset
+        raise AssertionError(f"Dataset {name}: could not find data in ~/tensorflow_datasets.")
+
+    monkeypatch.setattr(tfds, "load", not_prepared)
     with caplog.at_level(logging.WARNING):
-        data = text.load_corpus("no_such_tfds_corpus", max_bytes=3000)
+        data = text.load_corpus("tiny_shakespeare", max_bytes=3000)
     assert data == text.load_corpus(text.STDLIB_CORPUS, max_bytes=3000)
     assert "FALLING BACK" in caplog.text
+
+
+def test_mistyped_tfds_corpus_is_an_error_not_a_fallback():
+    pytest.importorskip("tensorflow_datasets")
+    with pytest.raises(tfmstep.UserError, match="unknown TFDS dataset 'tiny_shakespear'.*tiny_shakespeare"):
+        text.load_corpus("tiny_shakespear", max_bytes=3000)
 
 
 def test_sentencepiece_vocabulary_is_trained_once_saved_and_round_trips_code(tmp_path):
