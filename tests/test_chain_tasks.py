@@ -1,4 +1,8 @@
-"""The chain task generators against a slow reference solver, their length knob, and their input checks."""
+"""Chain tasks as plain text: every generator agrees with the independent reference solver, the
+tokenizer round-trips, splits have the promised lengths and shapes, and user JSONL files are read with
+one clear error per bad line."""
+
+import json
 
 import numpy as np
 import pytest
@@ -7,117 +11,122 @@ from tfmstep.data import chains
 from tfmstep.errors import UserError
 
 
-def reference_solve(task, problem, modulus):
-    """Slow solver that knows only the clause semantics: sweep the clauses until nothing changes.
-
-    Returns (answers, depths) computed from the inputs alone (names, parents, ops, given values)."""
-    n = len(problem["op"])
-    answers, depths = [None] * n, [None] * n
-    by_name = {int(problem["name"][i]): i for i in range(n)} if task != "running_sum" else {}
-    for i in range(n):
-        if problem["op"][i] == chains.ROOT_OP:
-            answers[i], depths[i] = int(problem["value"][i]) - 1, 0
-    changed = True
-    while changed:
-        changed = False
-        for i in range(n):
-            if answers[i] is not None:
-                continue
-            j = i - 1 if task == "running_sum" else by_name[int(problem["parent"][i])]
-            if answers[j] is None:
-                continue
-            op, parent = int(problem["op"][i]), answers[j]
-            if task == "lego":
-                sign, add = divmod(op - 2, modulus)
-                answers[i] = ((-parent if sign else parent) + add) % modulus
-            elif task == "running_sum":
-                answers[i] = (parent + op - 2) % modulus
-            elif task == "pointer":
-                answers[i] = parent
-            else:  # kinship: relation to the root = this relation after the parent's
-                relation = chains.S3[op - 2]
-                parent_perm = chains.S3[parent]
-                answers[i] = chains.S3.index(tuple(relation[parent_perm[k]] for k in range(3)))
-            depths[i] = depths[j] + 1
-            changed = True
-    assert None not in answers, "some clause is unreachable"
-    return answers, depths
-
-
 @pytest.mark.parametrize("task", chains.TASKS)
-@pytest.mark.parametrize("length", [1, 2, 7, 20])
-def test_generated_answers_match_the_reference_solver(task, length):
-    rng = np.random.default_rng(length)
-    for _ in range(5):
-        problem = chains.generate_problem(task, length, rng, modulus=3 if task == "running_sum" else 5,
-                                          num_names=64)
-        answers, depths = reference_solve(task, problem, 3 if task == "running_sum" else 5)
-        np.testing.assert_array_equal(problem["target"], answers)
-        np.testing.assert_array_equal(problem["depth"], depths)
-        assert max(depths) == length  # the knob is the number of hops
+@pytest.mark.parametrize("k", [1, 2, 5, 8, 16, 32])
+def test_generated_answers_and_step_counts_match_the_reference_solver(task, k):
+    rng = np.random.default_rng(k)
+    for _ in range(20):
+        text, answer = chains.generate_problem(task, k, rng)
+        assert chains.solve(task, text) == (answer, k), text
+        assert len(text) <= chains.max_text_length(task, k)
+        assert len(answer) == chains.ANSWER_LENGTH[task]
 
 
 @pytest.mark.parametrize("task", ["lego", "pointer", "kinship"])
-def test_names_are_distinct_and_clauses_are_shuffled(task):
+def test_clauses_are_shuffled_and_names_random(task):
     rng = np.random.default_rng(0)
-    problems = [chains.generate_problem(task, 10, rng, num_names=40) for _ in range(20)]
-    for problem in problems:
-        assert len(set(problem["name"].tolist())) == len(problem["name"])
-    # The root is not always in the same place: order carries no information.
-    root_positions = {int(np.argmax(p["depth"] == 0)) for p in problems}
-    assert len(root_positions) > 1
+    problems = [chains.generate_problem(task, 6, rng)[0] for _ in range(20)]
+    assert len({p.split(";")[0] for p in problems}) > 10  # first clause is not always the root
+    assert len({p[-1] for p in problems}) > 10  # queried name varies
+
+
+def test_reassign_reads_a_name_that_was_assigned_more_than_once():
+    """The dependency is computed: the answer depends on which earlier assignment is the latest."""
+    rng = np.random.default_rng(0)
+    reassigned = 0
+    for _ in range(50):
+        text, _ = chains.generate_problem("reassign", 8, rng)
+        targets = [clause.split("=")[0] for clause in text.split("?")[0].split(";") if clause]
+        reassigned += len(targets) > len(set(targets))
+    assert reassigned == 50
+
+
+def test_registers_answer_is_every_register_after_the_program():
+    assert chains.solve("registers", "351:A+B;C=A;B-7;=") == ("888", 3)
 
 
 def test_kinship_composition_is_not_commutative():
-    assert any(chains.S3_TABLE[a, b] != chains.S3_TABLE[b, a] for a in range(6) for b in range(6))
+    table = chains.S3_TABLE
+    assert any(table[a, b] != table[b, a] for a in range(6) for b in range(6))
 
 
-def test_pointer_task_has_distractor_trees():
-    rng = np.random.default_rng(1)
-    roots = [int((chains.generate_problem("pointer", 12, rng)["op"] == chains.ROOT_OP).sum())
-             for _ in range(20)]
-    assert max(roots) > 1
+def test_tokenizer_round_trips_text_and_refuses_unknown_characters():
+    text = "b=-a+2;a=3;?b"
+    assert chains.decode(chains.encode(text)) == text
+    assert min(chains.encode(text)) >= chains.FIRST_CHAR_ID
+    with pytest.raises(UserError, match="character 'é' is not in the tokenizer"):
+        chains.encode("é=1")
 
 
-def test_train_split_has_static_shapes_and_trained_lengths():
-    ds = chains.chain_dataset("lego", "train", 16, train_min_len=2, train_max_len=5, test_max_len=10)
+def test_train_split_has_static_shapes_trained_lengths_and_answer_slots():
+    ds = chains.generated_dataset("lego", "train", 16, train_min_len=2, train_max_len=5)
     inputs, labels = next(iter(ds))
-    assert inputs["name"].shape == (16, 6) and labels["depth"].shape == (16, 6)
-    hops = labels["depth"].numpy().max(axis=1)
-    assert hops.min() >= 2 and hops.max() <= 5
+    tokens = inputs["tokens"].numpy()
+    assert tokens.shape == (16, chains.max_text_length("lego", 5) + 1)
+    assert set(labels["steps"].numpy()) <= {2, 3, 4, 5}
+    for row, answer in zip(tokens, labels["answers"].numpy()):
+        assert (row == 1).sum() == 1  # one answer slot (id 1), right after the text
+        assert chains.solve("lego", chains.decode(row))[0] == chains.decode(answer)
 
 
 def test_test_split_is_finite_and_reaches_the_test_lengths():
-    ds = chains.chain_dataset("running_sum", "test", 32, modulus=2, train_max_len=4, test_max_len=16,
-                              eval_examples=256)
-    batches = list(ds)
-    assert len(batches) == 8
-    hops = np.concatenate([labels["depth"].numpy().max(axis=1) for _, labels in batches])
-    assert hops.max() > 4 and hops.max() <= 16
+    ds = chains.generated_dataset("pointer", "test", 32, test_max_len=20, eval_examples=128)
+    steps = np.concatenate([labels["steps"].numpy() for _, labels in ds])
+    assert len(steps) == 128 and steps.max() > 12
 
 
-def test_fixed_length_batches_have_exactly_that_many_hops():
-    batches = chains.fixed_length_batches("kinship", 9, 10, 4)
-    assert [len(labels["depth"]) for _, labels in batches] == [4, 4, 2]
-    for _, labels in batches:
-        assert (labels["depth"].max(axis=1) == 9).all()
+def test_fixed_length_batches_have_exactly_that_many_steps():
+    batches = chains.fixed_length_batches("registers", 7, 10, 4, answer_length=3)
+    assert [len(labels["steps"]) for _, labels in batches] == [4, 4, 2]
+    assert all((labels["steps"] == 7).all() for _, labels in batches)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(train_min_len=0), "chain length must be >= 1"),
-    (dict(test_max_len=0), "chain length must be >= 1"),
-    (dict(train_min_len=5, train_max_len=3), "must be >= train_min_len"),
-    (dict(task="lego", num_names=10, test_max_len=20), "num_names=10 is too small"),
-    (dict(task="kinship", num_names=30, test_max_len=16), "num_names=30 is too small"),
-    (dict(task="running_sum", modulus=1), "modulus must be >= 2"),
-    (dict(task="sorting"), "unknown chain task"),
+def _write(path, lines):
+    path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n")
+    return str(path)
+
+
+def test_jsonl_file_task_reads_problems_and_streams_them_resumably(tmp_path):
+    lines = [{"input": f"{i}+{i}", "answer": str(2 * i), "steps": 1} for i in range(10)]
+    train = _write(tmp_path / "train.jsonl", lines)
+    problems = chains.read_jsonl(train, answer_length=2, max_tokens=64)
+    assert problems[3] == ("3+3", "6", 1)
+    ds = chains.file_dataset(train, "", "train", 4, answer_length=2, max_tokens=64, seed=1)
+    first = list(ds.take(3))
+    resumed = next(iter(chains.file_dataset(train, "", "train", 4, answer_length=2, max_tokens=64, seed=1,
+                                            start_batch=2)))
+    np.testing.assert_array_equal(first[2][0]["tokens"], resumed[0]["tokens"])
+    tokens, answers = first[0][0]["tokens"].numpy(), first[0][1]["answers"].numpy()
+    for row, answer in zip(tokens, answers):
+        a, b = chains.decode(row).split("+")
+        assert int(a) + int(b) == int(chains.decode(answer))
+
+
+@pytest.mark.parametrize("line, message", [
+    ("not json", r"train.jsonl:2: not a JSON object"),
+    ({"answer": "1"}, r"train.jsonl:2: missing key 'input'"),
+    ({"input": "1+1", "answer": ""}, r"train.jsonl:2 answer: empty answer"),
+    ({"input": "1+1", "answer": "123"}, r"train.jsonl:2 answer: .* more than the model's 2 answer slots"),
+    ({"input": "x" * 100, "answer": "1"}, r"train.jsonl:2 input: 102 tokens .* longer than .* 64"),
+    ({"input": "1+1", "answer": "2", "steps": 0}, r"train.jsonl:2: steps must be a positive integer"),
+    ({"input": "1\u00e9", "answer": "2"}, r"train.jsonl:2 input: character"),
 ])
-def test_invalid_task_parameters_give_a_clear_error(kwargs, message):
-    params = dict(task="lego", modulus=5, num_names=80, train_min_len=1, train_max_len=8, test_max_len=32)
-    params.update(kwargs)
+def test_a_bad_jsonl_line_is_one_error_naming_its_line(tmp_path, line, message):
+    path = _write(tmp_path / "train.jsonl", [{"input": "1+1", "answer": "2"}, line])
     with pytest.raises(UserError, match=message):
-        chains.validate_task(**params)
+        chains.read_jsonl(path, answer_length=2, max_tokens=64)
 
 
-def test_running_sum_needs_no_name_vocabulary():
-    chains.validate_task("running_sum", 2, 1, 1, 8, 200)  # long sequences, no names: fine
+def test_test_file_characters_never_seen_in_training_are_refused(tmp_path):
+    train = _write(tmp_path / "train.jsonl", [{"input": "1+1", "answer": "2"}])
+    test = _write(tmp_path / "test.jsonl", [{"input": "1+1", "answer": "2"}, {"input": "1*1", "answer": "1"}])
+    with pytest.raises(UserError, match=r"test.jsonl:2: characters '\*' never occur in the training file"):
+        chains.file_dataset(train, test, "test", 4, answer_length=2, max_tokens=64)
+
+
+def test_missing_and_empty_files_are_clear_errors(tmp_path):
+    with pytest.raises(UserError, match="no such file"):
+        chains.read_jsonl(str(tmp_path / "nope.jsonl"), answer_length=1, max_tokens=8)
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(UserError, match="no problems"):
+        chains.read_jsonl(str(tmp_path / "empty.jsonl"), answer_length=1, max_tokens=8)

@@ -1,5 +1,6 @@
-"""chain_transformer: looped vs baseline structure, halting and forced loops, the per-iteration loss,
-training through the shared step, and the evaluation tool on a tiny trained run."""
+"""chain_transformer on plain tokens: structure (looped vs stacked), halting and forced loops, padding and
+answer-mask invariance, the loss's supervision window, Keras conventions (fit, .keras save/load), the
+serving signatures' input checks, and the evaluation tool on a tiny trained run (generated and JSONL)."""
 
 import json
 import os
@@ -10,48 +11,46 @@ import pytest
 import tensorflow as tf
 
 import tfmstep
-from tfmstep import evaluate_chains
 from tfmstep import step as step_lib
 from tfmstep.data import chains
 from tfmstep.errors import UserError
 from tfmstep.models import chain_transformer as ct
 
 
-def _batch(task="lego", length=3, size=4, **config):
+def _batch(task="lego", k=3, size=4, **config):
     cfg = tfmstep.get_config("chain_transformer", "tiny", task=task, **config)
-    (inputs, labels), = chains.fixed_length_batches(task, length, size, size, modulus=cfg.modulus,
-                                                     num_names=cfg.num_names)
-    return cfg, inputs, labels
+    (inputs, labels), = chains.fixed_length_batches(task, k, size, size, answer_length=cfg.answers)
+    return cfg, {"tokens": tf.constant(inputs["tokens"])}, labels
 
 
 @pytest.mark.parametrize("task", chains.TASKS)
-def test_every_task_builds_and_runs_training_and_inference(task):
+def test_every_task_runs_training_and_inference_with_answers_at_the_slots(task):
     cfg, inputs, labels = _batch(task)
     model = ct.build_chain_transformer(cfg)
     train_out = model(inputs, training=True)
-    assert train_out["step_logits"].shape == (4, cfg.train_loops, inputs["op"].shape[1], cfg.num_classes)
+    assert train_out["step_logits"].shape == (4, cfg.loops_in_training, cfg.answers, chains.VOCAB_SIZE)
     infer_out = model(inputs, training=False)
     assert "step_logits" not in infer_out
+    assert infer_out["logits"].shape == (4, cfg.answers, chains.VOCAB_SIZE)
     assert infer_out["steps_used"].shape == (4,)
     loss, metrics = ct.chain_loss(labels, train_out)
     assert loss.shape == (4,) and np.isfinite(loss.numpy()).all()
     assert set(metrics) == {"token_accuracy", "exact_match", "steps_used", "halting_error"}
 
 
-def test_looped_model_shares_one_block_and_baseline_stacks_distinct_ones():
+def test_looped_model_shares_one_core_block_and_baseline_stacks_distinct_ones():
     looped = tfmstep.build("chain_transformer", "tiny")
     baseline = tfmstep.build("chain_transformer", "tiny", looped=False, layers=5)
-    assert len(looped.blocks) == 1 and len(baseline.blocks) == 5
+    assert len(looped.core) == 1 and len(baseline.core) == 5
     _, inputs, _ = _batch()
     assert baseline(inputs, training=False)["steps_used"].numpy().tolist() == [5.0] * 4
 
 
-def test_default_and_baseline_presets_have_about_equal_parameter_counts():
-    for task in chains.TASKS:
-        looped = ct.count_parameters(tfmstep.get_config("chain_transformer", "default", task=task))
-        baseline = ct.count_parameters(tfmstep.get_config("chain_transformer", "baseline", task=task))
-        assert looped <= 1_000_000 and baseline <= 1_000_000
-        assert abs(looped - baseline) / looped < 0.15, (task, looped, baseline)
+def test_default_and_baseline_presets_have_about_equal_parameters_under_a_million():
+    looped = tfmstep.build("chain_transformer", "default").count_params()
+    baseline = tfmstep.build("chain_transformer", "baseline").count_params()
+    assert looped <= 1_000_000 and baseline <= 1_000_000
+    assert abs(looped - baseline) / looped < 0.15, (looped, baseline)
 
 
 def test_forced_loops_run_exactly_that_many_iterations_without_halting():
@@ -61,111 +60,170 @@ def test_forced_loops_run_exactly_that_many_iterations_without_halting():
     assert out["steps_used"].numpy().tolist() == [7.0] * 4
 
 
-def test_halted_problems_keep_their_state_when_more_loops_are_allowed():
-    """A problem that halts stops changing, however many loops the batch is allowed afterwards."""
-    _, inputs, _ = _batch()
-    model = tfmstep.build("chain_transformer", "tiny")
-    # Force "halt after the first loop" by a large positive halting bias.
-    model.halt_head.bias.assign([50.0])
-    short = model(inputs, training=False, num_loops=1, use_halting=True)
-    long = model(inputs, training=False, num_loops=9, use_halting=True)
-    assert long["steps_used"].numpy().tolist() == [1.0] * 4
-    np.testing.assert_allclose(short["logits"].numpy(), long["logits"].numpy(), atol=1e-5)
-
-
 def test_unrolled_and_while_loop_inference_agree():
     _, inputs, _ = _batch()
     model = tfmstep.build("chain_transformer", "tiny")
-    unrolled = model(inputs, training=False, num_loops=4, return_steps=True)
-    looped = model(inputs, training=False, num_loops=4)
-    np.testing.assert_allclose(unrolled["logits"].numpy(), looped["logits"].numpy(), atol=1e-4)
-    np.testing.assert_array_equal(unrolled["steps_used"].numpy(), looped["steps_used"].numpy())
+    unrolled = model(inputs, training=False, num_loops=5, use_halting=False, return_steps=True)
+    looped = model(inputs, training=False, num_loops=5, use_halting=False)
+    np.testing.assert_allclose(unrolled["logits"], looped["logits"], atol=1e-5)
+    np.testing.assert_allclose(unrolled["step_logits"][:, -1], looped["logits"], atol=1e-5)
 
 
-def test_answers_do_not_depend_on_the_order_of_shuffled_clauses():
-    """Positions only enter through a relative bias: permuting a LEGO problem's clauses permutes the
-    answers (up to that bias, which is zero at initialisation)."""
-    _, inputs, _ = _batch(length=4)
+def test_a_halted_problem_keeps_its_answer_when_more_loops_are_allowed():
+    _, inputs, _ = _batch()
     model = tfmstep.build("chain_transformer", "tiny")
-    permutation = np.random.default_rng(0).permutation(inputs["op"].shape[1])
-    permuted = {k: v[:, permutation] for k, v in inputs.items()}
-    a = model(inputs, training=False, num_loops=4, use_halting=False)["logits"].numpy()
-    b = model(permuted, training=False, num_loops=4, use_halting=False)["logits"].numpy()
-    np.testing.assert_allclose(a[:, permutation], b, atol=1e-4)
+    model.halt_head.bias.assign([5.0])  # halts after the first iteration
+    few = model(inputs, training=False, num_loops=3)
+    many = model(inputs, training=False, num_loops=50)
+    assert few["steps_used"].numpy().tolist() == [1.0] * 4
+    np.testing.assert_allclose(few["logits"], many["logits"], atol=1e-6)
 
 
-def test_loss_supervises_only_tokens_reachable_by_each_iteration():
-    cfg, inputs, labels = _batch(length=3)
-    model = ct.build_chain_transformer(cfg)
-    out = dict(model(inputs, training=True))
-    # Make every answer perfect at the last iteration only: earlier iterations still see deep tokens
-    # wrong, but those are not supervised there, so the answer loss is small only on reachable ones.
-    logits = out["step_logits"].numpy()
-    perfect = np.full_like(logits, -20.0)
-    depth, target = labels["depth"], labels["target"]
-    for t in range(logits.shape[1]):
-        for b in range(logits.shape[0]):
-            for n in range(logits.shape[2]):
-                if depth[b, n] >= 0 and depth[b, n] <= t + 1:
-                    perfect[b, t, n, target[b, n]] = 20.0
-    out["step_logits"] = tf.constant(perfect)
-    out["step_halt_logits"] = tf.constant(np.where(
-        (depth[:, None, :] >= 0) & (depth[:, None, :] <= np.arange(1, logits.shape[1] + 1)[None, :, None]),
-        20.0, -20.0).astype(np.float32))
-    loss, _ = ct.chain_loss(labels, out)
-    assert loss.numpy().max() < 1e-3
+def test_padding_after_the_content_and_an_answer_mask_change_nothing():
+    _, inputs, _ = _batch("registers", k=4)
+    model = tfmstep.build("chain_transformer", "tiny", task="registers")
+    reference = model(inputs, training=False, num_loops=4, use_halting=False)["logits"]
+    padded = tf.pad(inputs["tokens"], [[0, 0], [0, 9]])
+    out = model({"tokens": padded}, training=False, num_loops=4, use_halting=False)["logits"]
+    np.testing.assert_allclose(out, reference, atol=1e-5)
+    mask = (padded >= 1) & (padded <= chains.MAX_ANSWER_LENGTH)
+    out = model({"tokens": padded, "answer_mask": mask}, training=False, num_loops=4, use_halting=False)["logits"]
+    np.testing.assert_allclose(out, reference, atol=1e-5)
 
 
-def test_tiny_preset_trains_through_the_shared_xla_step():
+def test_answer_slots_are_found_wherever_the_problem_ends():
+    model = tfmstep.build("chain_transformer", "tiny")
+    text = "b=-a+2;a=3;c=+b+0;?c"
+    tokens = tf.constant([chains.encode(text) + [1] + [chains.PAD] * 4, chains.encode("a=3;" + text) + [1]])
+    positions = model.answer_positions(tokens).numpy()
+    assert positions.tolist() == [[len(text)], [len(text) + 4]]
+
+
+def test_loss_supervises_the_answers_only_from_iteration_k_on():
+    classes = chains.VOCAB_SIZE
+    answers = np.array([[20], [30]], np.int32)
+    right = tf.one_hot(answers, classes) * 50.0  # [B, A, C]: confidently right
+    wrong = tf.one_hot(answers + 1, classes) * 50.0
+    # Example 0 (k=2) is wrong at iteration 1 only; example 1 (k=3) is wrong at iterations 1-2.
+    step_logits = tf.stack([tf.stack([wrong[0], right[0], right[0], right[0]]),
+                            tf.stack([wrong[1], wrong[1], right[1], right[1]])])
+    halt = tf.constant([[-50.0, 50.0, 50.0, 50.0], [-50.0, -50.0, 50.0, 50.0]])
+    outputs = {"logits": step_logits[:, -1], "steps_used": tf.constant([2.0, 3.0]),
+               "step_logits": step_logits, "step_halt_logits": halt}
+    loss, _ = ct.chain_loss({"answers": answers, "steps": np.array([2, 3], np.int32)}, outputs)
+    np.testing.assert_allclose(loss, [0.0, 0.0], atol=1e-6)
+    # Wrong after k: penalised. Unknown k (-1): only the last iteration counts for the answer.
+    loss, _ = ct.chain_loss({"answers": answers, "steps": np.array([1, -1], np.int32)}, outputs)
+    assert loss[0] > 10 and loss[1] < 1e-6
+
+
+def test_tiny_preset_learns_parity_through_the_shared_xla_step():
     keras.utils.set_random_seed(0)
-    cfg = tfmstep.get_config("chain_transformer", "tiny", task="pointer")
+    cfg = tfmstep.get_config("chain_transformer", "tiny", task="parity")
     model = ct.build_chain_transformer(cfg)
-    optimizer = step_lib.make_optimizer(step_lib.OptimizerConfig(learning_rate=1e-2, warmup_steps=0,
-                                                                 total_steps=100))
+    optimizer = step_lib.make_optimizer(step_lib.OptimizerConfig(learning_rate=3e-3, warmup_steps=20,
+                                                                 total_steps=300, weight_decay=0.0))
     optimizer.build(model.trainable_variables)
-    steps = step_lib.make_steps(model, optimizer, ct.chain_loss, global_batch_size=16, jit_compile=True)
-    iterator = iter(ct.chain_dataset(cfg, "train", 16))
-    values = steps.train(iterator, tf.constant(5))
-    assert np.isfinite(values["loss"].numpy()).all()
-    # Inference (a while loop with halting) compiles under XLA too.
-    inputs, _ = next(iterator)
-    compiled = tf.function(lambda x: model(x, training=False), jit_compile=True)
-    assert compiled(inputs)["logits"].shape[0] == 16
+    steps = step_lib.make_steps(model, optimizer, ct.chain_loss, global_batch_size=32, jit_compile=True)
+    iterator = iter(ct.chain_dataset(cfg, "train", 32, seed=0))
+    history = steps.train(iterator, tf.constant(300))
+    loss = history["loss"].numpy()
+    assert loss[-20:].mean() < 0.5 * loss[:20].mean(), (loss[:20].mean(), loss[-20:].mean())
+
+
+def test_model_fit_uses_the_family_loss_and_the_keras_file_round_trips(tmp_path):
+    cfg = tfmstep.get_config("chain_transformer", "tiny")
+    model = ct.build_chain_transformer(cfg)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    history = model.fit(ct.chain_dataset(cfg, "train", 8).take(3), epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    path = str(tmp_path / "chain.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert loaded.config == cfg
+    _, inputs, _ = _batch()
+    np.testing.assert_allclose(loaded(inputs, training=False)["logits"], model(inputs, training=False)["logits"],
+                               atol=1e-6)
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(train_min_len=0), "chain length must be >= 1"),
-    (dict(num_names=4), "num_names=4 is too small"),
-    (dict(train_loops=2), "train_loops=2 is fewer than train_max_len=3"),
-    (dict(looped=False, layers=2), "layers=2 is fewer than train_max_len=3"),
-    (dict(width=15), "divisible by heads"),
-    (dict(task="sudoku"), "unknown chain task"),
+    (dict(task="nope"), "unknown chain task 'nope'"),
+    (dict(width=30, heads=4), "divisible by heads"),
+    (dict(train_loops=3, train_max_len=8), "fewer than train_max_len"),
+    (dict(task="pointer", test_max_len=40), "chain lengths up to 34"),
+    (dict(answer_length=9), "answer_length must be in 0..8"),
+    (dict(modulus=11), "modulus must be in 2..10"),
 ])
 def test_bad_config_gives_a_clear_error(overrides, message):
     with pytest.raises(UserError, match=message):
-        tfmstep.get_config("chain_transformer", "tiny", **overrides)
+        tfmstep.get_config("chain_transformer", **overrides)
 
 
-def test_command_line_overrides_are_coerced():
-    cfg = tfmstep.get_config("chain_transformer", "tiny", task="kinship", looped="false", layers="4")
-    assert cfg.task == "kinship" and cfg.looped is False and cfg.layers == 4
+def test_serving_signatures_refuse_bad_requests_by_input_name(tmp_path):
+    from tfmstep.export import saved_model, signatures
+
+    cfg = tfmstep.get_config("chain_transformer", "tiny")
+    model = ct.build_chain_transformer(cfg)
+    servable = signatures.servable("chain_transformer", model, cfg)
+    path = saved_model.export_saved_model(model, "chain_transformer", cfg, str(tmp_path), servable=servable)
+    loaded = tf.saved_model.load(path)
+    answer, by_text = loaded.signatures["serving_default"], loaded.signatures["answer_text"]
+    good = chains.encode("b=-a+2;a=3;?b") + [1]
+    out = by_text(text=tf.constant(["b=-a+2;a=3;?b"]))
+    np.testing.assert_array_equal(out["answers"], answer(tokens=tf.constant([good]))["answers"])
+    bad_tokens = [
+        ([[-1] + good[1:]], "negative token id"),
+        ([good[:-1] + [chains.VOCAB_SIZE]], "token id >= vocabulary size"),
+        ([good[:-1] + [chains.PAD]], "each answer slot"),
+        ([good + [1]], "each answer slot"),
+        ([good + [chains.PAD] * (cfg.max_tokens)], "more than max_tokens"),
+    ]
+    for tokens, message in bad_tokens:
+        with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+            answer(tokens=tf.constant(tokens, tf.int32))
+    for text, message in [(["b=\u00e9;?b"], "outside printable ASCII"), ([""], "empty problem"),
+                          (["x" * cfg.max_tokens], "longer than max_tokens")]:
+        with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+            by_text(text=tf.constant(text))
 
 
-def test_evaluation_writes_json_png_and_table_for_a_trained_run(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
     from tfmstep import trainer
 
-    workdir = str(tmp_path / "run")
+    workdir = str(tmp_path_factory.mktemp("chain") / "run")
     trainer.train("chain_transformer", workdir, preset="tiny",
-                  config=trainer.TrainConfig(steps=4, batch_size=8, steps_per_call=2, eval_every=0,
-                                             checkpoint_every=4, log_every=2, jit_compile=False))
-    report = evaluate_chains.run([workdir], ["looped"], str(tmp_path / "out"), "t", max_length_factor=1,
-                                 examples=6, batch_size=4)
-    with open(tmp_path / "out" / "t.json") as f:
-        saved = json.load(f)
-    rows = saved["runs"]["looped"]["per_length"]
-    assert [r["length"] for r in rows] == [1, 2, 3]  # 1 x train_max_len=3
-    assert all(0.0 <= r["exact_match"] <= r["token_accuracy"] + 1e-9 or r["exact_match"] == 0.0 for r in rows)
-    assert all("forced_exact_match" in r for r in rows)
-    assert os.path.getsize(tmp_path / "out" / "t.png") > 1000
-    table = evaluate_chains.format_table(report)
-    assert "looped" in table and "2x-loops exact" in table
+                  overrides={"task": "parity"},
+                  config=trainer.TrainConfig(steps=30, batch_size=16, log_every=10, eval_every=0,
+                                             checkpoint_every=30, jit_compile=False, steps_per_call=10))
+    return workdir
+
+
+def test_evaluation_writes_json_png_and_table_for_a_trained_run(tiny_run, tmp_path):
+    from tfmstep.cli import evaluate
+
+    report, table = evaluate.evaluate([tiny_run], ["looped"], str(tmp_path), "parity", examples=8,
+                                      max_length_factor=2)
+    rows = report["runs"]["looped"]["per_length"]
+    assert [r["length"] for r in rows] == list(range(1, 7))
+    assert all(0.0 <= r["exact_match"] <= 1.0 and "forced_exact_match" in r for r in rows)
+    for ext in ("json", "png", "txt"):
+        assert os.path.getsize(tmp_path / f"parity.{ext}") > 0
+    assert json.loads((tmp_path / "parity.json").read_text())["runs"]["looped"]["task"] == "parity"
+    assert "exact" in table
+
+
+def test_evaluation_of_a_jsonl_test_file_groups_by_steps(tiny_run, tmp_path):
+    from tfmstep.cli import evaluate
+
+    rng = np.random.default_rng(0)
+    lines = []
+    for k in (2, 2, 5):
+        text, answer = chains.generate_problem("parity", k, rng)
+        lines.append(json.dumps({"input": text, "answer": answer, "steps": k}))
+    lines.append(json.dumps({"input": "101?", "answer": "0"}))
+    test_file = tmp_path / "test.jsonl"
+    test_file.write_text("\n".join(lines) + "\n")
+    report, _ = evaluate.evaluate([tiny_run], None, "", "file", test_file=str(test_file))
+    rows = next(iter(report["runs"].values()))["per_length"]
+    assert [(r["length"], r["examples"]) for r in rows] == [(2, 2), (5, 1), (None, 1)]

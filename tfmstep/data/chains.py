@@ -334,9 +334,12 @@ _SPLIT_CODE = {"train": 0, "validation": 1, "test": 2}
 
 def generated_dataset(task: str, split: str, batch_size: int, *, seed: int = 0, start_batch: int = 0,
                       train_min_len: int = 1, train_max_len: int = 8, test_max_len: int = 32,
-                      modulus: int = 5, answer_length: int = 1, eval_examples: int = 512) -> tf.data.Dataset:
-    """"train": infinite, k uniform in [train_min_len, train_max_len], batch b generated from the seed
-    (seed, 0, b) alone (exact resume). "validation": the train range, finite. "test": k uniform in
+                      modulus: int = 5, answer_length: int = 1, eval_examples: int = 512,
+                      curriculum_batches: int = 0) -> tf.data.Dataset:
+    """"train": infinite, k uniform in [train_min_len, train_max_len] -- over the first
+    ``curriculum_batches`` batches the upper end rises linearly from train_min_len, so the one-step
+    lookup is learned on short chains first --, batch b generated from the seed (seed, 0, b) alone
+    (exact resume). "validation": the train range, finite. "test": k uniform in
     [1, test_max_len], finite. Every batch of a split is padded to one length (static shapes for XLA)."""
     if split not in _SPLIT_CODE:
         raise UserError(f"unknown split {split!r}; choose train, validation or test")
@@ -345,7 +348,10 @@ def generated_dataset(task: str, split: str, batch_size: int, *, seed: int = 0, 
 
     def make(batch_index):
         rng = np.random.default_rng([seed, _SPLIT_CODE[split], int(batch_index)])
-        inputs, labels = generate_batch(task, rng.integers(low, high + 1, size=batch_size), rng,
+        top = high
+        if split == "train" and batch_index < curriculum_batches:
+            top = min(high, low + int((high - low + 1) * batch_index / curriculum_batches))
+        inputs, labels = generate_batch(task, rng.integers(low, top + 1, size=batch_size), rng,
                                         answer_length, pad_to, modulus)
         return inputs["tokens"], labels["answers"], labels["steps"]
 

@@ -14,7 +14,7 @@ register(
         # Looped, ~0.2M parameters.
         "default": dict(),
         # Non-looped: prelude, `layers` distinct blocks, coda; about the looped default's parameters.
-        "baseline": dict(looped=False, width=40, heads=4, mlp_dim=160, layers=10),
+        "baseline": dict(looped=False, width=40, heads=4, mlp_dim=160, layers=8),
     },
     servable=serving.chain_servable, evaluate=evaluate.evaluate_runs,
     inference_timer=evaluate.per_loop_times,

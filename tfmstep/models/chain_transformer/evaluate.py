@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import numpy as np
 import tensorflow as tf
@@ -104,7 +103,7 @@ def summarise(rows, train_max_len: int) -> dict:
 def evaluate_runs(runs, labels=None, output_dir: str = "", name: str = "chain", *, max_length_factor: int = 4,
                   examples: int = 256, batch_size: int = 128, seed: int = 1234, test_file: str = "") -> dict:
     """Evaluate trained runs [(workdir, (model, config, spec))]; with ``output_dir``, write
-    ``<name>.json``, ``.txt`` and ``.png`` there. Returns the report."""
+    ``<name>.json``, ``.txt`` and ``.png`` there. Returns the report (its printable ``table`` included)."""
     if not runs:
         raise UserError("give at least one trained workdir")
     labels = list(labels or [os.path.basename(os.path.normpath(w)) for w, _ in runs])
@@ -129,11 +128,12 @@ def evaluate_runs(runs, labels=None, output_dir: str = "", name: str = "chain", 
             "train_seconds": train_info.get("train_seconds_this_run"),
             "per_length": rows, "summary": summarise(rows, config.train_max_len),
         }
+    report["table"] = format_table(report)
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)
         base = os.path.join(output_dir, name)
         fileio.atomic_write_json(base + ".json", report)
-        fileio.atomic_write(base + ".txt", format_table(report) + "\n")
+        fileio.atomic_write(base + ".txt", report["table"] + "\n")
         plot(report, base + ".png", title=name)
     return report
 
@@ -184,43 +184,26 @@ def plot(report: dict, path: str, title: str = "") -> None:
     plt.close(fig)
 
 
-def per_loop_times(preset: str = "default", batch_size: int = 32, repeats: int = 30, many: int = 16) -> list:
-    """Time of one core iteration vs the fixed cost (prelude + coda + head) at batch 32, on problems of
-    the median trained length; shares are of a run of as many loops as that length (a trained reasoner
-    halts there: about one iteration per step). Untrained weights: the untrained model never halts."""
-    from tfmstep import registry
+def per_loop_times(model, config, *, batch_size: int = 32, repeats: int = 30, many: int = 16) -> list:
+    """The family's ``inference_timer``: one core iteration vs the fixed cost (prelude + coda + head) at
+    batch 32, on problems of the median trained k. Shares are of a run of k loops (a trained reasoner
+    halts there: about one iteration per step; an untrained one would run all ``max_loops``).
+    Per-iteration samples are (time of ``many`` forced loops - mean time of 1 loop) / (many - 1)."""
+    from tfmstep.benchmark.timing import percentile_summary, time_in_loop
 
-    spec = registry.get_spec("chain_transformer")
-    config = registry.get_config("chain_transformer", preset)
-    model = spec.build(config)
     k = (config.train_min_len + config.train_max_len) // 2
     inputs, _ = chains.fixed_length_batches(config.task, k, batch_size, batch_size, answer_length=config.answers,
                                             modulus=config.modulus)[0]
     tokens = {"tokens": tf.constant(inputs["tokens"])}
-    predict = _predict_fn(model)
-
-    def times(loops):
-        predict(tokens, loops, False)  # trace + warm up
-        out = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            predict(tokens, loops, False)["logits"].numpy()
-            out.append(time.perf_counter() - start)
-        return out
-
-    one, full = times(1), times(many)
+    one = time_in_loop(lambda x: model(x, training=False, num_loops=1, use_halting=False), tokens, repeats)
+    full = time_in_loop(lambda x: model(x, training=False, num_loops=many, use_halting=False), tokens, repeats)
     per_loop = [(t - float(np.mean(one))) / (many - 1) for t in full]
-    loop_ms = float(np.mean(per_loop)) * 1e3
-    fixed_ms = float(np.mean(one)) * 1e3 - loop_ms
-    total = fixed_ms + k * loop_ms
-
-    def summary(samples):
-        ms = np.asarray(samples) * 1e3
-        return {"mean_ms": float(ms.mean()), "p50_ms": float(np.percentile(ms, 50)),
-                "p90_ms": float(np.percentile(ms, 90))}
-
+    loop_s = float(np.mean(per_loop))
+    fixed_s = float(np.mean(one)) - loop_s
+    total = fixed_s + k * loop_s
     return [
-        {"step": "prelude + coda + answer head (fixed)", **summary([t - np.mean(per_loop) for t in one]),
-         "share": fixed_ms / total},
-        {"step": f"one core iteration (x{k} = median trained k)", **summary(per_loop), "share": k * loop_ms / total},
+        {"step": "prelude + coda + answer head (fixed)", **percentile_summary([t - loop_s for t in one]),
+         "share": fixed_s / total},
+        {"step": f"one core iteration (x{k} = median trained k)", **percentile_summary(per_loop),
+         "share": k * loop_s / total},
     ]

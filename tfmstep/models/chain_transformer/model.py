@@ -51,6 +51,7 @@ class ChainConfig:
     answer_length: int = 0  # answer slots A (0: the task's own; file tasks: the longest answer allowed, 8)
     max_tokens: int = 1024  # longest tokenised problem (text + answer slots) accepted
     eval_examples: int = 512
+    curriculum_steps: int = 0  # training steps over which the longest trained k rises to train_max_len
     # Model.
     looped: bool = True  # False: the stacked baseline
     width: int = 64
@@ -89,6 +90,8 @@ class ChainConfig:
             raise UserError("width, heads, mlp_dim, layers and max_loops must be >= 1, prelude_layers >= 0")
         if self.width % self.heads:
             raise UserError(f"width ({self.width}) must be divisible by heads ({self.heads})")
+        if self.curriculum_steps < 0:
+            raise UserError(f"curriculum_steps must be >= 0, got {self.curriculum_steps}")
         if self.train_loops < 0:
             raise UserError(f"train_loops must be >= 0, got {self.train_loops}")
         if self.looped and self.task != chains.FILE_TASK and self.loops_in_training < self.train_max_len:
@@ -214,6 +217,17 @@ class ChainTransformer(keras.Model):
     @classmethod
     def from_config(cls, config):
         return cls(**config)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        """``model.fit`` after ``compile(optimizer)`` (no loss given) trains on the family loss, whose
+        labels ({"answers", "steps"}) and per-iteration outputs no Keras built-in loss understands."""
+        if self._compile_loss is not None or y is None:
+            return super().compute_loss(x, y, y_pred, sample_weight, training)
+        per_example, _ = chain_loss(y, y_pred)
+        loss = tf.reduce_mean(per_example)
+        if self.losses:
+            loss += tf.add_n(self.losses)
+        return loss
 
     def build(self, input_shape=None):
         self.embedding.build((None, None))
@@ -365,7 +379,8 @@ def chain_dataset(config: ChainConfig, split: str, batch_size: int, seed: int = 
     return chains.generated_dataset(config.task, split, batch_size, seed=seed, start_batch=start_batch,
                                     train_min_len=config.train_min_len, train_max_len=config.train_max_len,
                                     test_max_len=config.test_max_len, modulus=config.modulus,
-                                    answer_length=config.answers, eval_examples=config.eval_examples)
+                                    answer_length=config.answers, eval_examples=config.eval_examples,
+                                    curriculum_batches=config.curriculum_steps)
 
 
 def build_chain_transformer(config: ChainConfig) -> keras.Model:

@@ -1,0 +1,65 @@
+"""Evaluate trained runs with their family's own evaluation (``tfmstep-evaluate`` or
+``python tools/evaluate.py``). For the chain reasoner: exact match per chain length from 1 to 4x the
+longest trained (looped vs baseline), halting loops vs the true k, accuracy with 2x the loops forced.
+
+  python tools/evaluate.py --workdirs=workdirs/chain_lego,workdirs/chain_lego_baseline \\
+      --labels=looped,baseline --name=lego --output_dir=/tmp/eval
+  python tools/evaluate.py --workdirs=workdirs/my_task --test_file=my_test.jsonl --name=my_task
+
+Prints the table; with --output_dir, writes <name>.json, .txt and .png there.
+"""
+
+from absl import app, flags
+
+from tfmstep.cli import exit_on_user_error
+
+flags.DEFINE_list("workdirs", [], "Trained workdirs (tools/train.py --workdir), all of one model family.")
+flags.DEFINE_list("labels", [], "One label per workdir (default: the workdir's name).")
+flags.DEFINE_string("output_dir", "", "Where <name>.json, .txt and .png go (default: print only).")
+flags.DEFINE_string("name", "eval", "Base name of the output files.")
+flags.DEFINE_integer("max_length_factor", 4, "Evaluate chain lengths 1 .. factor x longest trained.", lower_bound=1)
+flags.DEFINE_integer("examples", 256, "Problems per chain length.", lower_bound=1)
+flags.DEFINE_integer("batch_size", 128, "Problems per forward pass.", lower_bound=1)
+flags.DEFINE_integer("seed", 1234, "Seed of the generated evaluation problems.")
+flags.DEFINE_string("test_file", "", "A JSONL test file ({\"input\", \"answer\", \"steps\"?} per line) to "
+                    "evaluate on instead of generated problems (task=file runs default to their test_file).")
+FLAGS = flags.FLAGS
+
+
+def evaluate(workdirs, labels=None, output_dir="", name="eval", **options) -> tuple[dict, str]:
+    """Load each workdir's latest checkpoint and run its family's ``evaluate`` hook, which returns a
+    report with a printable ``table``; -> (report, table)."""
+    from tfmstep import trainer
+    from tfmstep.errors import UserError
+
+    if not workdirs:
+        raise UserError("give at least one --workdirs entry")
+    runs = [(workdir, trainer.load_trained(workdir)) for workdir in workdirs]
+    specs = {spec.name: spec for _, (_, _, spec) in runs}
+    if len(specs) > 1:
+        raise UserError(f"--workdirs mix model families ({', '.join(sorted(specs))}); evaluate one at a time")
+    spec = next(iter(specs.values()))
+    if spec.evaluate is None:
+        raise UserError(f"model {spec.name!r} registers no evaluation (its training run's metrics.json has "
+                        f"its eval metrics)")
+    report = spec.evaluate(runs, labels or None, output_dir, name, **options)
+    return report, report["table"]
+
+
+def main(argv):
+    del argv
+    with exit_on_user_error():
+        report, table = evaluate(FLAGS.workdirs, FLAGS.labels, FLAGS.output_dir, FLAGS.name,
+                                 max_length_factor=FLAGS.max_length_factor, examples=FLAGS.examples,
+                                 batch_size=FLAGS.batch_size, seed=FLAGS.seed, test_file=FLAGS.test_file)
+    print(table)
+    if FLAGS.output_dir:
+        print(f"wrote {FLAGS.output_dir}/{FLAGS.name}.json, .txt and .png")
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
