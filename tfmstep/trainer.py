@@ -200,7 +200,7 @@ def _check_workdir_matches(workdir: str, record: dict) -> None:
                             f"{record[key]!r}; use a new --workdir (nothing was changed)")
 
 
-def _check_checkpoint_state(workdir: str, restore_from: str) -> None:
+def _check_checkpoint_state(workdir: str, restore_from: str, starting: bool = True) -> None:
     """Refuse to start from scratch over saved checkpoints: a state file (``checkpoints/checkpoint``)
     that cannot be read, or checkpoints without one, is an error naming the way out, unless the
     checkpoint to restore is given explicitly (then an unreadable state file is moved aside, not
@@ -220,7 +220,7 @@ def _check_checkpoint_state(workdir: str, restore_from: str) -> None:
         problem = f"{ckpt_dir} has checkpoints but no 'checkpoint' state file"
     elif _checkpoint_numbers(os.path.join(ckpt_dir, BEST_DIR)):
         problem = f"{ckpt_dir} has no checkpoint but {ckpt_dir}/{BEST_DIR} has one"
-    elif os.path.exists(os.path.join(workdir, "metrics.json")):
+    elif starting and os.path.exists(os.path.join(workdir, "metrics.json")):
         raise UserError(f"workdir {workdir} holds a finished run (metrics.json) but no checkpoints; starting "
                         f"over would overwrite it -- use a new --workdir")
     if not problem:
@@ -290,8 +290,12 @@ class _Run:
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
                                               step=self.step, data_position=self.data_position,
                                               rng_states=self.rng_states)
-        self.manager = tf.train.CheckpointManager(self.checkpoint, self.ckpt_dir,
-                                                  max_to_keep=config.keep_checkpoints)
+        try:
+            self.manager = tf.train.CheckpointManager(self.checkpoint, self.ckpt_dir,
+                                                      max_to_keep=config.keep_checkpoints)
+        except ValueError as e:  # "Invalid checkpoint state" (an empty state file)
+            raise UserError(f"{os.path.join(self.ckpt_dir, 'checkpoint')} cannot be read ({_first_line(e)}); "
+                            f"move it away to load a checkpoint with restore_from") from None
         self._best_manager = None
 
     @property
@@ -392,7 +396,8 @@ def load_trained(workdir: str, restore_from: str = ""):
     record = _saved_record(workdir)
     if record is None:
         raise UserError(f"no trained run in {workdir} (missing config.json)")
-    _check_checkpoint_state(workdir, restore_from="")
+    if not restore_from:  # reading only: an explicit restore_from needs no readable state file
+        _check_checkpoint_state(workdir, restore_from="", starting=False)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     config = TrainConfig(**{k: v for k, v in record["train"].items() if k in fields})
     spec = registry.get_spec(record["model"])

@@ -144,7 +144,8 @@ def validate_config(config) -> None:
     that is mostly empty (labels 50..59 would silently train a 60-way head), image channels the pipeline
     can convert. One UserError line naming the file, the field and the value."""
     if config.num_classes is not None and config.num_classes < 1:
-        raise UserError(f"num_classes must be >= 1 (or unset to take the dataset's), got {config.num_classes}")
+        raise UserError(f"num_classes must be >= 1 (or unset to take the dataset's), got "
+                        f"{config.num_classes}")
     arrays = load_arrays(config.dataset, config.data_file)
     source = config.data_file if config.dataset == "npz" else f"dataset {config.dataset!r}"
     train_labels = arrays["train"][1]
