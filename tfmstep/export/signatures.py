@@ -17,7 +17,7 @@ abort inside a kernel (oneDNN's convolution aborts on a rank-3 image), never a s
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 import keras
 import numpy as np
@@ -221,51 +221,9 @@ def generic_servable(name: str, model: keras.Model, config) -> Servable:
         keras_reference=reference)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Chain reasoner: answers and the loop iterations it used (halting).
-
-
-def chain_servable(name: str, model: keras.Model, config) -> Servable:
-    servable = generic_servable(name, model, config)
-    input_specs = {key: tf.TensorSpec([None, None], spec.dtype, name=key)
-                   for key, spec in servable.tflite_input_signature.items()}
-
-    def answer(**kwargs):
-        with tf.control_dependencies([_check_nonempty(kwargs["op"], "op")]):
-            outputs = model(dict(kwargs), training=False)
-        return {"answers": tf.argmax(outputs["logits"], -1, output_type=tf.int32),
-                "steps_used": tf.cast(outputs["steps_used"], tf.int32)}
-
-    def raw_outputs(**kwargs):
-        outputs = model(dict(kwargs), training=False)
-        return {"logits": tf.cast(outputs["logits"], tf.float32),
-                "steps_used": tf.cast(outputs["steps_used"], tf.float32)}
-
-    def reference(signature_name, inputs):
-        outputs = model({k: tf.constant(v) for k, v in inputs.items()}, training=False)
-        return {"answers": np.argmax(outputs["logits"].numpy(), -1),
-                "steps_used": outputs["steps_used"].numpy().astype(np.int32)}
-
-    servable.signatures = {"serving_default": Signature(answer, input_specs)}
-    servable.keras_reference = reference
-    servable.tflite_fn = raw_outputs
-    servable.tflite_input_signature = input_specs
-    servable.primary_output = "logits"
-    servable.agreement_mask = lambda labels: np.asarray(labels["depth"]) >= 0  # real tokens, not padding
-    return servable
-
-
-# Family name -> builder of its Servable, for families without a registered ``servable`` hook.
-# Families own their serving code (the registry hook); this table only bridges the chain reasoner until
-# its hook lands. Models with neither get ``generic_servable``.
-FAMILIES: dict[str, Callable[[str, keras.Model, Any], Servable]] = {
-    "chain_transformer": chain_servable,
-}
-
-
 def servable(name: str, model: keras.Model, config) -> Servable:
     spec = registry.get_spec(name)  # unknown name -> UserError listing the registered models
-    result = (spec.servable or FAMILIES.get(name, generic_servable))(name, model, config)
+    result = (spec.servable or generic_servable)(name, model, config)
     if "serving_default" not in result.signatures:
         raise UserError(f"the export table for {name!r} has no serving_default signature")
     return result

@@ -59,7 +59,7 @@ class ChainConfig:
     mlp_dim: int = 256
     prelude_layers: int = 2
     layers: int = 4  # distinct blocks between prelude and coda in the baseline
-    train_loops: int = 0  # core iterations in training (0: train_max_len + 2)
+    train_loops: int = 0  # core iterations in training (0: 2 x train_max_len, so 2x loops are trained)
     max_loops: int = 128  # inference cap; halting usually stops at about k
     halt_threshold: float = 0.5
     relative_clip: int = 8  # relative offsets beyond +-clip share one learned bias (plus the slopes)
@@ -111,7 +111,7 @@ class ChainConfig:
 
     @property
     def loops_in_training(self) -> int:
-        return self.train_loops or self.train_max_len + 2
+        return self.train_loops or 2 * self.train_max_len
 
     @property
     def num_classes(self) -> int:
@@ -146,6 +146,8 @@ class Block(keras.layers.Layer):
         self.relative_bias = self.add_weight(shape=(2 * self.clip + 1, self.heads), initializer="zeros",
                                              name="relative_bias")
         # softplus(-5) ~ 0.007 per token: distance barely matters until a head learns that it should.
+        # (ALiBi's geometric 1, 1/4, 1/16, ... start made parity's extra loops drift: 0.58 vs 0.97
+        # exact match at k=8 with 2x loops forced.)
         self.distance_slopes = self.add_weight(shape=(2, self.heads), name="distance_slopes",
                                                initializer=keras.initializers.Constant(-5.0))
         # Scalable softmax: logits grow with log(tokens), so attention stays as sharp on a problem four

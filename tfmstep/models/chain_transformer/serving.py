@@ -5,8 +5,9 @@
 - ``answer_text``: ``text`` string [B] -> the same, tokenised in the graph with the model's character
   tokenizer (answer slots appended), so a client sends the problem as it has it.
 
-Every input is checked in the graph before the model runs: ids inside the vocabulary, exactly one of each
-answer slot, at most ``max_tokens`` tokens, printable-ASCII text, a non-empty batch. A bad request fails
+Every input is checked in the graph before the model runs (``tfmstep.export.signatures.check_inputs``:
+rank, a batch of 1..1024; then ids inside the vocabulary, exactly one of each answer slot, at most
+``max_tokens`` tokens, printable-ASCII non-empty text). A bad request fails
 with an InvalidArgument naming the input, never with an out-of-range gather (which on GPU silently reads
 zeros).
 """
@@ -18,24 +19,26 @@ import numpy as np
 import tensorflow as tf
 
 from tfmstep.data import chains
-from tfmstep.export.signatures import Servable, Signature, _check_nonempty
+from tfmstep.export.signatures import Servable, Signature, after, assert_in_range, assert_that, check_inputs
 
 
-def _check_tokens(tokens, config):
-    answers = config.answers
+MAX_BATCH = 1024
+
+
+def check_tokens(tokens, config):
+    """The request's token ids, checked before the model reads them (see the module docstring)."""
+    spec = {"tokens": tf.TensorSpec([None, None], tf.int32)}
+    tokens = check_inputs({"tokens": tokens}, spec, max_batch=MAX_BATCH)["tokens"]
     slots = tf.stack([tf.reduce_sum(tf.cast(tf.equal(tokens, s), tf.int32), axis=1)
-                      for s in chains.answer_slots(answers)], axis=1)
-    return [
-        _check_nonempty(tokens, "tokens"),
-        tf.debugging.assert_less_equal(tf.shape(tokens)[1], config.max_tokens,
-                                       message=f"tokens: more than max_tokens={config.max_tokens} per problem"),
-        tf.debugging.assert_non_negative(tokens, message="tokens: negative token id"),
-        tf.debugging.assert_less(tokens, chains.VOCAB_SIZE,
-                                 message=f"tokens: token id >= vocabulary size {chains.VOCAB_SIZE}"),
-        tf.debugging.assert_equal(slots, tf.ones_like(slots),
-                                  message=f"tokens: every problem needs each answer slot id 1..{answers} "
-                                          f"exactly once"),
-    ]
+                      for s in chains.answer_slots(config.answers)], axis=1)
+    return after([
+        assert_that(tf.shape(tokens)[1] <= config.max_tokens,
+                    f"input 'tokens': {{}} tokens per problem is over max_tokens={config.max_tokens}",
+                    tf.shape(tokens)[1]),
+        assert_in_range(tokens, 0, chains.VOCAB_SIZE - 1, "tokens", "token ids"),
+        assert_that(tf.reduce_all(tf.equal(slots, 1)),
+                    f"input 'tokens': every problem needs each answer slot id 1..{config.answers} exactly once"),
+    ], tokens)
 
 
 def _charset_table():
@@ -53,20 +56,19 @@ def _id_strings():
 
 def text_to_tokens(text, config):
     """string [B] -> int32 tokens [B, T]: characters, then the answer slots, then PAD. Checks the text."""
-    codepoints = tf.strings.unicode_decode(text, "UTF-8", errors="strict")
+    text = check_inputs({"text": text}, {"text": tf.TensorSpec([None], tf.string)}, max_batch=MAX_BATCH)["text"]
+    codepoints = tf.strings.unicode_decode(text, "UTF-8", errors="replace", replacement_char=0xFFFD)
     flat = codepoints.flat_values
     inside = (flat >= 0) & (flat < 128)
     ids = tf.gather(_charset_table(), tf.where(inside, flat, 0))
+    lengths = codepoints.row_lengths()
     checks = [
-        _check_nonempty(text, "text"),
-        tf.debugging.assert_equal(tf.reduce_all(inside & (ids >= 0)), True,
-                                  message="text: a character outside printable ASCII (the tokenizer's vocabulary)"),
-        tf.debugging.assert_positive(tf.reduce_min(tf.concat([codepoints.row_lengths(), [1]], 0)),
-                                     message="text: empty problem"),
-        tf.debugging.assert_less_equal(tf.reduce_max(tf.concat([codepoints.row_lengths(), [0]], 0)),
-                                       tf.cast(config.max_tokens - config.answers, tf.int64),
-                                       message=f"text: longer than max_tokens={config.max_tokens} "
-                                               f"minus the answer slots"),
+        assert_that(tf.reduce_all(inside & (ids >= 0)),
+                    "input 'text': a character outside printable ASCII (the tokenizer's vocabulary)"),
+        assert_that(tf.reduce_all(lengths > 0), "input 'text': empty problem"),
+        assert_that(tf.reduce_all(lengths <= config.max_tokens - config.answers),
+                    f"input 'text': longer than max_tokens={config.max_tokens} minus "
+                    f"{config.answers} answer slots"),
     ]
     with tf.control_dependencies(checks):
         ragged = codepoints.with_flat_values(ids)
@@ -86,8 +88,7 @@ def chain_servable(name: str, model: keras.Model, config) -> Servable:
                 "steps_used": tf.cast(outputs["steps_used"], tf.int32)}
 
     def answer_tokens(tokens):
-        with tf.control_dependencies(_check_tokens(tokens, config)):
-            return outputs_of(tf.identity(tokens))
+        return outputs_of(check_tokens(tokens, config))
 
     def answer_text(text):
         return outputs_of(text_to_tokens(text, config))
