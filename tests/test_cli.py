@@ -36,7 +36,8 @@ def test_console_script_is_a_run_function_of_a_cli_module(script):
 
 
 SHIMS = {"train.py": "train", "generate.py": "generate", "ngram_baseline.py": "ngram_baseline",
-         "benchmark.py": "benchmark", "profile_step.py": "profile", "export.py": "export"}
+         "benchmark.py": "benchmark", "profile_step.py": "profile", "export.py": "export",
+         "evaluate.py": "evaluate"}
 
 
 @pytest.mark.parametrize("shim", sorted(SHIMS))
@@ -57,6 +58,9 @@ def _run(module, *args):
     ("tfmstep.cli.profile", ["--models=nope"], "error: unknown model 'nope'"),
     ("tfmstep.cli.ngram_baseline", ["--preset=nope"], "error: unknown preset 'nope'"),
     ("tfmstep.cli.export", ["--model=nope"], "error: unknown model 'nope'"),
+    ("tfmstep.cli.evaluate", [], "error: give at least one --workdirs entry"),
+    ("tfmstep.cli.train", ["--model=chain_transformer", "--preset=tiny", "--workdir=/nonexistent/run",
+                           "--steps=5", "--restore_from=ckpt-3"], "error: "),
 ])
 def test_bad_input_is_one_error_line_and_exit_2(module, args, message):
     result = _run(module, *args)

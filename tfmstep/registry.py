@@ -54,6 +54,9 @@ class ModelSpec:
     # forward_flops(config) -> FLOPs of one forward pass of one training example (benchmark MFU);
     # None: counted by TF's graph profiler (which does not look inside while loops)
     forward_flops: Callable | None = None
+    # validate_data(config) -> None: the data the config would train on, checked against it before
+    # anything is written (label range vs classes, empty splits, shapes, ids vs vocabulary); one UserError
+    validate_data: Callable | None = None
 
 
 _REGISTRY: dict[str, ModelSpec] = {}

@@ -41,7 +41,6 @@ import tensorflow as tf
 from absl import logging
 
 from tfmstep import autotune, fileio, registry, step as step_lib
-from tfmstep.data import common as data_common
 from tfmstep.errors import UserError
 
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
@@ -382,12 +381,10 @@ def _remove_checkpoint_files(prefix: str) -> None:
 
 def validate_data(spec: registry.ModelSpec, model_config) -> None:
     """Check the family's data against ``model_config`` before anything is written (label range vs
-    classes, empty data, image shape, ids vs vocabulary): the family's ``validate_data`` hook when its
-    ModelSpec has one, else the check its data module offers for the family
-    (``tfmstep.data.common.validates_data_of``). Families with neither are not checked."""
-    check = getattr(spec, "validate_data", None) or data_common.data_validator(spec.name)
-    if check is not None:
-        check(model_config)
+    classes, empty data, image shape, ids vs vocabulary): the family's ``validate_data`` hook (families
+    without one are not checked)."""
+    if spec.validate_data is not None:
+        spec.validate_data(model_config)
 
 
 def load_trained(workdir: str, restore_from: str = ""):

@@ -47,6 +47,11 @@ flags.DEFINE_integer("eval_batches", _DEFAULTS.eval_batches, "Batches per evalua
 flags.DEFINE_integer("seed", _DEFAULTS.seed, "Seed for initialisation and the data stream.")
 flags.DEFINE_enum("mixed_precision", "", list(trainer.MIXED_PRECISION), "Mixed-precision policy.")
 flags.DEFINE_enum("distribute", _DEFAULTS.distribute, list(trainer.STRATEGIES), "tf.distribute strategy.")
+flags.DEFINE_string("restore_from", "", "Start from this checkpoint instead of the latest: ckpt-N, N, best "
+                    "or a path (the way out when the latest checkpoint cannot be read).")
+flags.DEFINE_float("checkpoint_every_secs", trainer.DEFAULT_CHECKPOINT_EVERY_SECS,
+                   "Also checkpoint when this many seconds passed since the last checkpoint (0: by steps only).",
+                   lower_bound=0.0)
 flags.mark_flag_as_required("workdir")
 
 
@@ -62,7 +67,8 @@ def main(argv) -> None:
     with exit_on_user_error():
         config = train_config_from_flags()
         trainer.train(FLAGS.model, FLAGS.workdir, preset=FLAGS.preset,
-                      overrides=registry.parse_overrides(FLAGS.config), config=config)
+                      overrides=registry.parse_overrides(FLAGS.config), config=config,
+                      restore_from=FLAGS.restore_from, checkpoint_every_secs=FLAGS.checkpoint_every_secs)
 
 
 def run() -> None:

@@ -1,10 +1,9 @@
 """Helpers shared by the input pipelines: the indexed streams that make resume exact, TFDS loading that
-never downloads, and the hook through which a family's data is checked against its config."""
+never downloads."""
 
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Optional
 
 import tensorflow as tf
 
@@ -70,29 +69,3 @@ def load_tfds(name: str, **kwargs):
             close = []
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise UserError(f"unknown TFDS dataset {name!r}{hint}") from None
-
-
-# --- checking data against the model config --------------------------------------------------------------
-
-_DATA_VALIDATORS: dict[str, Callable] = {}
-
-
-def validates_data_of(model_name: str) -> Callable:
-    """Decorator for ``fn(config) -> None``: checks the data registered model ``model_name`` would train
-    on against its config (label range vs classes, empty splits, image shape, ids vs vocabulary) and raises
-    one ``UserError`` line naming the file, the field and the value. The trainer calls it before anything
-    is written.
-
-    This lets a family's data module offer the check without the model module or the registry changing;
-    a ``validate_data`` hook on the family's ModelSpec, where there is one, takes precedence."""
-
-    def register(fn: Callable) -> Callable:
-        _DATA_VALIDATORS[model_name] = fn
-        return fn
-
-    return register
-
-
-def data_validator(model_name: str) -> Optional[Callable]:
-    """The data check offered for registered model ``model_name``, or None."""
-    return _DATA_VALIDATORS.get(model_name)

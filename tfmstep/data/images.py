@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tfmstep.data.common import NotAvailableLocally, load_tfds, shuffled_index_stream, validates_data_of
+from tfmstep.data.common import NotAvailableLocally, load_tfds, shuffled_index_stream
 from tfmstep.errors import UserError
 
 OFFLINE_DATASET = "digits"
@@ -137,7 +137,6 @@ def _checked(source: str, arrays: dict) -> dict:
 _CONVERTIBLE_CHANNELS = {(1, 3), (3, 1)}
 
 
-@validates_data_of("cnn_classifier")
 def validate_config(config) -> None:
     """The images and labels of ``config`` (a CNN config: dataset, data_file, image_shape, num_classes)
     checked against it before anything is trained: num_classes >= 1 and above every label, no class range

@@ -27,7 +27,7 @@ import tensorflow as tf
 from absl import logging
 
 from tfmstep import fileio
-from tfmstep.data.common import NotAvailableLocally, example_seeds, load_tfds, validates_data_of
+from tfmstep.data.common import NotAvailableLocally, example_seeds, load_tfds
 from tfmstep.errors import UserError
 
 BYTE_VOCAB_SIZE = 256
@@ -226,7 +226,6 @@ def tokenized_corpus(corpus: str, text_file: str, max_bytes: int, validation_fra
     return result
 
 
-@validates_data_of("lstm_lm")
 def validate_config(config) -> None:
     """The corpus of ``config`` (an LSTM config) checked against it before anything is trained or written:
     the text is there and readable, both splits are long enough for ``seq_len``, and every token id is in

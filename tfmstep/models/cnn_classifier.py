@@ -137,7 +137,7 @@ def classifier_servable(name: str, model: keras.Model, config):
 
 
 @register("cnn_classifier", config_class=CNNConfig, loss=classification_loss, dataset=cnn_dataset,
-          servable=classifier_servable,
+          servable=classifier_servable, validate_data=image_data.validate_config,
           presets={
               "tiny": dict(filters=(8, 16), convs_per_stage=1, dropout=0.0),
               "cifar10": dict(dataset="cifar10", filters=(32, 64, 128), augment=True),

@@ -2,7 +2,8 @@
 accuracy-vs-chain-length evaluation (``evaluate.py``) and its inference timer, registered together."""
 
 from tfmstep.models.chain_transformer.model import (ChainConfig, ChainTransformer, build_chain_transformer,
-                                                    chain_dataset, chain_loss, chain_metrics)
+                                                    chain_dataset, chain_loss, chain_metrics,
+                                                    validate_chain_data)
 from tfmstep.models.chain_transformer import evaluate, serving
 from tfmstep.registry import register
 
@@ -17,7 +18,7 @@ register(
         "baseline": dict(looped=False, width=40, heads=4, mlp_dim=160, layers=8),
     },
     servable=serving.chain_servable, evaluate=evaluate.evaluate_runs,
-    inference_timer=evaluate.per_loop_times,
+    inference_timer=evaluate.per_loop_times, validate_data=validate_chain_data,
 )(build_chain_transformer)
 
 __all__ = ["ChainConfig", "ChainTransformer", "build_chain_transformer", "chain_loss", "chain_metrics",

@@ -385,6 +385,14 @@ def chain_dataset(config: ChainConfig, split: str, batch_size: int, seed: int = 
                                     curriculum_batches=config.curriculum_steps)
 
 
+def validate_chain_data(config: ChainConfig) -> None:
+    """A file task's JSONL files read and checked before anything is written (one error naming the file
+    and line); generated tasks are valid by construction."""
+    if config.task == chains.FILE_TASK:
+        for split in ("train", "validation") + (("test",) if config.test_file else ()):
+            chain_dataset(config, split, 1)
+
+
 def build_chain_transformer(config: ChainConfig) -> keras.Model:
     """Looped Transformer reading problems as plain tokens, with learned halting (or its stacked baseline)."""
     model = ChainTransformer(config)

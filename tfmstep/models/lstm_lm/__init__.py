@@ -8,6 +8,7 @@ when called, so training imports neither the export nor the benchmark package.
 from tfmstep.models.lstm_lm.model import (DECODERS, LSTMConfig, TiedOutput, bits_per_byte, build_lstm_lm,
                                           generate_text, initial_state, lm_dataset, lm_loss, lstm_layers,
                                           make_step_fn, make_tokenizer, token_splits, tokenized_corpus)
+from tfmstep.data import text as text_data
 from tfmstep.registry import register
 
 
@@ -41,6 +42,7 @@ register(
     # Measured on a 2-core CPU: the XLA-compiled LSTM step ran 6x slower than the plain one.
     xla_on_cpu=False,
     servable=lstm_servable, inference_timer=per_token_times, forward_flops=forward_flops,
+    validate_data=text_data.validate_config,
 )(build_lstm_lm)
 
 __all__ = ["DECODERS", "LSTMConfig", "TiedOutput", "bits_per_byte", "build_lstm_lm", "generate_text",
