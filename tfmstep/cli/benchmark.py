@@ -12,7 +12,7 @@ import sys
 from absl import app, flags
 
 from tfmstep.benchmark import report, suite
-from tfmstep.cli import exit_on_user_error
+from tfmstep.cli import exit_on_user_error, run_program
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("sections", list(suite.SECTIONS), "What to measure.")
@@ -40,7 +40,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    run_program(main, __name__)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,9 @@ longest trained (looped vs baseline), halting loops vs the true k, accuracy with
 Prints the table; with --output_dir, writes <name>.json, .txt and .png there.
 """
 
-from absl import app, flags
+from absl import flags
 
-from tfmstep.cli import exit_on_user_error
+from tfmstep.cli import exit_on_user_error, run_program
 
 flags.DEFINE_list("workdirs", [], "Trained workdirs (tools/train.py --workdir), all of one model family.")
 flags.DEFINE_list("labels", [], "One label per workdir (default: the workdir's name).")
@@ -58,7 +58,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    run_program(main, __name__)
 
 
 if __name__ == "__main__":

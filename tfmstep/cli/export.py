@@ -85,7 +85,9 @@ def main(argv) -> None:
 
 
 def run() -> None:
-    app.run(main)
+    from tfmstep.cli import run_program
+
+    run_program(main, __name__)
 
 
 if __name__ == "__main__":

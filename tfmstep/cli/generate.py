@@ -5,10 +5,10 @@
 
 import sys
 
-from absl import app, flags
+from absl import flags
 
 from tfmstep import trainer
-from tfmstep.cli import exit_on_user_error
+from tfmstep.cli import exit_on_user_error, run_program
 from tfmstep.errors import UserError
 from tfmstep.models import lstm_lm
 
@@ -43,7 +43,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    run_program(main, __name__)
 
 
 if __name__ == "__main__":

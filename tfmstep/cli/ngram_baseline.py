@@ -7,10 +7,10 @@ import json
 import os
 import time
 
-from absl import app, flags
+from absl import flags
 
 from tfmstep import ngram, registry
-from tfmstep.cli import exit_on_user_error
+from tfmstep.cli import exit_on_user_error, run_program
 from tfmstep.models import lstm_lm
 
 FLAGS = flags.FLAGS
@@ -48,7 +48,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    run_program(main, __name__)
 
 
 if __name__ == "__main__":

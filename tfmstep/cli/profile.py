@@ -9,7 +9,7 @@ and prints / writes a markdown table per model (benchmarks/README.md explains ho
 from absl import app, flags
 
 from tfmstep import profiling
-from tfmstep.cli import exit_on_user_error
+from tfmstep.cli import exit_on_user_error, run_program
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", [], "Models to profile (default: every registered model).")
@@ -34,7 +34,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    run_program(main, __name__)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,9 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    from tfmstep.cli import run_program
+
+    run_program(main, __name__)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import dataclasses
 from absl import app, flags
 
 from tfmstep import autotune, registry, trainer
-from tfmstep.cli import exit_on_user_error
+from tfmstep.cli import exit_on_user_error, models_help, run_program
 
 _DEFAULTS = trainer.TrainConfig()
 FLAGS = flags.FLAGS
@@ -72,7 +72,7 @@ def main(argv) -> None:
 
 
 def run() -> None:
-    app.run(main)
+    run_program(main, __name__, models_help())
 
 
 if __name__ == "__main__":
