@@ -164,7 +164,7 @@ class Block(keras.layers.Layer):
         """relative [N, Tq, T] int (key position - query position) -> additive logits [N, H, Tq, T]."""
         index = tf.clip_by_value(relative, -self.clip, self.clip) + self.clip
         table = tf.gather(self.relative_bias, index)  # [N, Tq, T, H]
-        distance = tf.cast(relative, table.dtype)[..., None]
+        distance = tf.expand_dims(tf.cast(relative, table.dtype), -1)
         slopes = tf.nn.softplus(tf.cast(self.distance_slopes, table.dtype))
         table -= tf.nn.relu(-distance) * slopes[0] + tf.nn.relu(distance) * slopes[1]
         return tf.transpose(table, [0, 3, 1, 2])
@@ -176,9 +176,9 @@ class Block(keras.layers.Layer):
         kv = tf.reshape(self.key_value(self.attn_norm(context)), [batch, k_len, 2, self.heads, head_dim])
         k, v = tf.unstack(kv, axis=2)
         scores = tf.einsum("bqhd,bkhd->bhqk", q, k) * (head_dim ** -0.5)
-        scores = scores * (tf.cast(self.length_scale, scores.dtype)[None, :, None, None]
+        scores = scores * (tf.reshape(tf.cast(self.length_scale, scores.dtype), [1, self.heads, 1, 1])
                            * tf.cast(log_tokens, scores.dtype)) + tf.cast(bias, scores.dtype)
-        # A reshape, not key_mask[:, None, None, :]: that strided slice of a bool has no TF-Lite builtin.
+        # Reshapes and expand_dims, never x[:, None]: a new-axis strided slice has no TF-Lite builtin.
         scores = tf.where(tf.reshape(key_mask, [batch, 1, 1, k_len]), scores, tf.cast(-1e9, scores.dtype))
         weights = tf.nn.softmax(scores, axis=-1)
         attended = tf.reshape(tf.einsum("bhqk,bkhd->bqhd", weights, v), [batch, q_len, self.width])
@@ -244,7 +244,7 @@ class ChainTransformer(keras.Model):
         if answer_mask is None:
             answer_mask = (tokens >= 1) & (tokens <= chains.MAX_ANSWER_LENGTH)
         length = tf.shape(tokens)[1]
-        rank = tf.where(tf.cast(answer_mask, tf.bool), length - tf.range(length)[None, :], 0)
+        rank = tf.where(tf.cast(answer_mask, tf.bool), tf.expand_dims(length - tf.range(length), 0), 0)
         return tf.math.top_k(rank, k=self.config.answers).indices  # earliest first
 
     def call(self, inputs, training=False, num_loops=None, use_halting=None, return_steps=None):
@@ -257,10 +257,10 @@ class ChainTransformer(keras.Model):
         key_mask = tokens != chains.PAD
         answer_pos = self.answer_positions(tokens, inputs.get("answer_mask"))
         positions = tf.range(length)
-        relative_self = (positions[None, :] - positions[:, None])[None]  # [1, T, T]
-        relative_answer = positions[None, None, :] - answer_pos[:, :, None]  # [B, A, T]
+        relative_self = tf.expand_dims(tf.expand_dims(positions, 0) - tf.expand_dims(positions, 1), 0)  # [1, T, T]
+        relative_answer = tf.reshape(positions, [1, 1, length]) - tf.expand_dims(answer_pos, 2)  # [B, A, T]
         tokens_count = tf.reduce_sum(tf.cast(key_mask, tf.float32), axis=1)
-        log_tokens = tf.math.log(tf.maximum(tokens_count, 2.0))[:, None, None, None]
+        log_tokens = tf.reshape(tf.math.log(tf.maximum(tokens_count, 2.0)), [batch, 1, 1, 1])
         if use_halting is None:
             use_halting = not training
         if return_steps is None:
@@ -317,7 +317,7 @@ class ChainTransformer(keras.Model):
         # Inference: a while loop; a problem's state freezes once it halts, the loop ends when all have.
         def body(t, state, halted, steps_used):
             new_state = iterate(state)
-            state = tf.where(halted[:, None, None], state, new_state)
+            state = tf.where(tf.reshape(halted, [batch, 1, 1]), state, new_state)
             steps_used += 1.0 - tf.cast(halted, tf.float32)
             if use_halting:
                 halted = halted | halted_now(read(state)[1])
