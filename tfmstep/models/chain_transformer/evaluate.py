@@ -23,9 +23,8 @@ def _predict_fn(model):
     return predict
 
 
-def _score(batches, model, config, forced_loop_factor: int = 2) -> dict:
+def _score(batches, predict, config, forced_loop_factor: int = 2) -> dict:
     """Mean metrics over numpy (inputs, labels) batches of one chain length (or one group)."""
-    predict = _predict_fn(model)
     totals = {key: [] for key in ("exact_match", "token_accuracy", "steps_used", "halting_within_1",
                                   "forced_exact_match")}
     for inputs, labels in batches:
@@ -51,11 +50,11 @@ def _score(batches, model, config, forced_loop_factor: int = 2) -> dict:
 def evaluate_model(model, config, lengths, examples: int = 256, batch_size: int = 128, seed: int = 1234,
                    forced_loop_factor: int = 2) -> list[dict]:
     """One row per chain length k of the model's generated task."""
-    rows = []
+    rows, predict = [], _predict_fn(model)
     for k in lengths:
         batches = chains.fixed_length_batches(config.task, k, examples, batch_size, seed=seed,
                                               answer_length=config.answers, modulus=config.modulus)
-        rows.append({"length": int(k), **_score(batches, model, config, forced_loop_factor)})
+        rows.append({"length": int(k), **_score(batches, predict, config, forced_loop_factor)})
     return rows
 
 
@@ -70,7 +69,7 @@ def evaluate_file(model, config, test_file: str, batch_size: int = 128) -> list[
     groups: dict = {}
     for problem in problems:
         groups.setdefault(problem[2] if problem[2] >= 1 else None, []).append(problem)
-    rows = []
+    rows, predict = [], _predict_fn(model)
     for steps in sorted(groups, key=lambda s: (s is None, s or 0)):
         group = groups[steps]
         batches = []
@@ -78,7 +77,7 @@ def evaluate_file(model, config, test_file: str, batch_size: int = 128) -> list[
             chunk = group[start:start + batch_size]
             pad_to = max(len(t) for t, _, _ in chunk) + config.answers
             batches.append(chains.make_batch(chunk, config.answers, pad_to))
-        rows.append({"length": steps, **_score(batches, model, config)})
+        rows.append({"length": steps, **_score(batches, predict, config)})
     return rows
 
 
