@@ -61,6 +61,7 @@ BEST_RECORD = "best.json"
 LOSS_SMOOTHING = 0.98
 _CKPT_INDEX = re.compile(r"^ckpt-(\d+)\.index$")
 _clock = time.monotonic  # the checkpoint timer's clock (tests replace it)
+PROGRESS_SECONDS = 10.0  # a progress line (steps/s, ETA) at least this often, whatever log_every says
 
 
 @dataclasses.dataclass(frozen=True)
@@ -650,6 +651,14 @@ def _loop(run: _Run, steps, settings, config: TrainConfig, train_ds, eval_ds, st
     window_start, window_steps, window_values = time.perf_counter(), 0, {}
     current = saved_at = start
     last_save = _clock()
+    run_start, last_progress = time.perf_counter(), time.perf_counter()
+
+    def progress() -> str:
+        """steps/s of this run so far and the time to finish at that rate."""
+        rate = (current - start) / max(time.perf_counter() - run_start, 1e-9)
+        left = (config.steps - current) / rate if rate > 0 else float("inf")
+        eta = f"{int(left // 60)}m{int(left % 60):02d}s" if math.isfinite(left) else "?"
+        return f"{rate:.1f} steps/s, ETA {eta}"
 
     def save(log) -> None:
         nonlocal saved_at, last_save
@@ -706,10 +715,15 @@ def _loop(run: _Run, steps, settings, config: TrainConfig, train_ds, eval_ds, st
                             tf.summary.scalar(f"train/{k}", v)
                         tf.summary.scalar("train/learning_rate", lr)
                         tf.summary.scalar("train/steps_per_second", window_steps / elapsed)
-                    logging.info("step %d/%d  %s  lr=%.3g  %.1f steps/s", current, config.steps,
+                    logging.info("step %d/%d  %s  lr=%.3g  %.1f steps/s  (%s)", current, config.steps,
                                  "  ".join(f"{k}={v:.4f}" for k, v in means.items()), lr,
-                                 window_steps / elapsed)
+                                 window_steps / elapsed, progress())
                     window_start, window_steps, window_values = time.perf_counter(), 0, {}
+                    last_progress = time.perf_counter()
+                elif time.perf_counter() - last_progress >= PROGRESS_SECONDS:
+                    logging.info("step %d/%d  loss=%.4f  (%s)", current, config.steps,
+                                 float(values["loss"][-1]), progress())
+                    last_progress = time.perf_counter()
                 if (current % config.checkpoint_every == 0 or current == config.steps
                         or (checkpoint_every_secs and _clock() - last_save >= checkpoint_every_secs)):
                     save(log)
