@@ -117,17 +117,16 @@ def test_loss_supervises_the_answers_only_from_iteration_k_on():
     assert loss[0] > 10 and loss[1] < 1e-6
 
 
-def test_tiny_preset_learns_parity_through_the_shared_xla_step():
+def test_tiny_preset_learns_parity_through_the_shared_step():
     keras.utils.set_random_seed(0)
     cfg = tfmstep.get_config("chain_transformer", "tiny", task="parity")
     model = ct.build_chain_transformer(cfg)
     optimizer = step_lib.make_optimizer(step_lib.OptimizerConfig(learning_rate=3e-3, warmup_steps=20,
-                                                                 total_steps=300, weight_decay=0.0))
+                                                                 total_steps=200, weight_decay=0.0))
     optimizer.build(model.trainable_variables)
-    steps = step_lib.make_steps(model, optimizer, ct.chain_loss, global_batch_size=32, jit_compile=True)
+    steps = step_lib.make_steps(model, optimizer, ct.chain_loss, global_batch_size=32, jit_compile=False)
     iterator = iter(ct.chain_dataset(cfg, "train", 32, seed=0))
-    history = steps.train(iterator, tf.constant(300))
-    loss = history["loss"].numpy()
+    loss = steps.train(iterator, tf.constant(200))["loss"].numpy()
     assert loss[-20:].mean() < 0.5 * loss[:20].mean(), (loss[:20].mean(), loss[-20:].mean())
 
 
@@ -201,7 +200,7 @@ def tiny_run(tmp_path_factory):
 
 
 def test_evaluation_writes_json_png_and_table_for_a_trained_run(tiny_run, tmp_path):
-    from tfmstep.cli import evaluate
+    from tfmstep import evaluation as evaluate
 
     report, table = evaluate.evaluate([tiny_run], ["looped"], str(tmp_path), "parity", examples=8,
                                       max_length_factor=2)
@@ -215,7 +214,7 @@ def test_evaluation_writes_json_png_and_table_for_a_trained_run(tiny_run, tmp_pa
 
 
 def test_evaluation_of_a_jsonl_test_file_groups_by_steps(tiny_run, tmp_path):
-    from tfmstep.cli import evaluate
+    from tfmstep import evaluation as evaluate
 
     rng = np.random.default_rng(0)
     lines = []

@@ -103,7 +103,7 @@ def test_the_benchmark_times_it_through_its_hook(toy_family):
 
 
 def test_the_evaluate_tool_runs_its_evaluation(trained):
-    from tfmstep.cli import evaluate
+    from tfmstep import evaluation as evaluate
 
     report, table = evaluate.evaluate([trained[0]], ["toy"])
     assert report["runs"]["toy"] < 1.0 and table.startswith("toy: mse")

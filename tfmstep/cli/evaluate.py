@@ -26,30 +26,12 @@ flags.DEFINE_string("test_file", "", "A JSONL test file ({\"input\", \"answer\",
 FLAGS = flags.FLAGS
 
 
-def evaluate(workdirs, labels=None, output_dir="", name="eval", **options) -> tuple[dict, str]:
-    """Load each workdir's latest checkpoint and run its family's ``evaluate`` hook, which returns a
-    report with a printable ``table``; -> (report, table)."""
-    from tfmstep import trainer
-    from tfmstep.errors import UserError
-
-    if not workdirs:
-        raise UserError("give at least one --workdirs entry")
-    runs = [(workdir, trainer.load_trained(workdir)) for workdir in workdirs]
-    specs = {spec.name: spec for _, (_, _, spec) in runs}
-    if len(specs) > 1:
-        raise UserError(f"--workdirs mix model families ({', '.join(sorted(specs))}); evaluate one at a time")
-    spec = next(iter(specs.values()))
-    if spec.evaluate is None:
-        raise UserError(f"model {spec.name!r} registers no evaluation (its training run's metrics.json has "
-                        f"its eval metrics)")
-    report = spec.evaluate(runs, labels or None, output_dir, name, **options)
-    return report, report["table"]
-
-
 def main(argv):
     del argv
+    from tfmstep import evaluation
+
     with exit_on_user_error():
-        report, table = evaluate(FLAGS.workdirs, FLAGS.labels, FLAGS.output_dir, FLAGS.name,
+        report, table = evaluation.evaluate(FLAGS.workdirs, FLAGS.labels, FLAGS.output_dir, FLAGS.name,
                                  max_length_factor=FLAGS.max_length_factor, examples=FLAGS.examples,
                                  batch_size=FLAGS.batch_size, seed=FLAGS.seed, test_file=FLAGS.test_file)
     print(table)
