@@ -39,7 +39,7 @@ register(
         "tiny": dict(embedding_dim=16, units=32, seq_len=32, eval_context=16, max_corpus_bytes=100_000,
                      dropout=0.0),
     },
-    # Measured on a 2-core CPU: the XLA-compiled LSTM step ran 6x slower than the plain one.
+    # Measured on a 2-core CPU (benchmarks/README.md): the XLA-compiled LSTM step ran ~4x slower.
     xla_on_cpu=False,
     servable=lstm_servable, inference_timer=per_token_times, forward_flops=forward_flops,
     validate_data=text_data.validate_config,

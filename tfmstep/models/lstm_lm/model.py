@@ -47,8 +47,8 @@ class LSTMConfig:
     # Output layer = the embedding matrix (transposed). When embedding_dim != units a Dense projection to
     # embedding_dim comes first: tied and cheaper than a units x vocab softmax.
     tie_weights: bool = False
-    # The cuDNN LSTM kernel cannot run inside an XLA cluster; the shared step is jitted by default.
-    # Set true for non-XLA training on a GPU.
+    # The cuDNN LSTM kernel cannot run inside an XLA cluster, and the step uses XLA by default on
+    # accelerators (on CPU only when auto-tuning picks it). Set true for non-XLA training on a GPU.
     use_cudnn: bool = False
 
     def __post_init__(self):
