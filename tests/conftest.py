@@ -17,3 +17,27 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture
 def repo_root():
     return REPO
+
+
+@pytest.fixture(scope="session")
+def exported_tiny(tmp_path_factory):
+    """name -> (model, config, servable, version_dir, loaded): each registered model's tiny preset
+    (seed 0) exported once per test session, shared by the export tests."""
+    import keras
+
+    import tfmstep
+    from tfmstep.export import saved_model, signatures
+
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            keras.utils.set_random_seed(0)
+            model, config = tfmstep.build(name, "tiny"), tfmstep.get_config(name, "tiny")
+            servable = signatures.servable(name, model, config)
+            base = str(tmp_path_factory.mktemp(f"export_{name}"))
+            path = saved_model.export_saved_model(model, name, config, base, servable=servable)
+            cache[name] = (model, config, servable, path, saved_model.load(path))
+        return cache[name]
+
+    return get

@@ -5,29 +5,18 @@ bodies, each is one line (``BadRequest``)."""
 
 import json
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-import tfmstep
 from bad_requests import README_REQUESTS, REST_CASES, TENSOR_CASES
-from tfmstep.export import saved_model, serving
+from tfmstep.export import serving
 
 
-@pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            keras.utils.set_random_seed(0)
-            model, config = tfmstep.build(name, "tiny"), tfmstep.get_config(name, "tiny")
-            path = saved_model.export_saved_model(model, name, config, str(tmp_path_factory.mktemp(name)))
-            cache[name] = saved_model.load(path)
-        return cache[name]
-
-    return get
+@pytest.fixture
+def loaded(exported_tiny):
+    """name -> the reloaded SavedModel of its tiny preset (exported once per session, in conftest)."""
+    return lambda name: exported_tiny(name)[4]
 
 
 @pytest.mark.parametrize("case_id,name,signature,inputs,message", TENSOR_CASES,

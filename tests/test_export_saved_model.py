@@ -20,24 +20,6 @@ MODELS = tfmstep.list_models()
 FLOAT_TOLERANCE = dict(rtol=1e-5, atol=1e-5)  # same float32 graph, reloaded: only op-order round-off
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """name -> (model, config, servable, version_dir, loaded); each model exported once per module."""
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            keras.utils.set_random_seed(0)
-            model, config = tfmstep.build(name, "tiny"), tfmstep.get_config(name, "tiny")
-            servable = signatures.servable(name, model, config)
-            base = str(tmp_path_factory.mktemp(f"export_{name}"))
-            path = saved_model.export_saved_model(model, name, config, base, servable=servable)
-            cache[name] = (model, config, servable, path, tf.saved_model.load(path))
-        return cache[name]
-
-    return get
-
-
 def _assert_outputs_equal(actual: dict, expected: dict, where: str):
     assert set(expected) <= set(actual), (where, sorted(actual), sorted(expected))
     for key, want in expected.items():
@@ -51,8 +33,8 @@ def _assert_outputs_equal(actual: dict, expected: dict, where: str):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_version_directory_has_the_tf_serving_layout(name, exported):
-    _, _, servable, path, _ = exported(name)
+def test_version_directory_has_the_tf_serving_layout(name, exported_tiny):
+    _, _, servable, path, _ = exported_tiny(name)
     assert os.path.basename(path) == "1"
     for entry in ("saved_model.pb", "variables/variables.index", "assets", warmup.WARMUP_FILE,
                   saved_model.INFO_FILE):
@@ -70,16 +52,16 @@ def _saved_model_cli_show_all(path, capsys):
     return capsys.readouterr().out
 
 
-def test_saved_model_cli_command_shows_the_signatures(exported):
-    path = exported("cnn_classifier")[3]
+def test_saved_model_cli_command_shows_the_signatures(exported_tiny):
+    path = exported_tiny("cnn_classifier")[3]
     shown = subprocess.run(["saved_model_cli", "show", "--dir", path, "--all"], capture_output=True,
                            text=True, check=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")).stdout
     assert "signature_def['serving_default']" in shown and "outputs['probabilities']" in shown
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_saved_model_cli_lists_named_signatures_and_outputs(name, exported, capsys):
-    _, _, _, path, loaded = exported(name)
+def test_saved_model_cli_lists_named_signatures_and_outputs(name, exported_tiny, capsys):
+    _, _, _, path, loaded = exported_tiny(name)
     shown = _saved_model_cli_show_all(path, capsys)
     for signature_name, function in loaded.signatures.items():
         assert f"signature_def['{signature_name}']" in shown
@@ -90,8 +72,8 @@ def test_saved_model_cli_lists_named_signatures_and_outputs(name, exported, caps
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_serving_functions_carry_no_xla_must_compile(name, exported):
-    assert saved_model.has_xla_must_compile(exported(name)[3]) == []
+def test_serving_functions_carry_no_xla_must_compile(name, exported_tiny):
+    assert saved_model.has_xla_must_compile(exported_tiny(name)[3]) == []
 
 
 def test_xla_must_compile_detector_finds_a_jitted_function(tmp_path):
@@ -103,8 +85,8 @@ def test_xla_must_compile_detector_finds_a_jitted_function(tmp_path):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_reloaded_signatures_give_the_keras_outputs(name, exported):
-    _, _, servable, _, loaded = exported(name)
+def test_reloaded_signatures_give_the_keras_outputs(name, exported_tiny):
+    _, _, servable, _, loaded = exported_tiny(name)
     for signature_name, inputs in servable.warmup_inputs.items():
         outputs = loaded.signatures[signature_name](**{k: tf.constant(v) for k, v in inputs.items()})
         expected = servable.keras_reference(signature_name, inputs)
@@ -128,8 +110,8 @@ def test_generic_default_path_exports_any_model(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_warmup_file_parses_as_prediction_logs_that_run(name, exported):
-    _, _, servable, path, loaded = exported(name)
+def test_warmup_file_parses_as_prediction_logs_that_run(name, exported_tiny):
+    _, _, servable, path, loaded = exported_tiny(name)
     requests = warmup.read_warmup_requests(os.path.join(path, warmup.WARMUP_FILE))
     assert [s for s, _ in requests] == list(servable.warmup_inputs)
     results = saved_model.run_warmup_requests(path, loaded)
@@ -138,8 +120,8 @@ def test_warmup_file_parses_as_prediction_logs_that_run(name, exported):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_rest_json_body_round_trips_through_the_default_signature(name, exported):
-    _, _, servable, _, loaded = exported(name)
+def test_rest_json_body_round_trips_through_the_default_signature(name, exported_tiny):
+    _, _, servable, _, loaded = exported_tiny(name)
     signature = loaded.signatures["serving_default"]
     inputs = servable.warmup_inputs.get("serving_default") or next(iter(servable.warmup_inputs.values()))
     expected = {k: v.numpy() for k, v in signature(**{k: tf.constant(v) for k, v in inputs.items()}).items()}
@@ -168,8 +150,8 @@ def test_rest_json_body_round_trips_through_the_default_signature(name, exported
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_bad_requests_fail_with_a_clear_error(name, exported):
-    _, _, servable, _, loaded = exported(name)
+def test_bad_requests_fail_with_a_clear_error(name, exported_tiny):
+    _, _, servable, _, loaded = exported_tiny(name)
     signature = loaded.signatures["serving_default"]
     specs = serving.signature_inputs(signature)
     input_name, spec = sorted(specs.items())[0]
@@ -195,8 +177,8 @@ def test_bad_requests_fail_with_a_clear_error(name, exported):
 
 
 @pytest.mark.parametrize("name", [n for n in MODELS if n == "lstm_lm"])
-def test_generate_signature_rejects_bad_arguments(name, exported):
-    _, _, _, _, loaded = exported(name)
+def test_generate_signature_rejects_bad_arguments(name, exported_tiny):
+    _, _, _, _, loaded = exported_tiny(name)
     generate = loaded.signatures["generate"]
     with pytest.raises(serving.BadRequest, match="input 'beam_width' must be one of 1, 2, 4, 8, got 3"):
         serving.predict_rest(generate, {"inputs": {"text": ["def "], "max_length": 4, "beam_width": 3}})
@@ -281,8 +263,8 @@ def test_bad_export_arguments_fail_with_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("name", [n for n in MODELS if n == "lstm_lm"])
-def test_next_token_logits_rejects_an_empty_text(name, exported):
-    _, _, _, _, loaded = exported(name)
+def test_next_token_logits_rejects_an_empty_text(name, exported_tiny):
+    _, _, _, _, loaded = exported_tiny(name)
     for _ in range(3):  # the check must win every time, not race the gather it guards
         with pytest.raises(serving.BadRequest, match="at least 1 byte"):
             serving.predict_rest(loaded.signatures["next_token_logits"], {"instances": ["abc", ""]})

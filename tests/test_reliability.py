@@ -152,9 +152,9 @@ class _Crash(Exception):
     """An in-process stand-in for a crash at an exact call."""
 
 
-def _at_call(monkeypatch, number, action):
-    """Run ``action()`` right after the trainer's ``number``-th compiled call returns (call k ends at
-    step 4k here)."""
+def _after_each_call(monkeypatch, after):
+    """Pass every compiled call's per-step values through ``after(call_number, values) -> values`` (call k
+    ends at step 4k here): how a fault is injected at an exact call."""
     real = step_lib.make_steps
     calls = [0]
 
@@ -165,14 +165,22 @@ def _at_call(monkeypatch, number, action):
         def counted(iterator, num):
             out = train(iterator, num)
             calls[0] += 1
-            if calls[0] == number:
-                action()
-            return out
+            return after(calls[0], out)
 
         steps.train = counted
         return steps
 
     monkeypatch.setattr(step_lib, "make_steps", make_steps)
+
+
+def _at_call(monkeypatch, number, action):
+    """Run ``action()`` right after the trainer's ``number``-th compiled call returns."""
+    def after(call, out):
+        if call == number:
+            action()
+        return out
+
+    _after_each_call(monkeypatch, after)
 
 
 def _crash_at_call(monkeypatch, workdir, number, config=CONFIG, **kwargs):
@@ -538,26 +546,16 @@ def test_nan_guard_keeps_the_best_and_the_last_finite_checkpoint_and_says_which(
     scaled deterministically: x1e18 from step 17 on (finite, so steps 24 and 32 are checkpointed), NaN in
     steps 33-36."""
     workdir = tmp_path / "run"
-    real = step_lib.make_steps
-    calls = [0]
 
-    def make_steps(*args, **kwargs):
-        steps = real(*args, **kwargs)
-        train = steps.train
-
-        def exploding(iterator, num):
-            out = dict(train(iterator, num))
-            calls[0] += 1
-            if calls[0] >= 5:
-                out["loss"] = out["loss"] * (float("nan") if calls[0] == 9 else 1e18)
-            return out
-
-        steps.train = exploding
-        return steps
+    def exploding(call, out):
+        out = dict(out)
+        if call >= 5:
+            out["loss"] = out["loss"] * (float("nan") if call == 9 else 1e18)
+        return out
 
     config = dataclasses.replace(CONFIG, checkpoint_every=8)
     with monkeypatch.context() as m:
-        m.setattr(step_lib, "make_steps", make_steps)
+        _after_each_call(m, exploding)
         with pytest.raises(trainer.TrainingDiverged) as caught:
             _train(workdir, config)
     message = _one_line(caught.value)
