@@ -25,6 +25,7 @@ Names are drawn at random for each problem from 52 letters, so nothing depends o
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -224,7 +225,6 @@ def max_text_length(task: str, k: int) -> int:
 
 # S3 as permutations of (0, 1, 2); element 0 is the identity.
 def _s3():
-    import itertools
     perms = tuple(itertools.permutations(range(3)))
     index = {p: i for i, p in enumerate(perms)}
     return np.array([[index[tuple(perms[a][perms[b][i]] for i in range(3))] for b in range(6)]
@@ -419,6 +419,23 @@ def read_jsonl(path: str, *, answer_length: int, max_tokens: int, known_chars: s
     return problems
 
 
+def read_file_task(train_file: str, test_file: str, *, answer_length: int, max_tokens: int,
+                   max_steps: int | None = None):
+    """(train, test) problems of a JSONL task, every line checked (``read_jsonl``); train ``steps`` at most
+    ``max_steps`` (the loop iterations trained), test characters all seen in training. test is None
+    without a ``test_file``."""
+    train = read_jsonl(train_file, answer_length=answer_length, max_tokens=max_tokens)
+    if max_steps is not None:
+        for number, (_, _, steps) in enumerate(train, 1):
+            if steps > max_steps:
+                raise UserError(f"{train_file}: problem {number} has steps={steps}, more than the "
+                                f"{max_steps} loop iterations trained (set --config=train_loops)")
+    if not test_file:
+        return train, None
+    known = set("".join(t + a for t, a, _ in train))
+    return train, read_jsonl(test_file, answer_length=answer_length, max_tokens=max_tokens, known_chars=known)
+
+
 def file_dataset(train_file: str, test_file: str, split: str, batch_size: int, *, seed: int = 0,
                  start_batch: int = 0, answer_length: int, max_tokens: int, max_steps: int | None = None):
     """A user's JSONL task. "train": the train file, reshuffled every epoch; batch b starts at stream
@@ -426,18 +443,12 @@ def file_dataset(train_file: str, test_file: str, split: str, batch_size: int, *
     file's last 10%. "test": the test file (its characters must all occur in the train file)."""
     from tfmstep.data import common
 
-    train = read_jsonl(train_file, answer_length=answer_length, max_tokens=max_tokens)
-    if max_steps is not None:
-        for number, (_, _, steps) in enumerate(train, 1):
-            if steps > max_steps:
-                raise UserError(f"{train_file}: problem {number} has steps={steps}, more than the "
-                                f"{max_steps} loop iterations trained (set --config=train_loops)")
-    known = set("".join(t + a for t, a, _ in train))
+    train, test = read_file_task(train_file, test_file if split != "train" else "", answer_length=answer_length,
+                                 max_tokens=max_tokens, max_steps=max_steps)
     if split == "train":
         problems = train
-    elif test_file:
-        problems = read_jsonl(test_file, answer_length=answer_length, max_tokens=max_tokens,
-                              known_chars=known)
+    elif test is not None:
+        problems = test
     elif split == "validation":
         problems = train[-max(1, len(train) // 10):]
     else:

@@ -60,12 +60,11 @@ def evaluate_model(model, config, lengths, examples: int = 256, batch_size: int 
 
 def evaluate_file(model, config, test_file: str, batch_size: int = 128) -> list[dict]:
     """One row per ``steps`` value of a JSONL test file (one row, length None, when it gives none)."""
-    problems = chains.read_jsonl(test_file, answer_length=config.answers, max_tokens=config.max_tokens)
-    if config.train_file and os.path.isfile(config.train_file):
-        known = set("".join(t + a for t, a, _ in chains.read_jsonl(
-            config.train_file, answer_length=config.answers, max_tokens=config.max_tokens)))
-        chains.read_jsonl(test_file, answer_length=config.answers, max_tokens=config.max_tokens,
-                          known_chars=known)
+    if config.train_file and os.path.isfile(config.train_file):  # test characters must be trained ones
+        problems = chains.read_file_task(config.train_file, test_file, answer_length=config.answers,
+                                         max_tokens=config.max_tokens)[1]
+    else:
+        problems = chains.read_jsonl(test_file, answer_length=config.answers, max_tokens=config.max_tokens)
     groups: dict = {}
     for problem in problems:
         groups.setdefault(problem[2] if problem[2] >= 1 else None, []).append(problem)

@@ -372,12 +372,17 @@ def chain_metrics(labels, outputs):
             "steps_used": steps_used, "halting_error": tf.where(steps >= 1, tf.abs(steps_used - steps), 0.0)}
 
 
+def _file_limits(config: ChainConfig) -> dict:
+    """What a file task's lines are checked against: the answer slots, max_tokens and (looped) the loop
+    iterations trained, which a line's ``steps`` may not exceed."""
+    return dict(answer_length=config.answers, max_tokens=config.max_tokens,
+                max_steps=config.loops_in_training if config.looped else None)
+
+
 def chain_dataset(config: ChainConfig, split: str, batch_size: int, seed: int = 0, start_batch: int = 0):
     if config.task == chains.FILE_TASK:
         return chains.file_dataset(config.train_file, config.test_file, split, batch_size, seed=seed,
-                                   start_batch=start_batch, answer_length=config.answers,
-                                   max_tokens=config.max_tokens,
-                                   max_steps=config.loops_in_training if config.looped else None)
+                                   start_batch=start_batch, **_file_limits(config))
     return chains.generated_dataset(config.task, split, batch_size, seed=seed, start_batch=start_batch,
                                     train_min_len=config.train_min_len, train_max_len=config.train_max_len,
                                     test_max_len=config.test_max_len, modulus=config.modulus,
@@ -389,8 +394,7 @@ def validate_chain_data(config: ChainConfig) -> None:
     """A file task's JSONL files read and checked before anything is written (one error naming the file
     and line); generated tasks are valid by construction."""
     if config.task == chains.FILE_TASK:
-        for split in ("train", "validation") + (("test",) if config.test_file else ()):
-            chain_dataset(config, split, 1)
+        chains.read_file_task(config.train_file, config.test_file, **_file_limits(config))
 
 
 def build_chain_transformer(config: ChainConfig) -> keras.Model:
