@@ -4,9 +4,9 @@ A family registers itself with ``@register(...)`` on its builder. Everything els
 the trainer, the export module, the tests -- looks models up here, so a new model is usable (and tested)
 by being registered.
 
-This module imports no family: ``tfmstep/__init__.py`` imports ``tfmstep.models``, which registers the
-built-in ones, and Python runs the package's ``__init__`` before any ``tfmstep.<module>``, so whoever
-imports ``tfmstep.registry`` sees them too.
+The built-in families are imported at the end of this module (``tfmstep.models`` registers them), so
+whoever imports ``tfmstep.registry`` sees them; a family importing ``register`` from here while that runs
+finds it already defined.
 """
 
 from __future__ import annotations
@@ -57,6 +57,12 @@ class ModelSpec:
     # validate_data(config) -> None: the data the config would train on, checked against it before
     # anything is written (label range vs classes, empty splits, shapes, ids vs vocabulary); one UserError
     validate_data: Callable | None = None
+    # headline(config, eval_metrics) -> {name: value}: the family's headline numbers (summary, metrics.json,
+    # model cards), e.g. bits per byte for a language model; None: the eval metrics themselves
+    headline: Callable | None = None
+    # Config fields naming files the trained model needs (a vocabulary): copied into a saved model
+    # (tfmstep.save) and pointed at from its config
+    assets: tuple = ()
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -187,3 +193,7 @@ def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
             raise UserError(f"bad value {value!r} for {key!r} in {where}: expected str")
         return value
     return value
+
+
+# Registers the built-in families (after everything above is defined: they import ``register``).
+from tfmstep import models as _builtin_families  # noqa: E402,F401

@@ -40,20 +40,18 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tfmstep import autotune, fileio, registry, step as step_lib
+from tfmstep import autotune, fileio, registry, saving, step as step_lib
 from tfmstep.errors import UserError
+# TrainConfig lives in a module without TensorFlow (the tools check flags before importing it)
+from tfmstep.train_config import (DEFAULT_CHECKPOINT_EVERY_SECS, MIXED_PRECISION, STRATEGIES,  # noqa: F401
+                                  TrainConfig)
 
-STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
-MIXED_PRECISION = ("", "mixed_bfloat16")
 # The step-settings policy lives in tfmstep/autotune.py; these names are kept for callers of the trainer.
 MIN_AUTOTUNE_STEPS = autotune.MIN_AUTOTUNE_STEPS
 DEFAULT_STEPS_PER_CALL = autotune.DEFAULT_STEPS_PER_CALL
 resolve_jit_compile = autotune.resolve_jit_compile
 jit_compile_options = autotune.jit_compile_options
 
-# A checkpoint at least this often (seconds) besides every checkpoint_every steps: a killed run then
-# replays at most this much work, however slow its steps are.
-DEFAULT_CHECKPOINT_EVERY_SECS = 180.0
 BEST_DIR = "best"
 BEST_RECORD = "best.json"
 # The best checkpoint is judged by an exponential moving average of the per-step train loss (bias
@@ -62,42 +60,6 @@ LOSS_SMOOTHING = 0.98
 _CKPT_INDEX = re.compile(r"^ckpt-(\d+)\.index$")
 _clock = time.monotonic  # the checkpoint timer's clock (tests replace it)
 PROGRESS_SECONDS = 10.0  # a progress line (steps/s, ETA) at least this often, whatever log_every says
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    steps: int = 1000
-    batch_size: int = 64  # global batch, split across replicas
-    learning_rate: float = 1e-3
-    weight_decay: float = 1e-4
-    warmup_steps: int = 100
-    clip_norm: float = 1.0
-    jit_compile: Optional[bool] = None  # None: measured on this run (see tfmstep/autotune.py)
-    steps_per_call: int = 0  # optimizer steps per compiled call (fewer Python round trips); 0: measured
-    log_every: int = 100
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 3
-    eval_every: int = 500  # 0: only at the end
-    eval_batches: int = 0  # 0: the whole evaluation split
-    seed: int = 0
-    mixed_precision: str = ""  # "" (float32) or "mixed_bfloat16"
-    distribute: str = "default"
-
-    def __post_init__(self):
-        for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.steps_per_call < 0:
-            raise UserError(f"steps_per_call must be >= 1, or 0 to choose it by measuring; got "
-                            f"{self.steps_per_call}")
-        if self.learning_rate <= 0 or not math.isfinite(self.learning_rate):
-            raise UserError(f"learning_rate must be a positive number, got {self.learning_rate}")
-        if self.distribute not in STRATEGIES:
-            raise UserError(f"unknown distribute {self.distribute!r}; choose one of {', '.join(STRATEGIES)}")
-        if self.mixed_precision not in MIXED_PRECISION:
-            # float16 needs dynamic loss scaling, which would sit between the step's global-norm
-            # clipping and the optimizer; bfloat16 has float32's range and needs none.
-            raise UserError(f"mixed_precision must be '' or 'mixed_bfloat16', got {self.mixed_precision!r}")
 
 
 class TrainingDiverged(UserError):
@@ -390,10 +352,14 @@ def validate_data(spec: registry.ModelSpec, model_config) -> None:
 
 def load_trained(workdir: str, restore_from: str = ""):
     """(model, model_config, spec) of the run in ``workdir``, with its latest checkpoint (or
-    ``restore_from``) restored."""
+    ``restore_from``) restored. A saved model (``tfmstep.save``) or a shipped preset's name loads too, so
+    every tool that takes a workdir takes those."""
     record = _saved_record(workdir)
     if record is None:
-        raise UserError(f"no trained run in {workdir} (missing config.json)")
+        from tfmstep import saving
+
+        model, model_config, spec, _, _ = saving.load_parts(workdir, restore_from)
+        return model, model_config, spec
     if not restore_from:  # reading only: an explicit restore_from needs no readable state file
         _check_checkpoint_state(workdir, restore_from="", starting=False)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -594,6 +560,10 @@ def _train(spec, model_config, workdir, preset, config: TrainConfig, record: dic
     saved = _saved_record(workdir)
     restored = run.restore(restore_from)
     start = int(run.step.numpy())
+    finished = _finished_metrics(workdir, start, config.steps) if not restore_from else None
+    if finished is not None:  # a rerun of a finished run trains nothing and rewrites nothing
+        logging.info("%s is complete (step %d of %d): nothing to train.", workdir, start, config.steps)
+        return {**finished, "already_complete": True}
     if restored:
         logging.info("Resumed from %s at step %d.", restored, start)
 
@@ -746,10 +716,39 @@ def _loop(run: _Run, steps, settings, config: TrainConfig, train_ds, eval_ds, st
              "train_seconds_this_run": round(time.perf_counter() - started, 2),
              "parameters": int(run.model.count_params()), "jit_compile": jit_compile,
              "steps_per_call": steps_per_call, "step_settings": settings.as_record(),
-             "best_checkpoint": tracker.best}
+             "best_checkpoint": tracker.best,
+             "headline": saving.headline(run.spec, run.model_config, eval_metrics)}
     fileio.atomic_write_json(os.path.join(workdir, "metrics.json"), final)
     logging.info("Final metrics: %s", json.dumps(final))
     return final
+
+
+def _finished_metrics(workdir: str, step: int, steps: int) -> Optional[dict]:
+    """metrics.json of a run whose checkpoint is at its last step (None: not finished, or no readable
+    metrics.json, which the run then writes again)."""
+    if step < steps:
+        return None
+    try:
+        with open(os.path.join(workdir, "metrics.json")) as f:
+            final = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return final if isinstance(final, dict) and final.get("step") == step else None
+
+
+def summary(final: dict, workdir: str) -> str:
+    """A few lines for a person: the run's headline metric and where its artifacts are."""
+    head = final.get("headline") or final.get("eval") or {}
+    numbers = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in head.items())
+    seconds = final.get("train_seconds_this_run")
+    state = "was already complete" if final.get("already_complete") else "finished"
+    lines = [f"{final.get('model')} ({final.get('preset')} preset) {state} at step {final.get('step')}"
+             + (f" ({seconds:.0f} s of training in the last run)" if seconds and not final.get("already_complete")
+                else "") + ".",
+             f"  evaluation: {numbers or 'no metrics'}",
+             f"  artifacts: {workdir}/ -- metrics.json, config.json, checkpoints/, train_log.jsonl, tensorboard/",
+             f"  load it: tfmstep.load({workdir!r}); ship it: tfmstep.save({workdir!r}, <dir>)"]
+    return "\n".join(lines)
 
 
 def _kept_checkpoints(run: _Run, tracker: _LossTracker) -> str:

@@ -1,6 +1,7 @@
 """Command-line programs (thin absl mains; the work is in the library)."""
 
 import contextlib
+import os
 import sys
 
 from absl import logging
@@ -19,14 +20,70 @@ def exit_on_user_error():
         sys.exit(2)
 
 
-def run_program(main, module_name: str, extra_help: str = "") -> None:
+def _verbose() -> bool:
+    return any(a.startswith(("--verbosity", "-verbosity", "--v=", "-v=")) for a in sys.argv[1:])
+
+
+class _QuietImport:
+    """Meta-path finder: TensorFlow's C++ start-up lines (oneDNN, CUDA probing, absl's "before
+    InitializeLog" warning) are written to file descriptor 2 while ``import tensorflow`` runs, which no
+    log level setting stops in TF 2.21; so that one import runs with fd 2 sent to a temporary file, which is
+    replayed if the import fails. Installed by this package (every tool imports it first) unless
+    ``--verbosity`` is given."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "tensorflow":
+            return None
+        sys.meta_path.remove(self)
+        import importlib.util
+
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        loader_exec = spec.loader.exec_module
+
+        def exec_module(module):
+            import tempfile
+
+            sys.stderr.flush()
+            saved = os.dup(2)
+            with tempfile.TemporaryFile() as captured:
+                os.dup2(captured.fileno(), 2)
+                try:
+                    loader_exec(module)
+                except BaseException:
+                    os.dup2(saved, 2)
+                    captured.seek(0)
+                    sys.stderr.write(captured.read().decode(errors="replace"))
+                    raise
+                finally:
+                    os.dup2(saved, 2)
+                    os.close(saved)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if "tensorflow" not in sys.modules and not _verbose():
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's later C++ info lines
+    sys.meta_path.insert(0, _QuietImport())
+
+
+HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "-helpshort", "--helpfull", "-helpfull", "-?")
+
+
+def run_program(main, module_name: str, extra_help="") -> None:
     """``app.run(main)`` for the program defined in ``module_name``, so that ``--help`` shows that
     module's docstring and flags (absl shows those of ``__main__``, which is a tools/ shim or a console-
     script wrapper here, so it would print only "Try --helpfull"), and a flag absl refuses (a missing
-    required flag, a bad value) is one ``error:`` line with exit code 2 rather than absl's FATAL + exit 1."""
+    required flag, a bad value) is one ``error:`` line with exit code 2 rather than absl's FATAL + exit 1.
+    ``extra_help``: text, or a function computing it (called only for --help: it may import TensorFlow).
+"""
     from absl import app, flags
 
     program = sys.modules[module_name]
+    if callable(extra_help):
+        extra_help = extra_help() if any(a in HELP_FLAGS for a in sys.argv[1:]) else ""
     sys.modules["__main__"].__doc__ = (program.__doc__ or "") + extra_help
     for flag in flags.FLAGS.get_flags_for_module(module_name):
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)

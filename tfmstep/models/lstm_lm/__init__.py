@@ -6,8 +6,9 @@ when called, so training imports neither the export nor the benchmark package.
 ``lstm_lm.tokenized_corpus``, ...)."""
 
 from tfmstep.models.lstm_lm.model import (DECODERS, LSTMConfig, TiedOutput, bits_per_byte, build_lstm_lm,
-                                          generate_text, initial_state, lm_dataset, lm_loss, lstm_layers,
-                                          make_step_fn, make_tokenizer, token_splits, tokenized_corpus)
+                                          generate_text, headline_metrics, initial_state, lm_dataset, lm_loss,
+                                          lstm_layers, make_step_fn, make_tokenizer, token_splits,
+                                          tokenized_corpus)
 from tfmstep.data import text as text_data
 from tfmstep.registry import register
 
@@ -42,7 +43,8 @@ register(
     # Measured on a 2-core CPU (benchmarks/README.md): the XLA-compiled LSTM step ran ~4x slower.
     xla_on_cpu=False,
     servable=lstm_servable, inference_timer=per_token_times, forward_flops=forward_flops,
-    validate_data=text_data.validate_config,
+    validate_data=text_data.validate_config, headline=headline_metrics,
+    assets=("vocab_file",),  # the SentencePiece vocabulary travels with a saved model
 )(build_lstm_lm)
 
 __all__ = ["DECODERS", "LSTMConfig", "TiedOutput", "bits_per_byte", "build_lstm_lm", "generate_text",

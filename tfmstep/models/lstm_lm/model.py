@@ -13,6 +13,7 @@ read once and each new token costs one cell step.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import keras
 import numpy as np
@@ -91,6 +92,8 @@ def make_tokenizer(config: LSTMConfig):
     """The model's tokenizer: ``encode(bytes) -> ids``, ``decode(ids) -> str``."""
     if config.tokenizer == "byte":
         return text_data.ByteTokenizer()
+    if config.vocab_file and os.path.exists(config.vocab_file):  # no corpus needed (a saved model)
+        return text_data.load_or_train_sentencepiece(config.vocab_file, config.vocab_size, b"")
     return tokenized_corpus(config).tokenizer
 
 
@@ -118,6 +121,13 @@ def lm_dataset(config: LSTMConfig, split: str, batch_size: int, seed: int = 0, s
 def bits_per_byte(config: LSTMConfig, nats_per_token: float) -> float:
     """Validation loss in nats per token -> bits per byte of text (= bits/token for byte tokens)."""
     return float(nats_per_token / np.log(2.0) / tokenized_corpus(config).bytes_per_validation_token)
+
+
+def headline_metrics(config: LSTMConfig, eval_metrics: dict) -> dict:
+    """The ``headline`` hook: bits per byte of validation text (what the n-gram baseline is compared in)
+    and per-token perplexity."""
+    return {"bits_per_byte": bits_per_byte(config, eval_metrics["loss"]),
+            "perplexity": float(np.exp(eval_metrics["loss"]))}
 
 
 class TiedOutput(keras.layers.Layer):

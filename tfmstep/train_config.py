@@ -1,0 +1,52 @@
+"""The trainer's settings (``TrainConfig``) without TensorFlow: the command-line tools check their flags
+against it before TensorFlow is imported. ``tfmstep.trainer`` re-exports these names."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+from tfmstep.errors import UserError
+
+STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+MIXED_PRECISION = ("", "mixed_bfloat16")
+# A checkpoint at least this often (seconds) besides every checkpoint_every steps: a killed run then
+# replays at most this much work, however slow its steps are.
+DEFAULT_CHECKPOINT_EVERY_SECS = 180.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 64  # global batch, split across replicas
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    clip_norm: float = 1.0
+    jit_compile: Optional[bool] = None  # None: measured on this run (see tfmstep/autotune.py)
+    steps_per_call: int = 0  # optimizer steps per compiled call (fewer Python round trips); 0: measured
+    log_every: int = 100
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    eval_every: int = 500  # 0: only at the end
+    eval_batches: int = 0  # 0: the whole evaluation split
+    seed: int = 0
+    mixed_precision: str = ""  # "" (float32) or "mixed_bfloat16"
+    distribute: str = "default"
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.steps_per_call < 0:
+            raise UserError(f"steps_per_call must be >= 1, or 0 to choose it by measuring; got "
+                            f"{self.steps_per_call}")
+        if self.learning_rate <= 0 or not math.isfinite(self.learning_rate):
+            raise UserError(f"learning_rate must be a positive number, got {self.learning_rate}")
+        if self.distribute not in STRATEGIES:
+            raise UserError(f"unknown distribute {self.distribute!r}; choose one of {', '.join(STRATEGIES)}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            # float16 needs dynamic loss scaling, which would sit between the step's global-norm
+            # clipping and the optimizer; bfloat16 has float32's range and needs none.
+            raise UserError(f"mixed_precision must be '' or 'mixed_bfloat16', got {self.mixed_precision!r}")
