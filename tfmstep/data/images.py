@@ -179,8 +179,9 @@ def validate_config(config) -> None:
 
 
 def make_dataset(images: np.ndarray, labels: np.ndarray, image_shape, split: str, batch_size: int,
-                 seed: int, start_batch: int, augment: bool) -> tf.data.Dataset:
-    """Batches of (float images in [0, 1] resized to ``image_shape``, int labels)."""
+                 seed: int, start_batch: int, augment: bool, flip: bool = True) -> tf.data.Dataset:
+    """Batches of (float images in [0, 1] resized to ``image_shape``, int labels); train batches
+    augmented (``augment_batch``) when ``augment``, mirrored too when ``flip``."""
     height, width, channels = image_shape
 
     def prepare(image):
@@ -194,28 +195,42 @@ def make_dataset(images: np.ndarray, labels: np.ndarray, image_shape, split: str
     images_t = tf.constant(images)
     labels_t = tf.constant(labels)
     if split == "train":
-        indices = shuffled_index_stream(len(labels), seed, start_batch * batch_size)
-        ds = indices.batch(batch_size, drop_remainder=True)
+        first = start_batch * batch_size
+        indices = shuffled_index_stream(len(labels), seed, first)
+        # Each example's position in the stream (not its index in the dataset) keys its augmentation:
+        # a new flip/crop every epoch, and the same one after a resume at that position.
+        positions = tf.data.Dataset.range(first, 2**62)
+        ds = tf.data.Dataset.zip((positions, indices)).batch(batch_size, drop_remainder=True)
     else:
         ds = tf.data.Dataset.range(len(labels)).batch(batch_size)
+        ds = ds.map(lambda idx: (tf.zeros_like(idx), idx))
 
-    def gather(idx):
+    def gather(positions, idx):
         batch = tf.map_fn(prepare, tf.gather(images_t, idx), fn_output_signature=tf.float32)
         if augment and split == "train":
-            # Stateless flips/shifts keyed by example index: identical after a resume.
-            batch = _augment(batch, idx, seed)
+            batch = augment_batch(batch, positions, seed, flip)
         return batch, tf.gather(labels_t, idx)
 
     return ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(2)
 
 
-def _augment(batch, idx, seed):
-    def one(args):
-        image, i = args
-        s = tf.stack([tf.cast(seed, tf.int64) + 7919, i])
-        image = tf.image.stateless_random_flip_left_right(image, s)
-        pad = 4 if image.shape[0] >= 16 else 1
-        padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
-        return tf.image.stateless_random_crop(padded, tf.shape(image), s + 1)
+def augment_batch(batch, positions, seed, flip: bool = True):
+    """Random horizontal flip and pad-and-crop (reflect padding: 4 px, 1 px below 16 px images) of a batch
+    [B, H, W, C], each image drawn from the stateless seed (seed, its stream position): a function of
+    the position only, so it differs every epoch and is identical after a resume."""
+    height, width = batch.shape[1], batch.shape[2]
+    pad = 4 if height >= 16 else 1
 
-    return tf.map_fn(one, (batch, idx), fn_output_signature=tf.float32)
+    def draws(position):
+        s = tf.stack([tf.cast(seed, tf.int64) + 7919, position])
+        return tf.random.stateless_uniform([3], s, dtype=tf.float32)
+
+    u = tf.map_fn(draws, positions, fn_output_signature=tf.float32)  # [B, 3]: flip, dy, dx
+    if flip:
+        batch = tf.where((u[:, 0] < 0.5)[:, None, None, None], tf.reverse(batch, axis=[2]), batch)
+    padded = tf.pad(batch, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
+    offsets = tf.cast(tf.floor(u[:, 1:] * (2 * pad + 1)), tf.int32)  # [B, 2] in 0..2*pad
+    rows = offsets[:, :1] + tf.range(height)[None]  # [B, H]
+    cols = offsets[:, 1:] + tf.range(width)[None]  # [B, W]
+    batch = tf.gather(padded, rows, axis=1, batch_dims=1)
+    return tf.gather(batch, cols, axis=2, batch_dims=1)

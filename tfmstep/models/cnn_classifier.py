@@ -28,7 +28,8 @@ class CNNConfig:
     data_file: str = ""  # for dataset="npz"
     image_shape: Optional[tuple[int, ...]] = None  # (height, width, channels)
     num_classes: Optional[int] = None
-    augment: bool = False  # random crop + horizontal flip (natural images, not digits)
+    augment: bool = False  # random pad-and-crop (+ horizontal flip), a new draw every epoch
+    flip: bool = True  # with augment: mirror left-right too (off for digits and text)
     # Model.
     filters: tuple[int, ...] = (32, 64)  # one stage per entry
     convs_per_stage: int = 2
@@ -72,7 +73,7 @@ def cnn_dataset(config: CNNConfig, split: str, batch_size: int, seed: int = 0, s
     arrays = image_data.load_arrays(config.dataset, config.data_file)
     images, labels = arrays["train" if split == "train" else "test"]
     return image_data.make_dataset(images, labels, config.image_shape, split, batch_size, seed,
-                                   start_batch, config.augment)
+                                   start_batch, config.augment, config.flip)
 
 
 def per_layer_times(model: keras.Model, config: CNNConfig, batch_size: int = 32, repeats: int = 50) -> list:
