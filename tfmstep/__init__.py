@@ -21,7 +21,7 @@ _NAMES = {
     "list_presets": "tfmstep.saving", "list_recipes": "tfmstep.saving", "load": "tfmstep.saving",
     "save": "tfmstep.saving",
     "get_config": "tfmstep.registry", "get_spec": "tfmstep.registry", "list_models": "tfmstep.registry",
-    "register": "tfmstep.registry",
+    "register": "tfmstep.registry", "keras_loss": "tfmstep.losses",
 }
 
 __all__ = sorted(_NAMES) + ["UserError"]

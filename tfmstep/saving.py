@@ -26,6 +26,7 @@ import os
 import platform
 import shutil
 import tempfile
+import time
 from typing import Any, Optional
 
 from tfmstep.errors import UserError  # registry (and so TensorFlow) is imported when a model is touched:
@@ -260,6 +261,7 @@ def evaluate(model, batch_size: int = EVAL_BATCH_SIZE, max_batches: int = 0) -> 
 
     from tfmstep import step as step_lib
 
+    started = time.perf_counter()
     info = _info(model)
     spec = info.spec
     steps = step_lib.make_steps(model, None, spec.loss, global_batch_size=batch_size)
@@ -280,7 +282,8 @@ def evaluate(model, batch_size: int = EVAL_BATCH_SIZE, max_batches: int = 0) -> 
         raise UserError("the evaluation split is empty")
     metrics = {key[:-len("_sum")]: value / count for key, value in totals.items()}
     return {"eval": metrics, "headline": headline(spec, info.config, metrics),
-            "examples": int(count), "data_fingerprint": digest.hexdigest()}
+            "examples": int(count), "data_fingerprint": digest.hexdigest(),
+            "eval_seconds": round(time.perf_counter() - started, 1)}
 
 
 def headline(spec, config, eval_metrics: dict) -> dict:
@@ -347,6 +350,9 @@ def save(model, directory: str, *, config=None, overwrite: bool = False, evaluat
             f.write("\n")
         with open(os.path.join(staging, CARD_FILE), "w") as f:
             f.write(model_card(record, os.path.basename(directory)))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would hide an installed preset from other users
         old = None
         if os.path.exists(directory):
             old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}.old.")
