@@ -34,6 +34,8 @@ class TrainConfig:
     seed: int = 0
     mixed_precision: str = ""  # "" (float32) or "mixed_bfloat16"
     distribute: str = "default"
+    # A requested dataset that is not prepared locally is an error unless this allows the offline one
+    allow_fallback: bool = False
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):

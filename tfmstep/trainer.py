@@ -41,6 +41,7 @@ import tensorflow as tf
 from absl import logging
 
 from tfmstep import autotune, fileio, registry, saving, step as step_lib
+from tfmstep.data import common as data_common
 from tfmstep.errors import UserError
 # TrainConfig lives in a module without TensorFlow (the tools check flags before importing it)
 from tfmstep.train_config import (DEFAULT_CHECKPOINT_EVERY_SECS, MIXED_PRECISION, STRATEGIES,  # noqa: F401
@@ -535,16 +536,17 @@ def train(model_name: str, workdir: str, preset: str = "default",
     spec = registry.get_spec(model_name)
     model_config = registry.get_config(model_name, preset, **overrides)  # bad input fails first
     _check_workdir_matches(workdir, record)
-    validate_data(spec, model_config)  # the data against the config, before anything is written
-    keras.utils.set_random_seed(config.seed)
-    previous_policy = keras.mixed_precision.global_policy()
-    if config.mixed_precision:
-        keras.mixed_precision.set_global_policy(config.mixed_precision)
-    try:
-        return _train(spec, model_config, workdir, preset, config, record, restore_from,
-                      checkpoint_every_secs)
-    finally:
-        keras.mixed_precision.set_global_policy(previous_policy)
+    with data_common.data_policy(config.allow_fallback):  # metrics.json records the data actually read
+        validate_data(spec, model_config)  # the data against the config, before anything is written
+        keras.utils.set_random_seed(config.seed)
+        previous_policy = keras.mixed_precision.global_policy()
+        if config.mixed_precision:
+            keras.mixed_precision.set_global_policy(config.mixed_precision)
+        try:
+            return _train(spec, model_config, workdir, preset, config, record, restore_from,
+                          checkpoint_every_secs)
+        finally:
+            keras.mixed_precision.set_global_policy(previous_policy)
 
 
 def _train(spec, model_config, workdir, preset, config: TrainConfig, record: dict, restore_from: str,
@@ -717,7 +719,8 @@ def _loop(run: _Run, steps, settings, config: TrainConfig, train_ds, eval_ds, st
              "parameters": int(run.model.count_params()), "jit_compile": jit_compile,
              "steps_per_call": steps_per_call, "step_settings": settings.as_record(),
              "best_checkpoint": tracker.best,
-             "headline": saving.headline(run.spec, run.model_config, eval_metrics)}
+             "headline": saving.headline(run.spec, run.model_config, eval_metrics),
+             "data": data_common.data_read()}
     fileio.atomic_write_json(os.path.join(workdir, "metrics.json"), final)
     logging.info("Final metrics: %s", json.dumps(final))
     return final

@@ -81,6 +81,10 @@ def run_program(main, module_name: str, extra_help="") -> None:
 """
     from absl import app, flags
 
+    if not _verbose():  # TF's own INFO lines (checkpoint sharding, ...) would drown the progress lines
+        import logging as python_logging
+
+        python_logging.getLogger("tensorflow").setLevel(python_logging.WARNING)
     program = sys.modules[module_name]
     if callable(extra_help):
         extra_help = extra_help() if any(a in HELP_FLAGS for a in sys.argv[1:]) else ""

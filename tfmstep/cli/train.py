@@ -60,6 +60,10 @@ flags.DEFINE_string("restore_from", "", "Start from this checkpoint instead of t
 flags.DEFINE_float("checkpoint_every_secs", train_config_lib.DEFAULT_CHECKPOINT_EVERY_SECS,
                    "Also checkpoint when this many seconds passed since the last checkpoint (0: by steps only).",
                    lower_bound=0.0)
+flags.DEFINE_boolean("allow_fallback", _DEFAULTS.allow_fallback,
+                     "Train on the offline data (digits, the Python stdlib) when the requested TFDS dataset "
+                     "is not prepared on this machine; without it that is an error. metrics.json's data "
+                     "entry names what was read.")
 flags.mark_flag_as_required("workdir")
 
 

@@ -3,9 +3,11 @@ never downloads."""
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 
 import tensorflow as tf
+from absl import logging
 
 from tfmstep.errors import UserError
 
@@ -35,6 +37,55 @@ def example_seeds(seed: int, start_example: int = 0) -> tf.data.Dataset:
     """Infinite stream of per-example stateless seeds ``[seed, k]`` for generated data, from ``start``."""
     return tf.data.Dataset.range(int(start_example), _EPOCHS_FOREVER * 1000).map(
         lambda k: tf.stack([tf.constant(seed, tf.int64), k]))
+
+
+# --- which data a run uses; falling back to offline data only when asked --------------------------------
+
+_policy = {"allow_fallback": True}  # library calls outside a run keep the warn-and-fall-back behaviour
+_used: dict = {}  # requested dataset -> the dataset actually read, since the last data_policy()
+
+
+@contextlib.contextmanager
+def data_policy(allow_fallback: bool):
+    """Within (a training run): a requested dataset that is not prepared locally is an error unless
+    ``allow_fallback``; yields the record {requested: actually used} of every dataset read."""
+    previous = dict(_policy)
+    _policy["allow_fallback"] = allow_fallback
+    _used.clear()
+    try:
+        yield _used
+    finally:
+        _policy.update(previous)
+
+
+def fallback_allowed() -> bool:
+    return _policy["allow_fallback"]
+
+
+def record_used(requested: str, actual: str) -> None:
+    _used[requested] = actual
+
+
+def data_read() -> dict:
+    """{requested dataset: the dataset actually read} since the last ``data_policy``."""
+    return dict(_used)
+
+
+def used_instead_of(requested: str) -> str:
+    """What was read for ``requested`` (itself, unless it fell back)."""
+    return _used.get(requested, requested)
+
+
+def fall_back(requested: str, offline: str, reason) -> None:
+    """A pipeline is about to read ``offline`` data instead of ``requested`` (not prepared locally):
+    an error unless the run allows it (``--allow_fallback``); then a warning and the record says so."""
+    if not _policy["allow_fallback"]:
+        raise UserError(f"dataset {requested!r} is not available on this machine ({reason}); prepare it "
+                        f"with TFDS (tfds build {requested}), or pass --allow_fallback to train on {offline} "
+                        f"instead")
+    logging.warning("dataset %r is not available locally (%s); FALLING BACK to %s (--allow_fallback).",
+                    requested, reason, offline)
+    record_used(requested, offline)
 
 
 # --- TFDS, never downloading -----------------------------------------------------------------------------

@@ -9,7 +9,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tfmstep.data.common import NotAvailableLocally, load_tfds, shuffled_index_stream
+from tfmstep.data.common import (NotAvailableLocally, fall_back, fallback_allowed, load_tfds, record_used,
+                                 shuffled_index_stream, used_instead_of)
 from tfmstep.errors import UserError
 
 OFFLINE_DATASET = "digits"
@@ -25,10 +26,13 @@ def load_arrays(dataset: str, data_file: str = "") -> dict:
     does not know is an error. Arrays that would train wrongly (empty, negative labels, float pixels
     outside [0, 1], ...) are refused with one line naming the file and the field.
     """
-    key = (dataset, data_file)
+    key = (dataset, data_file, fallback_allowed())
     if key not in _cache:
-        _cache[key] = _load_uncached(dataset, data_file)
-    return _cache[key]
+        arrays = _load_uncached(dataset, data_file)
+        _cache[key] = arrays, used_instead_of(dataset)
+    arrays, used = _cache[key]
+    record_used(dataset, used)  # metrics.json names the data actually read
+    return arrays
 
 
 def _load_uncached(dataset: str, data_file: str) -> dict:
@@ -44,8 +48,7 @@ def _load_uncached(dataset: str, data_file: str) -> dict:
             images, labels = _as_numpy(ds)
             splits[split] = (images.astype(np.uint8), labels.astype(np.int64))
     except NotAvailableLocally as e:
-        logging.warning("TFDS dataset %r is not available locally (%s); FALLING BACK to the offline "
-                        "scikit-learn digits images.", dataset, e)
+        fall_back(dataset, f"{OFFLINE_DATASET} (the offline scikit-learn digits images)", e)
         return _load_digits()
     except UserError:
         raise

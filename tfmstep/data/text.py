@@ -27,7 +27,8 @@ import tensorflow as tf
 from absl import logging
 
 from tfmstep import fileio
-from tfmstep.data.common import NotAvailableLocally, example_seeds, load_tfds
+from tfmstep.data.common import (NotAvailableLocally, example_seeds, fall_back, fallback_allowed, load_tfds,
+                                 record_used, used_instead_of)
 from tfmstep.errors import UserError
 
 BYTE_VOCAB_SIZE = 256
@@ -66,9 +67,12 @@ def _stdlib_corpus(max_bytes: int) -> bytes:
 
 def load_corpus(corpus: str, text_file: str = "", max_bytes: int = 0) -> bytes:
     """Raw bytes of the corpus; logs which corpus is used and any fallback."""
-    key = (corpus, text_file, max_bytes)
+    key = (corpus, text_file, max_bytes, fallback_allowed())
+    requested = text_file or corpus
     if key in _corpus_cache:
-        return _corpus_cache[key]
+        data, used = _corpus_cache[key]
+        record_used(requested, used)  # metrics.json names the data actually read
+        return data
     if text_file:
         if not os.path.exists(text_file):
             raise UserError(f"text file not found: {text_file}")
@@ -87,8 +91,7 @@ def load_corpus(corpus: str, text_file: str = "", max_bytes: int = 0) -> bytes:
         try:
             ds = load_tfds(corpus, split="train")  # never downloads; an unknown name is an error
         except NotAvailableLocally as e:
-            logging.warning("TFDS corpus %r is not available locally (%s); FALLING BACK to the offline "
-                            "Python standard library sources.", corpus, e)
+            fall_back(corpus, f"{STDLIB_CORPUS} (the offline Python standard library sources)", e)
             data = _stdlib_corpus(max_bytes)
         else:
             import tensorflow_datasets as tfds  # load_tfds imported it
@@ -102,7 +105,9 @@ def load_corpus(corpus: str, text_file: str = "", max_bytes: int = 0) -> bytes:
             logging.info("Corpus: TFDS %s, prepared locally (%d bytes).", corpus, len(data))
     if len(data) < 1000:
         raise UserError(f"corpus has only {len(data)} bytes; a language model needs at least 1000")
-    _corpus_cache[key] = data
+    used = used_instead_of(requested)
+    _corpus_cache[key] = data, used
+    record_used(requested, used)
     return data
 
 

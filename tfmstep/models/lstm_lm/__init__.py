@@ -5,10 +5,10 @@ when called, so training imports neither the export nor the benchmark package.
 ``from tfmstep.models import lstm_lm`` gives the names other modules use (``lstm_lm.make_step_fn``,
 ``lstm_lm.tokenized_corpus``, ...)."""
 
-from tfmstep.models.lstm_lm.model import (DECODERS, LSTMConfig, TiedOutput, bits_per_byte, build_lstm_lm,
-                                          generate_text, headline_metrics, initial_state, lm_dataset, lm_loss,
-                                          lstm_layers, make_step_fn, make_tokenizer, token_splits,
-                                          tokenized_corpus)
+from tfmstep.models.lstm_lm.model import (DECODERS, LSTMConfig, OutputBias, TiedEmbedding, bits_per_byte,
+                                          build_lstm_lm, generate_text, headline_metrics, initial_state,
+                                          lm_dataset, lm_loss, lstm_layers, make_step_fn, make_tokenizer,
+                                          token_splits, tokenized_corpus)
 from tfmstep.data import text as text_data
 from tfmstep.registry import register
 
@@ -47,6 +47,6 @@ register(
     assets=("vocab_file",),  # the SentencePiece vocabulary travels with a saved model
 )(build_lstm_lm)
 
-__all__ = ["DECODERS", "LSTMConfig", "TiedOutput", "bits_per_byte", "build_lstm_lm", "generate_text",
-           "initial_state", "lm_dataset", "lm_loss", "lstm_layers", "make_step_fn", "make_tokenizer",
-           "token_splits", "tokenized_corpus"]
+__all__ = ["DECODERS", "LSTMConfig", "OutputBias", "TiedEmbedding", "bits_per_byte", "build_lstm_lm",
+           "generate_text", "headline_metrics", "initial_state", "lm_dataset", "lm_loss", "lstm_layers",
+           "make_step_fn", "make_tokenizer", "token_splits", "tokenized_corpus"]

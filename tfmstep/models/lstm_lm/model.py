@@ -130,24 +130,44 @@ def headline_metrics(config: LSTMConfig, eval_metrics: dict) -> dict:
             "perplexity": float(np.exp(eval_metrics["loss"]))}
 
 
-class TiedOutput(keras.layers.Layer):
-    """Logits from the embedding matrix (weight tying), plus a bias."""
+@keras.saving.register_keras_serializable("tfmstep")
+class TiedEmbedding(keras.layers.Embedding):
+    """Token embedding whose transpose also gives the output logits (weight tying): ``layer(ids)`` embeds,
+    ``layer(features, reverse=True)`` projects onto the vocabulary. One layer called twice in the
+    functional graph, so the model serialises (``.keras``) with no layer holding another."""
 
-    def __init__(self, embedding: keras.layers.Embedding, **kwargs):
-        super().__init__(**kwargs)
-        self.embedding = embedding
+    def call(self, inputs, reverse=False):
+        if reverse:
+            return keras.ops.matmul(inputs, keras.ops.transpose(keras.ops.cast(self.embeddings, inputs.dtype)))
+        return super().call(inputs)
+
+    def compute_output_shape(self, input_shape, reverse=False):
+        if reverse:
+            return (*input_shape[:-1], self.input_dim)
+        return super().compute_output_shape(input_shape)
+
+    def compute_output_spec(self, inputs, reverse=False):
+        if reverse:
+            return keras.KerasTensor((*inputs.shape[:-1], self.input_dim), dtype=self.compute_dtype)
+        return super().compute_output_spec(inputs)
+
+
+@keras.saving.register_keras_serializable("tfmstep")
+class OutputBias(keras.layers.Layer):
+    """The tied output's per-token bias (the ``logits`` layer of a tied model)."""
 
     def build(self, input_shape):
-        self.bias = self.add_weight(shape=(self.embedding.input_dim,), initializer="zeros", name="bias")
+        self.bias = self.add_weight(shape=(input_shape[-1],), initializer="zeros", name="bias")
 
     def call(self, x):
-        return keras.ops.matmul(x, keras.ops.transpose(self.embedding.embeddings)) + self.bias
+        return keras.ops.cast(x, self.compute_dtype) + self.bias
 
 
 def build_lstm_lm(config: LSTMConfig) -> keras.Model:
     """Embedding -> stacked LSTM -> logits for next-token prediction (byte level)."""
     tokens = keras.Input(shape=(None,), dtype="int32", name="tokens")
-    embedding = keras.layers.Embedding(config.vocab_size, config.embedding_dim, name="embedding")
+    embedding_class = TiedEmbedding if config.tie_weights else keras.layers.Embedding
+    embedding = embedding_class(config.vocab_size, config.embedding_dim, name="embedding")
     x = embedding(tokens)
     for i in range(config.layers):
         x = keras.layers.LSTM(config.units, return_sequences=True, dropout=config.dropout,
@@ -159,7 +179,7 @@ def build_lstm_lm(config: LSTMConfig) -> keras.Model:
     if config.tie_weights:
         if config.embedding_dim != config.units:
             x = keras.layers.Dense(config.embedding_dim, name="projection")(x)
-        logits = TiedOutput(embedding, name="logits", dtype="float32")(x)
+        logits = OutputBias(name="logits", dtype="float32")(embedding(x, reverse=True))
     else:
         logits = keras.layers.Dense(config.vocab_size, name="logits", dtype="float32")(x)
     return keras.Model(tokens, logits, name="lstm_lm")
@@ -196,6 +216,8 @@ def make_step_fn(model: keras.Model):
             x = norm(x)
         if projection is not None:
             x = projection(x)
+        if isinstance(embedding, TiedEmbedding):
+            x = embedding(x, reverse=True)
         return tf.cast(head(x), tf.float32), tf.stack(new_states, axis=1)
 
     return step
