@@ -73,3 +73,36 @@ def test_ngram_baseline_on_the_tiny_lm_corpus(tmp_path):
     result = _run("tfmstep.cli.ngram_baseline", "--preset=tiny", "--max_order=2", f"--output={out}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "best: order" in result.stdout and out.exists()
+
+
+def test_train_help_lists_its_own_flags_models_presets_and_fields():
+    result = _run("tfmstep.cli.train", "--help")
+    assert result.returncode == 0, result.stderr[-2000:]
+    for text in ("--recipe", "--[no]allow_fallback", "--workdir", "cnn_classifier", "presets: cifar10, default, tiny",
+                 "dropout: float = 0.1"):
+        assert text in result.stdout, text
+    assert "--xla_" not in result.stdout and "--tt_" not in result.stdout  # not TensorFlow's flags
+
+
+_CHECK_WITHOUT_TF = """
+import sys
+sys.argv = ["tfmstep-train", *sys.argv[1:]]
+from tfmstep.cli import train
+try:
+    train.run()
+except SystemExit as e:
+    print("exit", e.code, "tensorflow imported:", "tensorflow" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("args,message", [
+    ([], "error: flag --workdir=None: Flag --workdir must have a value"),
+    (["--workdir=/tmp/x", "--steps=-3"], "error: flag --steps=-3"),
+    (["--workdir=/tmp/x", "--stepz=3"], "error: Unknown command line flag 'stepz'"),
+    (["--recipe=nope"], "error: unknown recipe 'nope'; recipes: "),
+])
+def test_a_bad_train_flag_fails_before_tensorflow_is_imported(args, message):
+    result = subprocess.run([sys.executable, "-c", _CHECK_WITHOUT_TF, *args], capture_output=True, text=True,
+                            timeout=120, cwd=ROOT)
+    assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr[-2000:]
+    assert result.stdout.strip() == "exit 2 tensorflow imported: False", result.stdout

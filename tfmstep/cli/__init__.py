@@ -99,7 +99,12 @@ def run_program(main, module_name: str, extra_help="") -> None:
             print(f"error: {e} (see --help)", file=sys.stderr)
             sys.exit(2)
 
-    app.run(main, flags_parser=parse)
+    try:
+        app.run(main, flags_parser=parse)
+    except SystemExit as e:
+        if e.code == 1 and any(a in HELP_FLAGS for a in sys.argv[1:]):
+            sys.exit(0)  # absl ends --help with exit code 1; asking for help is not a failure
+        raise
 
 
 def models_help() -> str:
