@@ -128,8 +128,12 @@ class ByteTokenizer:
     def encode(self, data: bytes) -> np.ndarray:
         return np.frombuffer(data, dtype=np.uint8).astype(np.int32)
 
+    def decode_bytes(self, ids) -> bytes:
+        """The raw bytes: what the exported LM's text outputs hold (``models/lstm_lm/serving.py``)."""
+        return bytes(np.asarray(ids).astype(np.uint8).tolist())
+
     def decode(self, ids) -> str:
-        return bytes(np.asarray(ids).astype(np.uint8).tolist()).decode("utf-8", errors="replace")
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
 
 class SentencePieceTokenizer:
