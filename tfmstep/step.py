@@ -19,6 +19,7 @@ from typing import Callable
 import keras
 import tensorflow as tf
 
+from tfmstep import evaluation
 from tfmstep.errors import UserError
 
 
@@ -117,13 +118,7 @@ def make_steps(model: keras.Model, optimizer: keras.optimizers.Optimizer, loss_f
         return {k: v.stack() for k, v in history.items()}
 
     def replica_eval(inputs, labels):
-        outputs = model(inputs, training=False)
-        per_example_loss, metrics = loss_fn(labels, outputs)
-        sums = {"loss_sum": tf.reduce_sum(tf.cast(per_example_loss, tf.float32)),
-                "count": tf.cast(tf.shape(per_example_loss)[0], tf.float32)}
-        for name, value in metrics.items():
-            sums[name + "_sum"] = tf.reduce_sum(tf.cast(value, tf.float32))
-        return sums
+        return evaluation.batch_sums(loss_fn, labels, model(inputs, training=False))
 
     compiled_eval = tf.function(replica_eval, jit_compile=jit_compile, reduce_retracing=True)
 

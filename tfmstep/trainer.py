@@ -40,7 +40,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tfmstep import autotune, fileio, registry, saving, step as step_lib
+from tfmstep import autotune, evaluation, fileio, registry, saving, step as step_lib
 from tfmstep.data import common as data_common
 from tfmstep.errors import UserError
 # TrainConfig lives in a module without TensorFlow (the tools check flags before importing it)
@@ -507,16 +507,9 @@ class _StopSignals:
 # --- training ---------------------------------------------------------------------------------------------
 
 def evaluate(steps: step_lib.Steps, dataset, strategy, max_batches: int = 0) -> dict:
-    totals: dict[str, float] = {}
-    for i, batch in enumerate(strategy.experimental_distribute_dataset(dataset)):
-        if max_batches and i >= max_batches:
-            break
-        for key, value in steps.eval(batch).items():
-            totals[key] = totals.get(key, 0.0) + float(value)
-    count = totals.pop("count", 0.0)
-    if not count:
-        raise UserError("the evaluation split is empty")
-    return {key[:-len("_sum")]: value / count for key, value in totals.items()}
+    """Means over the split of the compiled eval step's per-batch sums (``evaluation.mean_metrics``)."""
+    batches = strategy.experimental_distribute_dataset(dataset)
+    return evaluation.mean_metrics((steps.eval(batch) for batch in batches), max_batches)
 
 
 def train(model_name: str, workdir: str, preset: str = "default",
