@@ -178,8 +178,9 @@ def load_parts(path: str, restore_from: str = ""):
     """(model, config, spec, card, directory) of ``path`` (see ``load``)."""
     from tfmstep import registry
 
-    if not os.path.isdir(path) and os.path.isdir(os.path.join(PRETRAINED_DIR, path)) and os.sep not in path:
-        path = preset_dir(path)
+    if not os.path.exists(path) and os.sep not in path and (
+            os.path.isdir(os.path.join(PRETRAINED_DIR, path)) or path in list_recipes()):
+        path = preset_dir(path)  # a shipped preset's name (a recipe without weights: says so)
     if _is_saved(path):
         if restore_from:
             raise UserError(f"{path} is a saved model with one set of weights; restore_from applies to "
