@@ -11,6 +11,9 @@ from tfmstep.errors import UserError
 
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 MIXED_PRECISION = ("", "mixed_bfloat16")
+# What checkpoints/best/ keeps: the lowest smoothed train loss at a checkpoint (the NaN guard's), or the
+# lowest validation loss at an evaluation -- then the run ends on that checkpoint (restored, and said so).
+KEEP_BEST = ("train_loss", "eval_loss")
 # A checkpoint at least this often (seconds) besides every checkpoint_every steps: a killed run then
 # replays at most this much work, however slow its steps are.
 DEFAULT_CHECKPOINT_EVERY_SECS = 180.0
@@ -31,6 +34,8 @@ class TrainConfig:
     keep_checkpoints: int = 3
     eval_every: int = 500  # 0: only at the end
     eval_batches: int = 0  # 0: the whole evaluation split
+    keep_best: str = "train_loss"  # one of KEEP_BEST
+    early_stop_evals: int = 0  # keep_best=eval_loss: stop after this many evaluations without a new best
     seed: int = 0
     mixed_precision: str = ""  # "" (float32) or "mixed_bfloat16"
     distribute: str = "default"
@@ -46,6 +51,12 @@ class TrainConfig:
                             f"{self.steps_per_call}")
         if self.learning_rate <= 0 or not math.isfinite(self.learning_rate):
             raise UserError(f"learning_rate must be a positive number, got {self.learning_rate}")
+        if self.keep_best not in KEEP_BEST:
+            raise UserError(f"keep_best must be one of {', '.join(KEEP_BEST)}, got {self.keep_best!r}")
+        if self.early_stop_evals < 0 or (self.early_stop_evals and (self.keep_best != "eval_loss"
+                                                                    or not self.eval_every)):
+            raise UserError(f"early_stop_evals={self.early_stop_evals} needs keep_best=eval_loss and "
+                            f"eval_every > 0 (it counts evaluations without a new best validation loss)")
         if self.distribute not in STRATEGIES:
             raise UserError(f"unknown distribute {self.distribute!r}; choose one of {', '.join(STRATEGIES)}")
         if self.mixed_precision not in MIXED_PRECISION:

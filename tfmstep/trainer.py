@@ -7,7 +7,8 @@ A workdir holds everything of one run:
   checkpoints/      tf.train.CheckpointManager: model, optimizer, step and input-pipeline position, saved
                     every ``checkpoint_every`` steps, every ``checkpoint_every_secs`` seconds, at the end,
                     and on SIGTERM/SIGINT (then the run stops: a preempted run loses at most one call)
-  checkpoints/best/ the checkpoint with the lowest smoothed train loss so far (``best.json`` says which)
+  checkpoints/best/ the checkpoint with the lowest smoothed train loss so far, or with keep_best=eval_loss the
+                    lowest validation loss, restored at the end (``best.json`` says which)
   train_log.jsonl   one line per optimizer step (loss and metrics); truncated to the checkpoint on resume
   tensorboard/      scalars: train loss/metrics, learning rate, steps/s, eval loss/metrics
   metrics.json      final metrics and the step settings
@@ -426,22 +427,56 @@ def _truncate_log(path: str, last_step: int) -> list:
 
 
 class _LossTracker:
-    """Bias-corrected exponential moving average of the per-step train loss, and the lowest value it had
-    at a checkpoint (the best checkpoint)."""
+    """Bias-corrected exponential moving average of the per-step train loss, and the best checkpoint: the
+    lowest smoothed train loss at a checkpoint (``keep_best="train_loss"``), or the lowest validation loss
+    at an evaluation (``"eval_loss"``; ``best.json`` then also lists every evaluation, so a resumed run
+    counts evaluations without improvement -- early stopping -- exactly as an uninterrupted one)."""
 
-    def __init__(self, best_dir: str):
+    def __init__(self, best_dir: str, keep_best: str = "train_loss"):
         self.best_path = os.path.join(best_dir, BEST_RECORD)
+        self.keep_best = keep_best
+        self.key = "smoothed_train_loss" if keep_best == "train_loss" else "eval_loss"
         self.average, self.weight = 0.0, 0.0
         self.best: Optional[dict] = None
+        self.evals: list = []  # [step, validation loss] of every evaluation (keep_best="eval_loss")
         self.at_last_save: Optional[float] = None  # the smoothed loss when the latest checkpoint was saved
         if os.path.exists(self.best_path) and tf.train.latest_checkpoint(best_dir):
             try:
                 with open(self.best_path) as f:
                     self.best = json.load(f)
-                float(self.best["smoothed_train_loss"])
+                float(self.best[self.key])
+                self.evals = [[int(step), float(loss)] for step, loss in self.best.get("evals", [])]
             except (OSError, ValueError, KeyError, TypeError):
-                logging.warning("%s cannot be read; the best checkpoint is judged afresh.", self.best_path)
-                self.best = None
+                logging.warning("%s cannot be read (or judged another criterion); the best checkpoint is "
+                                "judged afresh.", self.best_path)
+                self.best, self.evals = None, []
+
+    def describe(self, best: dict) -> str:
+        return (f"smoothed train loss {best['smoothed_train_loss']:.4g}" if self.key == "smoothed_train_loss"
+                else f"validation loss {best['eval_loss']:.4g}")
+
+    def truncate_evals(self, last_step: int) -> None:
+        """Forget evaluations after the restored step: the resumed run redoes them."""
+        self.evals = [e for e in self.evals if e[0] <= last_step]
+
+    def add_eval(self, step: int, loss: float) -> bool:
+        """Record an evaluation; True if it is the new best (the caller saves the checkpoint, then
+        ``record_best``), else the record is rewritten with the evaluation added."""
+        self.evals = [e for e in self.evals if e[0] < step] + [[step, float(loss)]]
+        earlier = [value for s, value in self.evals[:-1]]
+        if math.isfinite(loss) and (not earlier or loss < min(earlier)):
+            return True
+        if self.best is not None:
+            self.best["evals"] = self.evals
+            fileio.atomic_write_json(self.best_path, self.best)
+        return False
+
+    @property
+    def evals_since_best(self) -> int:
+        if not self.evals:
+            return 0
+        losses = [loss for _, loss in self.evals]
+        return len(losses) - 1 - int(np.argmin(losses))
 
     def add(self, losses) -> None:
         for loss in np.asarray(losses, np.float64).ravel():
@@ -458,9 +493,13 @@ class _LossTracker:
             self.best is None or value < float(self.best["smoothed_train_loss"]))
 
     def record_best(self, step: int, checkpoint: str) -> None:
-        self.best = {"step": step, "checkpoint": checkpoint, "smoothed_train_loss": self.smoothed,
-                     "criterion": f"lowest exponential moving average ({LOSS_SMOOTHING}) of the train loss "
-                                  f"at a checkpoint"}
+        if self.key == "eval_loss":
+            self.best = {"step": step, "checkpoint": checkpoint, "eval_loss": self.evals[-1][1],
+                         "criterion": "lowest validation loss at an evaluation", "evals": self.evals}
+        else:
+            self.best = {"step": step, "checkpoint": checkpoint, "smoothed_train_loss": self.smoothed,
+                         "criterion": f"lowest exponential moving average ({LOSS_SMOOTHING}) of the train "
+                                      f"loss at a checkpoint"}
         fileio.atomic_write_json(self.best_path, self.best)
 
 
@@ -585,8 +624,9 @@ def _train(spec, model_config, workdir, preset, config: TrainConfig, record: dic
         fileio.atomic_write_json(os.path.join(workdir, "config.json"),
                                  {**record, "step_settings": settings.as_record()})
         log_path = os.path.join(workdir, "train_log.jsonl")
-        tracker = _LossTracker(os.path.join(run.ckpt_dir, BEST_DIR))
+        tracker = _LossTracker(os.path.join(run.ckpt_dir, BEST_DIR), config.keep_best)
         tracker.add([e["loss"] for e in _truncate_log(log_path, start) if "loss" in e])
+        tracker.truncate_evals(start)
         tracker.at_last_save = tracker.smoothed if restored else None
         return _loop(run, steps, settings, config, train_ds, eval_ds, strategy, workdir, preset, start,
                      tracker, stop, checkpoint_every_secs)
@@ -631,7 +671,7 @@ def _loop(run: _Run, steps, settings, config: TrainConfig, train_ds, eval_ds, st
         os.fsync(log.fileno())  # the log reaches the disk no later than the checkpoint it is cut to
         path = run.save(run.manager, current)
         tracker.at_last_save = tracker.smoothed
-        if tracker.is_best():
+        if tracker.key == "smoothed_train_loss" and tracker.is_best():
             run.save(run.best_manager, current)
             tracker.record_best(current, path)
         saved_at, last_save = current, _clock()
@@ -648,9 +688,10 @@ def _loop(run: _Run, steps, settings, config: TrainConfig, train_ds, eval_ds, st
                f"no step was trained yet (latest checkpoint: {latest or 'none'})")
             + " -- rerun the same command to resume")
 
+    stopped_early = bool(config.early_stop_evals) and tracker.evals_since_best >= config.early_stop_evals
     try:
         with open(log_path, "a") as log:
-            while current < config.steps:
+            while current < config.steps and not stopped_early:
                 stop_if_asked(log)
                 num = boundary(current) - current
                 values = {k: v.numpy() for k, v in steps.train(iterator, tf.constant(num, tf.int32)).items()}
@@ -700,6 +741,15 @@ def _loop(run: _Run, steps, settings, config: TrainConfig, train_ds, eval_ds, st
                             tf.summary.scalar(f"eval/{k}", v)
                     logging.info("eval at step %d: %s", current,
                                  "  ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
+                    if tracker.key == "eval_loss" and tracker.add_eval(current, eval_metrics["loss"]):
+                        tracker.record_best(current, run.save(run.best_manager, current))
+                    if config.early_stop_evals and tracker.evals_since_best >= config.early_stop_evals:
+                        if current > saved_at:
+                            save(log)
+                        logging.info("Early stop at step %d of %d: %d evaluations without a lower "
+                                     "validation loss than step %d's.", current, config.steps,
+                                     tracker.evals_since_best, tracker.best["step"])
+                        stopped_early = True
     except OSError as e:  # the log or the summaries: disk full, file system gone read-only
         raise UserError(f"cannot write to {workdir} ({e.strerror or e}); the checkpoints are intact (latest: "
                         f"{run.manager.latest_checkpoint or 'none'}) -- free space and rerun the same "
@@ -707,7 +757,12 @@ def _loop(run: _Run, steps, settings, config: TrainConfig, train_ds, eval_ds, st
     writer.flush()
     if not eval_metrics:  # already finished before this call: evaluate what is there
         eval_metrics = evaluate(steps, eval_ds, strategy, config.eval_batches)
+    restored_best = None
+    if tracker.key == "eval_loss" and tracker.best and tracker.best["step"] != current:
+        restored_best = _restore_best(run, tracker, current, eval_metrics)
+        eval_metrics = evaluate(steps, eval_ds, strategy, config.eval_batches)
     final = {"model": model_name, "preset": preset, "step": current, "eval": eval_metrics,
+             "stopped_early": stopped_early, "restored_best": restored_best,
              "train_seconds_this_run": round(time.perf_counter() - started, 2),
              "parameters": int(run.model.count_params()), "jit_compile": jit_compile,
              "steps_per_call": steps_per_call, "step_settings": settings.as_record(),
@@ -720,16 +775,32 @@ def _loop(run: _Run, steps, settings, config: TrainConfig, train_ds, eval_ds, st
 
 
 def _finished_metrics(workdir: str, step: int, steps: int) -> Optional[dict]:
-    """metrics.json of a run whose checkpoint is at its last step (None: not finished, or no readable
-    metrics.json, which the run then writes again)."""
-    if step < steps:
-        return None
+    """metrics.json of a run whose checkpoint is at its last step, or where it stopped early (None: not
+    finished, or no readable metrics.json, which the run then writes again)."""
     try:
         with open(os.path.join(workdir, "metrics.json")) as f:
             final = json.load(f)
     except (OSError, ValueError):
         return None
-    return final if isinstance(final, dict) and final.get("step") == step else None
+    if not isinstance(final, dict) or final.get("step") != step:
+        return None
+    return final if step >= steps or final.get("stopped_early") else None
+
+
+def _restore_best(run: _Run, tracker: _LossTracker, current: int, last_eval: dict) -> dict:
+    """keep_best=eval_loss: load the best checkpoint's state and save it as the checkpoint at ``current``,
+    so the run ends on the model with the lowest validation loss (and export, generation and a rerun see
+    that one)."""
+    path = tf.train.latest_checkpoint(os.path.join(run.ckpt_dir, BEST_DIR))
+    run.checkpoint.restore(path).assert_existing_objects_matched()
+    run.step.assign(current)
+    run.data_position.assign(current)
+    run.save(run.manager, current)
+    best = tracker.best
+    logging.info("Restored the best checkpoint by validation loss: step %d (validation loss %.4f; the last "
+                 "evaluated step %d had %.4f); it is the checkpoint at step %d now.", best["step"],
+                 best["eval_loss"], current, last_eval.get("loss", float("nan")), current)
+    return {"step": best["step"], "eval_loss": best["eval_loss"], "last_step_eval_loss": last_eval.get("loss")}
 
 
 def summary(final: dict, workdir: str) -> str:
@@ -737,11 +808,14 @@ def summary(final: dict, workdir: str) -> str:
     head = final.get("headline") or final.get("eval") or {}
     numbers = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in head.items())
     seconds = final.get("train_seconds_this_run")
-    state = "was already complete" if final.get("already_complete") else "finished"
+    state = ("was already complete" if final.get("already_complete")
+             else "stopped early" if final.get("stopped_early") else "finished")
     lines = [f"{final.get('model')} ({final.get('preset')} preset) {state} at step {final.get('step')}"
              + (f" ({seconds:.0f} s of training in the last run)" if seconds and not final.get("already_complete")
                 else "") + ".",
-             f"  evaluation: {numbers or 'no metrics'}",
+             f"  evaluation: {numbers or 'no metrics'}"
+             + (f" (the best checkpoint by validation loss, step {final['restored_best']['step']}, restored)"
+                if final.get("restored_best") else ""),
              f"  artifacts: {workdir}/ -- metrics.json, config.json, checkpoints/, train_log.jsonl, tensorboard/",
              f"  load it: tfmstep.load({workdir!r}); ship it: tfmstep.save({workdir!r}, <dir>)"]
     return "\n".join(lines)
@@ -758,8 +832,8 @@ def _kept_checkpoints(run: _Run, tracker: _LossTracker) -> str:
     best = tracker.best
     if best and best.get("checkpoint") != latest:
         best_path = tf.train.latest_checkpoint(os.path.join(run.ckpt_dir, BEST_DIR))
-        text += (f". The best one so far ({best_path}, step {best['step']}, smoothed train loss "
-                 f"{best['smoothed_train_loss']:.4g}) was kept too: --restore_from=best continues from it")
+        text += (f". The best one so far ({best_path}, step {best['step']}, {tracker.describe(best)}) was "
+                 f"kept too: --restore_from=best continues from it")
     elif best:
-        text += f" (it is also the best so far: smoothed train loss {best['smoothed_train_loss']:.4g})"
+        text += f" (it is also the best so far: {tracker.describe(best)})"
     return text

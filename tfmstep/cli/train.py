@@ -51,6 +51,12 @@ flags.DEFINE_integer("eval_every", _DEFAULTS.eval_every, "Steps between evaluati
                      lower_bound=0)
 flags.DEFINE_integer("eval_batches", _DEFAULTS.eval_batches, "Batches per evaluation (0: all).",
                      lower_bound=0)
+flags.DEFINE_enum("keep_best", _DEFAULTS.keep_best, list(train_config_lib.KEEP_BEST),
+                  "What checkpoints/best/ keeps: the lowest smoothed train loss, or the lowest validation loss "
+                  "(eval_loss: the run ends restored to it, and says so).")
+flags.DEFINE_integer("early_stop_evals", _DEFAULTS.early_stop_evals,
+                     "With --keep_best=eval_loss: stop after this many evaluations without a new best "
+                     "validation loss (0: never).", lower_bound=0)
 flags.DEFINE_integer("seed", _DEFAULTS.seed, "Seed for initialisation and the data stream.")
 flags.DEFINE_enum("mixed_precision", "", list(train_config_lib.MIXED_PRECISION), "Mixed-precision policy.")
 flags.DEFINE_enum("distribute", _DEFAULTS.distribute, list(train_config_lib.STRATEGIES),
