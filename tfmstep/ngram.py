@@ -148,3 +148,38 @@ def best_order(train: np.ndarray, validation: np.ndarray, vocab_size: int, order
         results[order] = model.bits_per_token(validation, context=train)
     best = min(results, key=results.get)
     return {"bits_per_token_by_order": results, "best_order": best, "best_bits_per_token": results[best]}
+
+
+def baseline(spec, config, max_order: int = 32) -> dict:
+    """The n-gram baseline of a family whose data is a token corpus (its registry hook ``token_corpus``):
+    Kneser-Ney of orders 1..``max_order`` fitted on exactly the model's train tokens and scored on its
+    validation tokens, the order chosen on validation; bits per token and per byte of text (the number a
+    language model is compared in). The report ``tfmstep-ngram`` prints (``baseline_table``) and writes."""
+    import time
+
+    if spec.token_corpus is None:
+        raise UserError(f"model {spec.name!r} has no token corpus (registry hook token_corpus); the n-gram "
+                        f"baseline needs a family whose data is a token sequence")
+    corpus = spec.token_corpus(config)
+    started = time.time()
+    result = best_order(corpus.train, corpus.validation, int(corpus.tokenizer.vocabulary_size),
+                        orders=range(1, max_order + 1))
+    per_byte = 1.0 / corpus.bytes_per_validation_token
+    return {**result, "best_bits_per_byte": result["best_bits_per_token"] * per_byte,
+            "bits_per_byte_by_order": {order: bits * per_byte
+                                       for order, bits in result["bits_per_token_by_order"].items()},
+            "model": spec.name, "config": dataclasses.asdict(config),
+            "tokenizer": type(corpus.tokenizer).__name__, "train_tokens": int(len(corpus.train)),
+            "validation_tokens": int(len(corpus.validation)), "validation_bytes": corpus.validation_bytes,
+            "seconds": round(time.time() - started, 1),
+            "method": "interpolated modified Kneser-Ney (D1, D2, D3+ per order)"}
+
+
+def baseline_table(report: dict) -> str:
+    """Markdown: validation bits/token, perplexity and bits/byte per order, then the best order."""
+    lines = ["| order | validation bits/token | perplexity | bits/byte |", "|---|---|---|---|"]
+    for order, bits in report["bits_per_token_by_order"].items():
+        lines.append(f"| {order} | {bits:.4f} | {2 ** bits:.3f} | {report['bits_per_byte_by_order'][order]:.4f} |")
+    lines.append(f"best: order {report['best_order']}, {report['best_bits_per_token']:.4f} bits/token, "
+                 f"{report['best_bits_per_byte']:.4f} bits/byte ({report['seconds']:.0f} s for all orders)")
+    return "\n".join(lines)

@@ -60,6 +60,9 @@ class ModelSpec:
     # headline(config, eval_metrics) -> {name: value}: the family's headline numbers (summary, metrics.json,
     # model cards), e.g. bits per byte for a language model; None: the eval metrics themselves
     headline: Callable | None = None
+    # token_corpus(config) -> tfmstep.data.text.TokenizedCorpus (train/validation token arrays, validation
+    # bytes, tokenizer): a family whose data is one token sequence; the n-gram baseline (tfmstep-ngram)
+    token_corpus: Callable | None = None
     # Config fields naming files the trained model needs (a vocabulary): copied into a saved model
     # (tfmstep.save) and pointed at from its config
     assets: tuple = ()

@@ -43,7 +43,7 @@ register(
     # Measured on a 2-core CPU (benchmarks/README.md): the XLA-compiled LSTM step ran ~4x slower.
     xla_on_cpu=False,
     servable=lstm_servable, inference_timer=per_token_times, forward_flops=forward_flops,
-    validate_data=text_data.validate_config, headline=headline_metrics,
+    validate_data=text_data.validate_config, headline=headline_metrics, token_corpus=tokenized_corpus,
     assets=("vocab_file",),  # the SentencePiece vocabulary travels with a saved model
 )(build_lstm_lm)
 
