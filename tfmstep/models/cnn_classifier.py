@@ -30,9 +30,16 @@ class CNNConfig:
     num_classes: Optional[int] = None
     augment: bool = False  # random pad-and-crop (+ horizontal flip), a new draw every epoch
     flip: bool = True  # with augment: mirror left-right too (off for digits and text)
+    # Train targets (1 - e) * one-hot + e / classes; evaluation keeps the hard labels, so its loss is
+    # the plain cross-entropy.
+    label_smoothing: float = 0.0
     # Model.
     filters: tuple[int, ...] = (32, 64)  # one stage per entry
     convs_per_stage: int = 2
+    # Residual stages (ResNet-9 style): a stem conv, then per stage conv -> max-pool -> norm -> ReLU and a
+    # block of convs_per_stage convs added back to its input. False: plain conv stacks with pooling between.
+    residual: bool = False
+    stem_filters: int = 16  # residual only: width of the stem conv at full resolution
     norm: str = "batch"
     groups: int = 8  # for norm="group"
     dropout: float = 0.1
@@ -43,6 +50,8 @@ class CNNConfig:
             raise UserError(f"bad norm {self.norm!r}; choose one of {', '.join(NORMS)}")
         if not self.filters or min(self.filters) < 1 or self.convs_per_stage < 1:
             raise UserError("filters must be a non-empty tuple of positive ints, convs_per_stage >= 1")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise UserError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.image_shape is not None and (len(self.image_shape) != 3 or min(self.image_shape) < 1):
@@ -59,10 +68,15 @@ class CNNConfig:
 
 
 def classification_loss(labels, logits):
-    """Per-example sparse cross-entropy and accuracy."""
+    """Per-example cross-entropy and accuracy; ``labels`` are class ids [B] or soft targets [B, classes]
+    (label smoothing), whose argmax is the class accuracy counts."""
     logits = tf.cast(logits, tf.float32)
-    loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.cast(labels, tf.int32),
-                                                          logits=logits)
+    if labels.shape.rank == 2:
+        loss = tf.nn.softmax_cross_entropy_with_logits(labels=tf.cast(labels, tf.float32), logits=logits)
+        labels = tf.argmax(labels, -1)
+    else:
+        loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.cast(labels, tf.int32),
+                                                              logits=logits)
     correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), tf.cast(labels, tf.int32)),
                       tf.float32)
     return loss, {"accuracy": correct}
@@ -72,8 +86,12 @@ def cnn_dataset(config: CNNConfig, split: str, batch_size: int, seed: int = 0, s
     config = config.resolved()
     arrays = image_data.load_arrays(config.dataset, config.data_file)
     images, labels = arrays["train" if split == "train" else "test"]
-    return image_data.make_dataset(images, labels, config.image_shape, split, batch_size, seed,
-                                   start_batch, config.augment, config.flip)
+    ds = image_data.make_dataset(images, labels, config.image_shape, split, batch_size, seed,
+                                 start_batch, config.augment, config.flip)
+    if split == "train" and config.label_smoothing:
+        e, classes = config.label_smoothing, config.num_classes
+        ds = ds.map(lambda x, y: (x, tf.one_hot(y, classes) * (1.0 - e) + e / classes))
+    return ds
 
 
 def per_layer_times(model: keras.Model, config: CNNConfig, batch_size: int = 32, repeats: int = 50) -> list:
@@ -141,7 +159,8 @@ def classifier_servable(name: str, model: keras.Model, config):
           servable=classifier_servable, validate_data=image_data.validate_config,
           presets={
               "tiny": dict(filters=(8, 16), convs_per_stage=1, dropout=0.0),
-              "cifar10": dict(dataset="cifar10", filters=(32, 64, 128), augment=True),
+              "cifar10": dict(dataset="cifar10", residual=True, stem_filters=32, filters=(64, 128, 256),
+                              convs_per_stage=2, augment=True, dropout=0.0),
           },
           xla_on_cpu=False,  # XLA's CPU convolutions were slower than oneDNN's in the benchmark
           inference_timer=per_layer_times)
@@ -150,18 +169,33 @@ def build_cnn_classifier(config: CNNConfig) -> keras.Model:
     config = config.resolved()
     regularizer = keras.regularizers.L2(config.l2) if config.l2 else None
     inputs = keras.Input(shape=config.image_shape, name="images")
+    def conv_norm_relu(x, width, name, suffix="", pool=False):
+        """Conv -> (max-pool) -> norm -> ReLU; layers named {name}_conv{suffix}, {name}_bn{suffix}, ..."""
+        x = keras.layers.Conv2D(width, 3, padding="same", use_bias=config.norm == "none",
+                                kernel_regularizer=regularizer, name=f"{name}_conv{suffix}")(x)
+        if pool and min(x.shape[1], x.shape[2]) >= 2:
+            x = keras.layers.MaxPooling2D(name=f"{name}_pool{suffix}")(x)
+        if config.norm == "batch":
+            x = keras.layers.BatchNormalization(name=f"{name}_bn{suffix}")(x)
+        elif config.norm == "group":
+            x = keras.layers.GroupNormalization(min(config.groups, width), name=f"{name}_gn{suffix}")(x)
+        return keras.layers.ReLU()(x)
+
     x = inputs
-    for stage, width in enumerate(config.filters):
-        for i in range(config.convs_per_stage):
-            x = keras.layers.Conv2D(width, 3, padding="same", use_bias=config.norm == "none",
-                                    kernel_regularizer=regularizer, name=f"stage{stage}_conv{i}")(x)
-            if config.norm == "batch":
-                x = keras.layers.BatchNormalization(name=f"stage{stage}_bn{i}")(x)
-            elif config.norm == "group":
-                x = keras.layers.GroupNormalization(min(config.groups, width), name=f"stage{stage}_gn{i}")(x)
-            x = keras.layers.ReLU()(x)
-        if stage < len(config.filters) - 1 and min(x.shape[1], x.shape[2]) >= 2:
-            x = keras.layers.MaxPooling2D(name=f"stage{stage}_pool")(x)
+    if config.residual:
+        x = conv_norm_relu(x, config.stem_filters, "stem")
+        for stage, width in enumerate(config.filters):
+            x = conv_norm_relu(x, width, f"stage{stage}", "_down", pool=True)
+            y = x
+            for i in range(config.convs_per_stage):
+                y = conv_norm_relu(y, width, f"stage{stage}", str(i))
+            x = keras.layers.Add(name=f"stage{stage}_add")([x, y])
+    else:
+        for stage, width in enumerate(config.filters):
+            for i in range(config.convs_per_stage):
+                x = conv_norm_relu(x, width, f"stage{stage}", str(i))
+            if stage < len(config.filters) - 1 and min(x.shape[1], x.shape[2]) >= 2:
+                x = keras.layers.MaxPooling2D(name=f"stage{stage}_pool")(x)
     x = keras.layers.GlobalAveragePooling2D()(x)
     if config.dropout:
         x = keras.layers.Dropout(config.dropout)(x)
