@@ -1,42 +1,18 @@
-"""Evaluation: the one loop that turns a family's per-example loss and metrics into means over a split
-(used by the trainer's compiled eval step, pruning and the TF-Lite comparison), and ``evaluate``, which
-runs a family's own evaluation (the registry's ``evaluate`` hook) on trained runs -- the library side of
-``tfmstep-evaluate``."""
+"""Evaluation. The one loop that turns a family's per-example loss and metrics into means over a split is
+``batch_sums`` + ``mean_metrics`` (defined beside the compiled eval step in ``tfmstep/step.py``, which the
+trainer uses, so that this module can load trained runs without an import circle); here:
+``evaluate_model`` / ``evaluate_outputs`` run it on a Keras model or any outputs function (pruning, the
+TF-Lite comparison), and ``evaluate`` runs a family's own evaluation (the registry's ``evaluate`` hook) on
+trained runs -- the library side of ``tfmstep-evaluate``."""
 
 from __future__ import annotations
 
-import itertools
 from typing import Callable, Iterable
 
-import tensorflow as tf
-
 from tfmstep.errors import UserError
+from tfmstep.step import batch_sums, mean_metrics
 
-
-def batch_sums(loss_fn: Callable, labels, outputs) -> dict:
-    """``{"loss_sum", "<metric>_sum", "count"}`` of one batch, from a family loss ``loss_fn(labels,
-    outputs) -> (per_example_loss, {metric: per_example_value})``. Graph-safe (the compiled eval step
-    calls it inside its tf.function)."""
-    per_example_loss, metrics = loss_fn(labels, outputs)
-    sums = {"loss_sum": tf.reduce_sum(tf.cast(per_example_loss, tf.float32)),
-            "count": tf.cast(tf.shape(per_example_loss)[0], tf.float32)}
-    for name, value in metrics.items():
-        sums[name + "_sum"] = tf.reduce_sum(tf.cast(value, tf.float32))
-    return sums
-
-
-def mean_metrics(sums: Iterable[dict], max_batches: int = 0,
-                 empty_message: str = "the evaluation split is empty") -> dict:
-    """Add up per-batch ``batch_sums`` (at most ``max_batches``; 0: all) -> ``{"loss": mean, metric:
-    mean}`` per example. An empty split is a UserError."""
-    totals: dict[str, float] = {}
-    for batch in itertools.islice(sums, max_batches or None):
-        for key, value in batch.items():
-            totals[key] = totals.get(key, 0.0) + float(value)
-    count = totals.pop("count", 0.0)
-    if not count:
-        raise UserError(empty_message)
-    return {key[:-len("_sum")]: value / count for key, value in totals.items()}
+__all__ = ["batch_sums", "mean_metrics", "evaluate_outputs", "evaluate_model", "evaluate"]
 
 
 def evaluate_outputs(loss_fn: Callable, batches: Iterable, outputs_fn: Callable, max_batches: int = 0,

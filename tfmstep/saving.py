@@ -267,23 +267,22 @@ def evaluate(model, batch_size: int = EVAL_BATCH_SIZE, max_batches: int = 0) -> 
     spec = info.spec
     steps = step_lib.make_steps(model, None, spec.loss, global_batch_size=batch_size)
     digest = hashlib.sha256()
-    totals: dict = {}
+    examples = [0]
     dataset = spec.dataset(info.config, "validation", batch_size, 0)
-    for i, batch in enumerate(dataset):
-        if max_batches and i >= max_batches:
-            break
-        for tensor in tf.nest.flatten(batch):
-            array = np.ascontiguousarray(tensor.numpy())
-            digest.update(str((array.dtype.str, array.shape)).encode())
-            digest.update(array.tobytes())
-        for key, value in steps.eval(batch).items():
-            totals[key] = totals.get(key, 0.0) + float(value)
-    count = totals.pop("count", 0.0)
-    if not count:
-        raise UserError("the evaluation split is empty")
-    metrics = {key[:-len("_sum")]: value / count for key, value in totals.items()}
+
+    def batch_sums():  # the eval step's sums per batch, fingerprinting each batch on the way
+        for batch in dataset:
+            for tensor in tf.nest.flatten(batch):
+                array = np.ascontiguousarray(tensor.numpy())
+                digest.update(str((array.dtype.str, array.shape)).encode())
+                digest.update(array.tobytes())
+            sums = steps.eval(batch)
+            examples[0] += int(sums["count"])
+            yield sums
+
+    metrics = step_lib.mean_metrics(batch_sums(), max_batches)  # the one evaluation loop
     return {"eval": metrics, "headline": headline(spec, info.config, metrics),
-            "examples": int(count), "data_fingerprint": digest.hexdigest(),
+            "examples": examples[0], "data_fingerprint": digest.hexdigest(),
             "eval_seconds": round(time.perf_counter() - started, 1)}
 
 

@@ -13,13 +13,13 @@ gradients equal single-device training.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
-from typing import Callable
+from typing import Callable, Iterable
 
 import keras
 import tensorflow as tf
 
-from tfmstep import evaluation
 from tfmstep.errors import UserError
 
 
@@ -53,6 +53,34 @@ def make_optimizer(config: OptimizerConfig) -> keras.optimizers.Optimizer:
 def current_learning_rate(optimizer: keras.optimizers.Optimizer) -> float:
     lr = optimizer.learning_rate
     return float(lr.numpy() if hasattr(lr, "numpy") else lr)
+
+
+# The one evaluation loop (the compiled eval step, trainer, pruning, TF-Lite comparison, saved models).
+
+def batch_sums(loss_fn: Callable, labels, outputs) -> dict:
+    """``{"loss_sum", "<metric>_sum", "count"}`` of one batch, from a family loss ``loss_fn(labels,
+    outputs) -> (per_example_loss, {metric: per_example_value})``. Graph-safe (the compiled eval step
+    calls it inside its tf.function)."""
+    per_example_loss, metrics = loss_fn(labels, outputs)
+    sums = {"loss_sum": tf.reduce_sum(tf.cast(per_example_loss, tf.float32)),
+            "count": tf.cast(tf.shape(per_example_loss)[0], tf.float32)}
+    for name, value in metrics.items():
+        sums[name + "_sum"] = tf.reduce_sum(tf.cast(value, tf.float32))
+    return sums
+
+
+def mean_metrics(sums: Iterable[dict], max_batches: int = 0,
+                 empty_message: str = "the evaluation split is empty") -> dict:
+    """Add up per-batch ``batch_sums`` (at most ``max_batches``; 0: all) -> ``{"loss": mean, metric:
+    mean}`` per example. An empty split is a UserError."""
+    totals: dict[str, float] = {}
+    for batch in itertools.islice(sums, max_batches or None):
+        for key, value in batch.items():
+            totals[key] = totals.get(key, 0.0) + float(value)
+    count = totals.pop("count", 0.0)
+    if not count:
+        raise UserError(empty_message)
+    return {key[:-len("_sum")]: value / count for key, value in totals.items()}
 
 
 @dataclasses.dataclass
@@ -118,7 +146,7 @@ def make_steps(model: keras.Model, optimizer: keras.optimizers.Optimizer, loss_f
         return {k: v.stack() for k, v in history.items()}
 
     def replica_eval(inputs, labels):
-        return evaluation.batch_sums(loss_fn, labels, model(inputs, training=False))
+        return batch_sums(loss_fn, labels, model(inputs, training=False))
 
     compiled_eval = tf.function(replica_eval, jit_compile=jit_compile, reduce_retracing=True)
 

@@ -41,7 +41,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tfmstep import autotune, evaluation, fileio, registry, saving, step as step_lib
+from tfmstep import autotune, fileio, registry, saving, step as step_lib
 from tfmstep.data import common as data_common
 from tfmstep.errors import UserError
 # TrainConfig lives in a module without TensorFlow (the tools check flags before importing it)
@@ -546,9 +546,9 @@ class _StopSignals:
 # --- training ---------------------------------------------------------------------------------------------
 
 def evaluate(steps: step_lib.Steps, dataset, strategy, max_batches: int = 0) -> dict:
-    """Means over the split of the compiled eval step's per-batch sums (``evaluation.mean_metrics``)."""
+    """Means over the split of the compiled eval step's per-batch sums (``step.mean_metrics``)."""
     batches = strategy.experimental_distribute_dataset(dataset)
-    return evaluation.mean_metrics((steps.eval(batch) for batch in batches), max_batches)
+    return step_lib.mean_metrics((steps.eval(batch) for batch in batches), max_batches)
 
 
 def train(model_name: str, workdir: str, preset: str = "default",
