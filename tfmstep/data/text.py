@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import os
 import sysconfig
 
@@ -174,17 +175,113 @@ class SentencePieceTokenizer:
         return text.numpy().decode("utf-8", errors="replace") if hasattr(text, "numpy") else str(text)
 
 
-def load_or_train_sentencepiece(vocab_file: str, vocab_size: int, train_bytes: bytes) -> SentencePieceTokenizer:
-    """The vocabulary in ``vocab_file``; trained on ``train_bytes`` and written there if it is missing."""
+# The corpus fingerprint rides in the vocabulary file itself: a length-delimited field in the range
+# SentencePiece's ModelProto reserves for extensions (200+), which its parser and keras-hub's skip.
+_FINGERPRINT_FIELD = 201
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def corpus_fingerprint(train_bytes: bytes, source: str) -> dict:
+    import hashlib
+
+    return {"train_sha256": hashlib.sha256(train_bytes).hexdigest(), "train_bytes": len(train_bytes),
+            "source": source}
+
+
+def with_fingerprint(proto: bytes, fingerprint: dict) -> bytes:
+    payload = json.dumps(fingerprint, sort_keys=True).encode()
+    return proto + _varint((_FINGERPRINT_FIELD << 3) | 2) + _varint(len(payload)) + payload
+
+
+def read_fingerprint(proto: bytes):
+    """The fingerprint recorded in a vocabulary file (None: it records none, or it is no ModelProto)."""
+    pos = 0
+    try:
+        while pos < len(proto):
+            tag, shift = 0, 0
+            while True:  # varint tag
+                byte = proto[pos]
+                pos += 1
+                tag |= (byte & 0x7F) << shift
+                shift += 7
+                if not byte & 0x80:
+                    break
+            if tag & 7 != 2:  # ModelProto's top-level fields are all length-delimited
+                return None
+            length, shift = 0, 0
+            while True:
+                byte = proto[pos]
+                pos += 1
+                length |= (byte & 0x7F) << shift
+                shift += 7
+                if not byte & 0x80:
+                    break
+            if tag >> 3 == _FINGERPRINT_FIELD:
+                return json.loads(proto[pos:pos + length])
+            pos += length
+    except (IndexError, ValueError):
+        return None
+    return None
+
+
+def _bound_to_a_trained_model(vocab_file: str) -> bool:
+    """Whether a trained run may depend on ``vocab_file``: it is not inside a workdir (config.json) that
+    holds no checkpoint and no finished run yet -- only such a workdir's own vocabulary is retrained."""
+    directory = os.path.dirname(os.path.abspath(vocab_file))
+    if not os.path.exists(os.path.join(directory, "config.json")):
+        return True
+    checkpoints = os.path.join(directory, "checkpoints")
+    trained = os.path.exists(os.path.join(directory, "metrics.json")) or (
+        os.path.isdir(checkpoints) and any(n.endswith(".index") for _, _, names in os.walk(checkpoints)
+                                           for n in names))
+    return trained
+
+
+def load_or_train_sentencepiece(vocab_file: str, vocab_size: int, train_bytes: bytes,
+                                source: str = "") -> SentencePieceTokenizer:
+    """The vocabulary in ``vocab_file``; trained on ``train_bytes`` and written there if it is missing.
+
+    A trained vocabulary records a fingerprint of its train split (sha256, length, where it came from).
+    Reusing it on other text is an error, unless it is the own vocabulary of a workdir that has trained
+    nothing yet: then it is retrained. ``train_bytes`` empty: a saved model's vocabulary, not checked.
+    """
     if not vocab_file:
         raise UserError("tokenizer=sentencepiece needs vocab_file (e.g. <workdir>/vocab.spm); it is trained "
                         "on the train split if the file does not exist")
+    fingerprint = corpus_fingerprint(train_bytes, source) if train_bytes else None
+    proto = None
     if os.path.exists(vocab_file):
         with open(vocab_file, "rb") as f:
-            tokenizer = SentencePieceTokenizer(f.read())
+            proto = f.read()
+        recorded = read_fingerprint(proto)
+        if fingerprint is None:
+            pass
+        elif recorded is None:
+            logging.warning("Vocabulary %s records no corpus fingerprint (written by an older version): "
+                            "not checked against this corpus; remove it to retrain it here.", vocab_file)
+        elif recorded.get("train_sha256") != fingerprint["train_sha256"]:
+            where = (f"({recorded.get('source') or 'unknown source'}, {recorded.get('train_bytes')} train "
+                     f"bytes) than this run's train split ({source or 'this corpus'}, "
+                     f"{fingerprint['train_bytes']} bytes)")
+            if _bound_to_a_trained_model(vocab_file):
+                raise UserError(f"vocab_file {vocab_file} was trained on another corpus {where}; use a new "
+                                f"vocab_file (e.g. <workdir>/vocab.spm) or remove it to retrain it")
+            logging.info("Vocabulary %s was trained on another corpus %s; this workdir has trained nothing "
+                         "with it yet, so it is retrained.", vocab_file, where)
+            proto = None
+    if proto is not None:
+        tokenizer = SentencePieceTokenizer(proto)
         logging.info("Vocabulary: %s (%d pieces).", vocab_file, tokenizer.vocabulary_size)
     else:
-        proto = SentencePieceTokenizer.train(train_bytes, vocab_size)
+        proto = with_fingerprint(SentencePieceTokenizer.train(train_bytes, vocab_size), fingerprint)
         try:
             os.makedirs(os.path.dirname(os.path.abspath(vocab_file)), exist_ok=True)
         except OSError as e:
@@ -223,7 +320,10 @@ def tokenized_corpus(corpus: str, text_file: str, max_bytes: int, validation_fra
     if tokenizer == "byte":
         tok = ByteTokenizer()
     elif tokenizer == "sentencepiece":
-        tok = load_or_train_sentencepiece(vocab_file, vocab_size, train_bytes)
+        source = f"text_file={text_file}" if text_file else f"corpus={corpus}"
+        if max_bytes:
+            source += f", max_corpus_bytes={max_bytes}"
+        tok = load_or_train_sentencepiece(vocab_file, vocab_size, train_bytes, source)
     else:
         raise UserError(f"unknown tokenizer {tokenizer!r}; choose one of {', '.join(TOKENIZERS)}")
     result = TokenizedCorpus(tok.encode(train_bytes), tok.encode(validation_bytes), len(validation_bytes),
