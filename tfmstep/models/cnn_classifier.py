@@ -71,7 +71,7 @@ def classification_loss(labels, logits):
     """Per-example cross-entropy and accuracy; ``labels`` are class ids [B] or soft targets [B, classes]
     (label smoothing), whose argmax is the class accuracy counts."""
     logits = tf.cast(logits, tf.float32)
-    if labels.shape.rank == 2:
+    if len(labels.shape) == 2:  # a TensorShape or, from numpy callers, a tuple
         loss = tf.nn.softmax_cross_entropy_with_logits(labels=tf.cast(labels, tf.float32), logits=logits)
         labels = tf.argmax(labels, -1)
     else:
