@@ -268,3 +268,21 @@ def test_next_token_logits_rejects_an_empty_text(name, exported_tiny):
     for _ in range(3):  # the check must win every time, not race the gather it guards
         with pytest.raises(serving.BadRequest, match="at least 1 byte"):
             serving.predict_rest(loaded.signatures["next_token_logits"], {"instances": ["abc", ""]})
+
+
+def test_lm_byte_codec_in_the_graph_equals_the_training_tokenizer():
+    """One byte tokenizer: the serving graph's text <-> tokens is the training ByteTokenizer's, byte for
+    byte, also for NUL, non-UTF-8 bytes and characters cut in the middle (what the codec must keep)."""
+    from tfmstep.data import text as text_data
+    from tfmstep.models.lstm_lm import serving as lm_serving
+
+    tokenizer = text_data.ByteTokenizer()
+    texts = [b"def main(\n    return 0", "h\u00e9llo \u2713".encode(), b"\x00\xff\xfe", "\u2713".encode()[:2], b"x"]
+    graph_tokens = lm_serving.text_to_tokens(tf.constant(texts)).to_list()
+    assert graph_tokens == [tokenizer.encode(t).tolist() for t in texts]
+    codec = lm_serving.byte_codec()
+    assert codec.encode is not None and codec.decode(tokenizer.encode(texts[2])) == texts[2]
+    width = max(len(t) for t in texts)
+    padded = np.array([list(t) + [ord("x")] * (width - len(t)) for t in texts], np.int32)
+    graph_texts = lm_serving.tokens_to_text(tf.constant(padded)).numpy().tolist()
+    assert graph_texts == [tokenizer.decode_bytes(row) for row in padded]

@@ -23,7 +23,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfmstep import registry, step as step_lib
+from tfmstep import evaluation, registry, step as step_lib
 from tfmstep.errors import UserError
 
 
@@ -97,13 +97,20 @@ class MagnitudePruner:
         return zeros / sum(int(np.prod(v.shape)) for v in self.weights)
 
 
-def fine_tune_with_pruning(model: keras.Model, model_name: str, model_config, pruning: PruningConfig, *,
+def _spec(model):
+    """The family a call is about: a ModelSpec given by the caller, or a registered name (looked up here,
+    once per public call)."""
+    return model if isinstance(model, registry.ModelSpec) else registry.get_spec(model)
+
+
+def fine_tune_with_pruning(model: keras.Model, model_name, model_config, pruning: PruningConfig, *,
                            steps: int, batch_size: int = 64, learning_rate: float = 1e-3, seed: int = 0,
                            jit_compile: bool | None = None) -> dict:
-    """Fine-tune ``model`` in place while pruning it; returns {"sparsity", "eval": {...}, "history"}."""
+    """Fine-tune ``model`` in place while pruning it; returns {"sparsity", "eval": {...}, "history"}.
+    ``model_name``: the family's ModelSpec (or its registered name)."""
     if steps < pruning.end_step:
         raise UserError(f"steps ({steps}) must be >= the pruning end_step ({pruning.end_step})")
-    spec = registry.get_spec(model_name)
+    spec = _spec(model_name)
     optimizer = step_lib.make_optimizer(step_lib.OptimizerConfig(
         learning_rate=learning_rate, warmup_steps=0, total_steps=steps, weight_decay=0.0,
         min_lr_ratio=0.1))
@@ -123,23 +130,20 @@ def fine_tune_with_pruning(model: keras.Model, model_name: str, model_config, pr
         step += num
         history.append({"step": step, "loss": float(losses.mean()), "sparsity": pruner.sparsity()})
     pruner.update(pruning.target_sparsity)  # exactly the target at the end
-    return {"sparsity": pruner.sparsity(), "eval": evaluate(model, model_name, model_config, steps_fn),
+    return {"sparsity": pruner.sparsity(), "eval": evaluate(model, spec, model_config, steps_fn),
             "history": history}
 
 
-def evaluate(model: keras.Model, model_name: str, model_config, steps_fn=None, batch_size: int = 64) -> dict:
-    """Mean loss and metrics on the validation split (the trainer's evaluation, without a workdir)."""
-    spec = registry.get_spec(model_name)
-    totals: dict = {}
-    for inputs, labels in spec.dataset(model_config, "validation", batch_size):
-        loss, metrics = spec.loss(labels, model(inputs, training=False))
-        for name, value in {"loss": loss, **metrics}.items():
-            totals[name] = totals.get(name, 0.0) + float(tf.reduce_sum(tf.cast(value, tf.float32)))
-        totals["count"] = totals.get("count", 0.0) + float(tf.shape(loss)[0])
-    count = totals.pop("count", 0.0)
-    if not count:
-        raise UserError(f"the validation split of {model_name} is empty")
-    return {name: value / count for name, value in totals.items()}
+def evaluate(model: keras.Model, model_name, model_config, steps_fn=None, batch_size: int = 64) -> dict:
+    """Mean loss and metrics on the validation split, through the trainer's loop
+    (``evaluation.mean_metrics``); with ``steps_fn`` (a ``step.Steps`` of ``model``) its compiled eval
+    step computes each batch, as in training. ``model_name``: a ModelSpec or a registered name."""
+    spec = _spec(model_name)
+    batches = spec.dataset(model_config, "validation", batch_size)
+    empty = f"the validation split of {spec.name} is empty"
+    if steps_fn is not None:
+        return evaluation.mean_metrics((steps_fn.eval(batch) for batch in batches), empty_message=empty)
+    return evaluation.evaluate_model(model, spec.loss, batches, empty_message=empty)
 
 
 @dataclasses.dataclass
@@ -152,25 +156,27 @@ class PruningSweep:
     config: object
     report: dict
     models: dict  # {tag: keras.Model}
+    spec: registry.ModelSpec | None = None  # the family, resolved once by the sweep
 
 
-def pruning_sweep(model: keras.Model, model_name: str, model_config, sparsities: list, steps: int,
+def pruning_sweep(model: keras.Model, model_name, model_config, sparsities: list, steps: int,
                   batch_size: int = 64, learning_rate: float = 1e-3, min_elements: int = 0) -> PruningSweep:
     """For each target sparsity (0 = the same fine-tuning without pruning): fine-tune a copy of ``model``
     while pruning and measure it on the validation split. ``model`` itself is the first row ("trained").
-    Nothing is exported here: export the returned models (``tfmstep.export.export_pruned``)."""
+    Nothing is exported here: export the returned models (``tfmstep.export.export_pruned``).
+    ``model_name``: the family's ModelSpec (e.g. from ``trainer.load_trained``) or its registered name."""
     if any(not 0.0 <= s < 1.0 for s in sparsities):
         raise UserError(f"sparsities must be in [0, 1), got {sparsities}")
-    spec = registry.get_spec(model_name)
+    spec = _spec(model_name)
     rows = [{"tag": "trained", "sparsity_target": None, "label": "trained (no fine-tuning)",
-             "eval": evaluate(model, model_name, model_config)}]
+             "eval": evaluate(model, spec, model_config)}]
     models = {"trained": model}
     for target in sorted(set([0.0] + list(sparsities))):
         copy = spec.build(model_config)
         copy.set_weights(model.get_weights())
         schedule = PruningConfig(target_sparsity=target, end_step=max(1, (2 * steps) // 3),
                                  frequency=min(10, max(1, steps // 10)), min_elements=min_elements)
-        result = fine_tune_with_pruning(copy, model_name, model_config, schedule, steps=steps,
+        result = fine_tune_with_pruning(copy, spec, model_config, schedule, steps=steps,
                                         batch_size=batch_size, learning_rate=learning_rate)
         tag = f"s{target:g}"
         rows.append({"tag": tag, "sparsity_target": target, "label": f"fine-tuned, sparsity {target:g}",
@@ -178,11 +184,11 @@ def pruning_sweep(model: keras.Model, model_name: str, model_config, sparsities:
         models[tag] = copy
     pruned = prunable_weights(model, min_elements)
     kernels = prunable_weights(model)
-    report = {"model": model_name, "steps": steps, "learning_rate": learning_rate,
+    report = {"model": spec.name, "steps": steps, "learning_rate": learning_rate,
               "min_elements": min_elements, "pruned_kernels": [v.path for v in pruned],
               "pruned_fraction_of_kernel_weights": sum(int(np.prod(v.shape)) for v in pruned)
               / sum(int(np.prod(v.shape)) for v in kernels), "rows": rows}
-    return PruningSweep(model_name, model_config, report, models)
+    return PruningSweep(spec.name, model_config, report, models, spec)
 
 
 def pruning_table(report: dict) -> str:

@@ -39,15 +39,17 @@ flags.DEFINE_integer("prune_min_elements", 0, "Kernels with fewer weights are le
 
 
 def load_model():
+    """(model, config, spec): the family is resolved here, once, and handed to export and pruning."""
     from tfmstep import registry, trainer
     from tfmstep.errors import UserError
 
     if FLAGS.workdir:
-        model, config, spec = trainer.load_trained(FLAGS.workdir)
-        return model, config, spec.name
+        return trainer.load_trained(FLAGS.workdir)
     if not FLAGS.model:
         raise UserError("give --workdir (a trained run) or --model (export an untrained model)")
-    return registry.build(FLAGS.model, FLAGS.preset), registry.get_config(FLAGS.model, FLAGS.preset), FLAGS.model
+    spec = registry.get_spec(FLAGS.model)
+    config = registry.get_config(spec.name, FLAGS.preset)
+    return spec.build(config), config, spec
 
 
 def main(argv) -> None:
@@ -62,15 +64,15 @@ def main(argv) -> None:
 
     with exit_on_user_error():
         formats = export.check_formats(FLAGS.formats)
-        model, config, name = load_model()
+        model, config, spec = load_model()
         if FLAGS.prune_sparsities:
-            sweep = pruning.pruning_sweep(model, name, config, [float(s) for s in FLAGS.prune_sparsities],
+            sweep = pruning.pruning_sweep(model, spec, config, [float(s) for s in FLAGS.prune_sparsities],
                                           FLAGS.prune_steps, FLAGS.prune_batch_size, FLAGS.prune_learning_rate,
                                           min_elements=FLAGS.prune_min_elements)
             report = export.export_pruned(sweep, FLAGS.export_base)
             table = pruning.pruning_table(report)
         else:
-            report = export.export_all(model, name, config, FLAGS.export_base, formats,
+            report = export.export_all(model, spec, config, FLAGS.export_base, formats,
                                        version=FLAGS.version, compare=FLAGS.compare,
                                        max_eval_batches=FLAGS.max_eval_batches)
             table = export.export_table(report)

@@ -38,12 +38,14 @@ def check_formats(formats) -> list[str]:
     return list(dict.fromkeys(formats))
 
 
-def export_all(model: keras.Model, model_name: str, config, export_base: str, formats=FORMATS, *,
+def export_all(model: keras.Model, model_name, config, export_base: str, formats=FORMATS, *,
                version: int | None = None, compare: bool = True, max_eval_batches: int = 0) -> dict:
     """Export ``model`` in every format; with ``compare``, each TF-Lite file is run on the validation
-    split against the Keras model. Returns a JSON-able report (paths, sizes, metrics, agreement)."""
+    split against the Keras model. Returns a JSON-able report (paths, sizes, metrics, agreement).
+    ``model_name``: the family's ModelSpec (e.g. from ``trainer.load_trained``) or its registered name."""
     formats = check_formats(formats)
-    serving = servable(model_name, model, config)
+    serving = servable(model_name, model, config)  # resolves the family once (name or ModelSpec)
+    model_name = serving.spec.name
     report: dict = {"model": model_name, "export_base": export_base, "artifacts": {}}
     keras_metrics = None
     for fmt in formats:
@@ -84,7 +86,7 @@ def export_pruned(sweep, export_base: str, formats=("fp32", "int8")) -> dict:
     report = sweep.report
     for row in report["rows"]:
         model = sweep.models[row["tag"]]
-        serving = servable(sweep.model_name, model, sweep.config)
+        serving = servable(sweep.spec or sweep.model_name, model, sweep.config)
         for fmt in formats:
             path = export_tflite(model, sweep.model_name, sweep.config, fmt,
                                  os.path.join(export_base, "pruned", row["tag"]), servable=serving)

@@ -23,7 +23,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfmstep import registry
 from tfmstep.errors import UserError
 
 # Requests larger than this fail in the graph (a family may set its own limit per signature).
@@ -63,6 +62,9 @@ class Servable:
     trackables: list = dataclasses.field(default_factory=list)
     # Set by tflite.py: a temporary SavedModel of ``tflite_fn``, written once, converted to every format.
     tflite_source_dir: str | None = dataclasses.field(default=None, repr=False)
+    # Set by ``servable()``: the family's registry entry, resolved once; the exporters read its dataset and
+    # loss from here instead of looking the name up again.
+    spec: registry.ModelSpec | None = dataclasses.field(default=None, repr=False)
 
     def tflite_function(self) -> Callable:
         if self.tflite_fn is None:
@@ -148,13 +150,22 @@ def _with_batch_none(spec: tf.TensorSpec, name: str) -> tf.TensorSpec:
     return tf.TensorSpec([None] + list(spec.shape[1:]), spec.dtype, name=name)
 
 
-def model_input_specs(name: str, model: keras.Model, config) -> dict:
-    """{input_name: TensorSpec with batch None}: the functional model's inputs, else its dataset's."""
+def _family(name) -> "registry.ModelSpec":
+    """A ModelSpec given by the caller, or a registered name looked up (once per servable)."""
+    # Imported here: importing the registry registers the families, whose serving modules import this one.
+    from tfmstep import registry
+
+    return name if isinstance(name, registry.ModelSpec) else registry.get_spec(name)
+
+
+def model_input_specs(name, model: keras.Model, config) -> dict:
+    """{input_name: TensorSpec with batch None}: the functional model's inputs, else its dataset's.
+    ``name``: the family's ModelSpec or registered name."""
     if getattr(model, "inputs", None) and not isinstance(model.inputs, dict) and len(model.inputs) == 1:
         tensor = model.inputs[0]
         input_name = tensor.name or "inputs"
         return {input_name: tf.TensorSpec(tensor.shape, tensor.dtype, name=input_name)}
-    element = registry.get_spec(name).dataset(config, "validation", 2).element_spec[0]
+    element = _family(name).dataset(config, "validation", 2).element_spec[0]
     if isinstance(element, Mapping):
         return {key: _with_batch_none(spec, key) for key, spec in element.items()}
     return {"inputs": _with_batch_none(element, "inputs")}
@@ -177,9 +188,10 @@ def _named_outputs(outputs, model: keras.Model) -> dict:
     return dict(zip(names, flat))
 
 
-def example_inputs(name: str, config, input_specs: dict, batch_size: int = 2) -> dict:
-    """A batch of the validation split as {input_name: np.ndarray} (warmup requests, tests)."""
-    inputs, _ = next(iter(registry.get_spec(name).dataset(config, "validation", batch_size)))
+def example_inputs(name, config, input_specs: dict, batch_size: int = 2) -> dict:
+    """A batch of the validation split as {input_name: np.ndarray} (warmup requests, tests); ``name``: the
+    family's ModelSpec or registered name."""
+    inputs, _ = next(iter(_family(name).dataset(config, "validation", batch_size)))
     if not isinstance(inputs, Mapping):
         inputs = {next(iter(input_specs)): inputs}
     return {key: np.asarray(value)[:batch_size] for key, value in inputs.items()}
@@ -192,8 +204,9 @@ _example_inputs = example_inputs
 # Generic: any registered model.
 
 
-def generic_servable(name: str, model: keras.Model, config) -> Servable:
-    input_specs = model_input_specs(name, model, config)
+def generic_servable(name: str, model: keras.Model, config, spec: registry.ModelSpec | None = None) -> Servable:
+    spec = spec or _family(name)
+    input_specs = model_input_specs(spec, model, config)
     dict_inputs = _dict_inputs(model)
 
     def call_model(**kwargs):
@@ -205,7 +218,7 @@ def generic_servable(name: str, model: keras.Model, config) -> Servable:
         packed = dict(kwargs) if dict_inputs else next(iter(kwargs.values()))
         return _named_outputs(model(packed, training=False), model)
 
-    example = example_inputs(name, config, input_specs)
+    example = example_inputs(spec, config, input_specs)
     outputs = _named_outputs(model(dict(example) if dict_inputs else next(iter(example.values())),
                                    training=False), model)
     primary = "logits" if "logits" in outputs else next(iter(outputs))
@@ -221,9 +234,13 @@ def generic_servable(name: str, model: keras.Model, config) -> Servable:
         keras_reference=reference)
 
 
-def servable(name: str, model: keras.Model, config) -> Servable:
-    spec = registry.get_spec(name)  # unknown name -> UserError listing the registered models
-    result = (spec.servable or generic_servable)(name, model, config)
+def servable(name, model: keras.Model, config) -> Servable:
+    """The family's servable (its ``servable`` hook, else ``generic_servable``); ``name``: a registered name
+    (an unknown one is a UserError listing the registered models) or the family's ModelSpec."""
+    spec = _family(name)
+    name = spec.name
+    result = spec.servable(name, model, config) if spec.servable else generic_servable(name, model, config, spec)
     if "serving_default" not in result.signatures:
         raise UserError(f"the export table for {name!r} has no serving_default signature")
+    result.spec = spec
     return result

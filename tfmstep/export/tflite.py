@@ -16,13 +16,11 @@ import re
 import shutil
 import tempfile
 import weakref
-from typing import Iterable
-
 import keras
 import numpy as np
 import tensorflow as tf
 
-from tfmstep import registry
+from tfmstep import evaluation, registry
 from tfmstep.errors import UserError
 from tfmstep.export import signatures as signatures_lib
 
@@ -50,10 +48,9 @@ def _source_saved_model(model: keras.Model, servable: signatures_lib.Servable) -
     return servable.tflite_source_dir
 
 
-def representative_dataset(model_name: str, config, input_signature: dict, examples: int):
+def representative_dataset(spec: registry.ModelSpec, config, input_signature: dict, examples: int):
     """Calibration inputs for full-integer quantisation: the model's own train pipeline, one example
     per batch, the same examples every time (seed 0)."""
-    spec = registry.get_spec(model_name)
     names = list(input_signature)
 
     def generate():
@@ -97,7 +94,7 @@ def convert(model: keras.Model, model_name: str, config, fmt: str, *,
     elif fmt == "int8":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = representative_dataset(
-            model_name, config, servable.tflite_input_signature, representative_examples)
+            _spec(servable, model_name), config, servable.tflite_input_signature, representative_examples)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         # Float inputs/outputs become int8 too (a fully integer model); integer inputs (tokens) stay.
         if all(spec.dtype.is_floating for spec in servable.tflite_input_signature.values()):
@@ -195,27 +192,28 @@ def sizes(flatbuffer: bytes) -> dict:
     return {"bytes": len(flatbuffer), "gzip_bytes": len(gzip.compress(flatbuffer, compresslevel=9))}
 
 
-def _batches(model_name: str, config, split: str, batch_size: int, max_batches: int) -> Iterable:
-    dataset = registry.get_spec(model_name).dataset(config, split, batch_size)
-    return dataset.take(max_batches) if max_batches else dataset
+def _spec(servable: signatures_lib.Servable, model_name: str) -> registry.ModelSpec:
+    """The family: resolved once, when the servable was made (a hand-built servable: by name)."""
+    return servable.spec or registry.get_spec(model_name)
 
 
 def compare_with_keras(model: keras.Model, model_name: str, config, flatbuffer: bytes, *,
                        servable: signatures_lib.Servable | None = None, split: str = "validation",
                        batch_size: int = 32, max_batches: int = 0) -> dict:
     """Metrics of the TF-Lite artifact and of the Keras model on ``split`` (the family's own metrics from
-    its registered loss), their argmax agreement rate, and the largest output difference."""
-    spec = registry.get_spec(model_name)
+    its registered loss, through the one evaluation loop, ``tfmstep.evaluation``), their argmax
+    agreement rate, and the largest output difference."""
     servable = servable or signatures_lib.servable(model_name, model, config)
+    spec = _spec(servable, model_name)
     lite = LiteModel(flatbuffer)
     tflite_fn = servable.tflite_function()
     names = list(servable.tflite_input_signature)
     primary = servable.primary_output
-    totals = {"keras": {}, "tflite": {}}
+    sums = {"keras": [], "tflite": []}
     agree = count = 0
     max_abs_diff = 0.0
-    examples = 0
-    for inputs, labels in _batches(model_name, config, split, batch_size, max_batches):
+    dataset = spec.dataset(config, split, batch_size)
+    for inputs, labels in (dataset.take(max_batches) if max_batches else dataset):
         if not isinstance(inputs, dict):
             inputs = {names[0]: inputs}
         feeds = {n: _fit_to_spec(np.asarray(inputs[n]), servable.tflite_input_signature[n]) for n in names}
@@ -224,10 +222,9 @@ def compare_with_keras(model: keras.Model, model_name: str, config, flatbuffer: 
         keras_out = {k: np.asarray(v) for k, v in tflite_fn(**feeds).items()}
         lite_out = lite(feeds)
         for source, outputs in (("keras", keras_out), ("tflite", lite_out)):
-            loss, metrics = spec.loss(labels, {k: tf.constant(v) for k, v in outputs.items()}
-                                      if len(outputs) > 1 else tf.constant(outputs[primary]))
-            for name, value in {"loss": loss, **metrics}.items():
-                totals[source][name] = totals[source].get(name, 0.0) + float(tf.reduce_sum(value))
+            sums[source].append(evaluation.batch_sums(
+                spec.loss, labels, {k: tf.constant(v) for k, v in outputs.items()}
+                if len(outputs) > 1 else tf.constant(outputs[primary])))
         same = np.argmax(keras_out[primary], -1) == np.argmax(lite_out[primary], -1)
         if servable.agreement_mask is not None:
             mask = servable.agreement_mask(labels)
@@ -235,11 +232,9 @@ def compare_with_keras(model: keras.Model, model_name: str, config, flatbuffer: 
         agree += int(same.sum())
         count += int(same.size)
         max_abs_diff = max(max_abs_diff, float(np.max(np.abs(keras_out[primary] - lite_out[primary]))))
-        examples += len(next(iter(feeds.values())))
-    if not examples:
-        raise UserError(f"the {split} split of {model_name} is empty")
-    result = {source: {k: v / examples for k, v in values.items()} for source, values in totals.items()}
-    result.update(examples=examples, agreement=agree / max(count, 1),
+    empty = f"the {split} split of {model_name} is empty"
+    result = {source: evaluation.mean_metrics(batches, empty_message=empty) for source, batches in sums.items()}
+    result.update(examples=int(sum(float(b["count"]) for b in sums["keras"])), agreement=agree / max(count, 1),
                   max_abs_diff=max_abs_diff, primary_output=primary)
     return result
 

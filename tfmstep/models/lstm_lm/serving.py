@@ -67,9 +67,17 @@ class TextCodec:
 
 
 def byte_codec() -> TextCodec:
-    return TextCodec("byte", text_to_tokens, tokens_to_text,
-                     encode=lambda data: np.frombuffer(data, np.uint8).astype(np.int32),
-                     decode=lambda ids: bytes(np.asarray(ids).astype(np.uint8).tolist()))
+    """One byte tokenizer: the Python side is the training tokenizer itself (``data/text.py``
+    ``ByteTokenizer``); the graph side (``text_to_tokens`` / ``tokens_to_text``) is tested equal to it
+    (tests/test_export_saved_model.py). Not keras-hub's ``ByteTokenizer`` in the graph: it tokenises the
+    same bytes, but its detokenize drops id 0 (as padding) and rewrites invalid UTF-8 to U+FFFD, so the
+    served text would no longer be the bytes the model produced (a beam cut inside a multi-byte
+    character, a generated NUL)."""
+    from tfmstep.data import text as text_data
+
+    tokenizer = text_data.ByteTokenizer()
+    return TextCodec("byte", text_to_tokens, tokens_to_text, encode=tokenizer.encode,
+                     decode=tokenizer.decode_bytes)
 
 
 def sentencepiece_codec(config) -> TextCodec:
