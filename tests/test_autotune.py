@@ -1,5 +1,6 @@
-"""Auto-tuning of jit_compile / steps_per_call: measuring leaves the run untouched, the fastest candidate
-wins, short runs skip it, and the choice is recorded and reused on resume.
+"""Auto-tuning of jit_compile / steps_per_call / precision: measuring leaves the run untouched, the fastest
+candidate wins (a low-precision one only if it also trains like float32), short runs skip it, and the
+choice is recorded and reused on resume.
 
 Timings are injected (``time_call``) so every choice here is deterministic; nothing asserts a real speed.
 """
@@ -22,11 +23,13 @@ CNN = dict(filters=(4, 8), dropout=0.5)
 
 def _favouring(target, slowdown=3.0, per_step=0.001):
     """Fake clock: every step costs ``per_step`` seconds, ``slowdown`` times more unless the candidate
-    is ``target`` (jit_compile, steps_per_call). The call still runs, so state really changes."""
+    is ``target`` (jit_compile, steps_per_call[, precision]). The call still runs, so state really
+    changes."""
 
     def time_call(candidate, call):
         call()
-        fast = (candidate.jit_compile, candidate.steps_per_call) == target
+        key = (candidate.jit_compile, candidate.steps_per_call, candidate.precision)
+        fast = key[:len(target)] == tuple(target)
         return candidate.steps_per_call * per_step * (1.0 if fast else slowdown)
 
     return time_call
@@ -180,7 +183,8 @@ def _settings(workdir, name="config.json"):
 
 @pytest.fixture
 def tune_short_runs(monkeypatch):
-    """Tune runs of 40 steps, with the fake clock favouring CHOSEN."""
+    """Tune runs of 40 steps, with the fake clock favouring CHOSEN, on a machine without fast low
+    precision (float32 is the only precision candidate, whatever this CPU has)."""
     real = autotune.choose_step_settings
     calls = []
 
@@ -188,6 +192,7 @@ def tune_short_runs(monkeypatch):
         calls.append(kwargs["run_steps"])
         return real(*args, time_call=_favouring(CHOSEN), **FAKE_BUDGET, **kwargs)
 
+    monkeypatch.setattr(autotune, "fast_low_precision", lambda: "")
     monkeypatch.setattr(autotune, "MIN_AUTOTUNE_STEPS", 10)
     monkeypatch.setattr(autotune, "choose_step_settings", choose)
     return calls
@@ -267,3 +272,107 @@ def test_short_run_skips_measuring_and_uses_the_family_default(tmp_path, monkeyp
     assert metrics["jit_compile"] == tfmstep.get_spec("cnn_classifier").xla_on_cpu
     assert metrics["steps_per_call"] == autotune.DEFAULT_STEPS_PER_CALL
     assert _settings(str(tmp_path / "run")) == settings
+
+
+# --- precision --------------------------------------------------------------------------------------
+
+BF16 = "mixed_bfloat16"
+PRECISIONS = ("float32", BF16)
+
+
+def _choose_precision(target, slowdown, **kwargs):
+    spec, config, model, optimizer = _tiny_run()
+    before = _values([*model.variables, *optimizer.variables])
+    settings = autotune.choose_step_settings(
+        model, optimizer, spec.loss, lambda: spec.dataset(config, "train", 8, seed=0),
+        global_batch_size=8, run_steps=1000, jit_options=(False,), steps_per_call_options=(1, 4),
+        precision_options=PRECISIONS, time_call=_favouring(target, slowdown=slowdown), **FAKE_BUDGET,
+        **kwargs)
+    for a, b in zip(before, _values([*model.variables, *optimizer.variables])):
+        np.testing.assert_array_equal(a, b)
+    return settings, model
+
+
+def test_faster_bfloat16_that_trains_like_float32_is_chosen_and_the_model_left_in_it():
+    settings, model = _choose_precision((False, 4, BF16), slowdown=2.0)
+    assert (settings.mixed_precision, settings.steps_per_call) == (BF16, 4)
+    check = settings.numerics[f"{BF16} jit=False"]
+    assert check["steps"] >= 5 and check["relative_difference"] <= autotune.LOSS_TOLERANCE
+    assert "rejected" not in check
+    assert {c.precision for c in settings.candidates if c.steps_per_second} == set(PRECISIONS)
+    # The model computes in bfloat16 now, except the logits the family pinned to float32.
+    assert model.get_layer("stage0_conv0").compute_dtype == "bfloat16"
+    assert model.get_layer("logits").compute_dtype == "float32"
+    assert all(v.dtype == "float32" for v in model.trainable_variables)
+    assert autotune.StepSettings.from_record(settings.as_record()).mixed_precision == BF16
+
+
+def test_bfloat16_whose_loss_leaves_the_tolerance_is_not_kept(monkeypatch):
+    monkeypatch.setattr(autotune, "LOSS_TOLERANCE", 0.0)  # any difference from float32 is too much
+    settings, model = _choose_precision((False, 4, BF16), slowdown=2.0)
+    assert settings.mixed_precision == "float32"
+    assert "apart" in settings.numerics[f"{BF16} jit=False"]["rejected"]
+    assert all(c.skipped.startswith("not kept") for c in settings.candidates if c.precision == BF16)
+    assert model.get_layer("stage0_conv0").compute_dtype == "float32"
+
+
+def test_bfloat16_within_the_margin_of_float32_is_not_kept():
+    slowdown = 1 + autotune.LOW_PRECISION_MARGIN / 2  # bfloat16 faster, but by less than the margin
+    settings, _ = _choose_precision((False, 4, BF16), slowdown=slowdown)
+    assert settings.mixed_precision == "float32"
+    assert "rejected" not in settings.numerics[f"{BF16} jit=False"]  # it was not left out for its loss
+
+
+def test_precision_candidates_follow_the_hardware_and_the_config(monkeypatch):
+    auto = trainer.TrainConfig()
+    assert auto.mixed_precision == "auto"
+    monkeypatch.setattr(autotune, "fast_low_precision", lambda: BF16)
+    assert autotune.precision_options(auto) == PRECISIONS
+    assert autotune.precision_options(dataclasses.replace(auto, mixed_precision="")) == ("float32",)
+    monkeypatch.setattr(autotune, "fast_low_precision", lambda: "mixed_float16")
+    plain = step_lib.make_optimizer(step_lib.OptimizerConfig())
+    assert autotune.precision_options(auto, plain) == ("float32",)  # float16 needs loss scaling
+    assert autotune.needs_loss_scale_optimizer(auto)
+    scaled = keras.optimizers.LossScaleOptimizer(plain)
+    assert autotune.precision_options(auto, scaled) == ("float32", "mixed_float16")
+
+
+def test_auto_chosen_bfloat16_records_it_trains_like_a_run_told_it_and_resumes_bit_exact(
+        tmp_path, monkeypatch):
+    chosen = (True, 10, BF16)
+    real = autotune.choose_step_settings
+
+    def choose(*args, **kwargs):
+        return real(*args, time_call=_favouring(chosen, slowdown=2.0), **FAKE_BUDGET, **kwargs)
+
+    monkeypatch.setattr(autotune, "MIN_AUTOTUNE_STEPS", 10)
+    monkeypatch.setattr(autotune, "fast_low_precision", lambda: BF16)
+    monkeypatch.setattr(autotune, "choose_step_settings", choose)
+    straight = str(tmp_path / "straight")
+    metrics = trainer.train("cnn_classifier", straight, "tiny", CNN, config=AUTO)
+    settings = _settings(straight)
+    assert (settings["jit_compile"], settings["steps_per_call"], settings["mixed_precision"]) == chosen
+    assert metrics["step_settings"]["mixed_precision"] == BF16
+
+    told = str(tmp_path / "told")
+    explicit = dataclasses.replace(AUTO, jit_compile=True, steps_per_call=10, mixed_precision=BF16)
+    trainer.train("cnn_classifier", told, "tiny", CNN, config=explicit)
+    assert _settings(told)["source"] == "explicit"
+    assert _log(told) == _log(straight)
+
+    interrupted = str(tmp_path / "interrupted")
+    real_save = tf.train.CheckpointManager.save
+
+    def save_then_die(self, *args, **kwargs):
+        real_save(self, *args, **kwargs)
+        raise _Interrupted
+
+    with monkeypatch.context() as m:
+        m.setattr(tf.train.CheckpointManager, "save", save_then_die)
+        with pytest.raises(_Interrupted):
+            trainer.train("cnn_classifier", interrupted, "tiny", CNN, config=AUTO)
+    monkeypatch.setattr(autotune, "choose_step_settings", lambda *a, **k: pytest.fail("measured again"))
+    resumed = trainer.train("cnn_classifier", interrupted, "tiny", CNN, config=AUTO)
+    assert resumed["step_settings"]["source"] == "reused"
+    assert resumed["step_settings"]["mixed_precision"] == BF16
+    assert _log(interrupted) == _log(straight)

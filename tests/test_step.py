@@ -92,3 +92,39 @@ def test_optimizer_config_has_no_clip_norm_clipping_is_the_steps():
     assert "clip_norm" not in {f.name for f in dataclasses.fields(step_lib.OptimizerConfig)}
     with pytest.raises(TypeError):
         step_lib.OptimizerConfig(clip_norm=1.0)
+
+
+def _linear_step(optimizer, clip_norm, scale_grads=1.0):
+    """One step of a 2-weight linear model whose gradient norm (~50) is far above ``clip_norm``."""
+    inputs = keras.Input((2,))
+    model = keras.Model(inputs, keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros")(inputs))
+    optimizer.build(model.trainable_variables)
+    loss = lambda y, out: (tf.square(out[:, 0] - y), {})  # noqa: E731
+    data = tf.data.Dataset.from_tensors((tf.constant([[3.0, 4.0]] * 4), tf.constant([10.0] * 4))).repeat()
+    steps = step_lib.make_steps(model, optimizer, loss, global_batch_size=4, clip_norm=clip_norm)
+    steps.train(iter(data), tf.constant(1))
+    return model.trainable_variables[0].numpy()
+
+
+def test_loss_scaling_clips_the_true_gradient_not_the_scaled_one():
+    # float16's loss scale (2^15) multiplies the gradients the step clips; clipping must still act on
+    # the gradient itself, or the update would be 2^15 times too small.
+    plain = _linear_step(keras.optimizers.SGD(1.0), clip_norm=1.0)
+    scaled = _linear_step(keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(1.0)), clip_norm=1.0)
+    np.testing.assert_allclose(np.linalg.norm(plain), 1.0, rtol=1e-5)  # clipped to norm 1
+    np.testing.assert_allclose(scaled, plain, rtol=1e-5)
+
+
+def test_set_precision_moves_the_following_layers_and_keeps_pinned_ones_and_weights():
+    model = tfmstep.build("cnn_classifier", "tiny")
+    weights = [v.numpy() for v in model.variables]
+    step_lib.set_precision(model, "mixed_bfloat16")
+    assert model.get_layer("logits").compute_dtype == "float32"  # pinned by the family
+    assert {layer.compute_dtype for layer in model.layers if layer.name != "logits"} == {"bfloat16"}
+    assert model(tf.zeros((1, 8, 8, 1))).dtype == tf.float32
+    step_lib.set_precision(model, "")
+    assert {layer.compute_dtype for layer in model.layers} == {"float32"}
+    for a, v in zip(weights, model.variables):
+        np.testing.assert_array_equal(a, v.numpy())
+    with pytest.raises(tfmstep.UserError, match="unknown precision"):
+        step_lib.set_precision(model, "float8")

@@ -146,6 +146,6 @@ def test_mixed_bfloat16_training_runs_and_restores_the_global_policy(tmp_path):
     assert keras.mixed_precision.global_policy().name == "float32"
 
 
-def test_float16_policy_is_refused_with_the_reason():
+def test_unknown_precision_is_refused_naming_the_choices():
     with pytest.raises(tfmstep.UserError, match="mixed_bfloat16"):
-        trainer.TrainConfig(mixed_precision="mixed_float16")
+        trainer.TrainConfig(mixed_precision="float8")

@@ -8,6 +8,11 @@ than looping over single jitted steps (a while-loop of several CNN steps ran 40x
 steps in a probe). Under a ``tf.distribute.Strategy`` each replica runs
 the step on its share of the global batch; losses are scaled by the *global* batch size so the summed
 gradients equal single-device training.
+
+Numerics are part of the step settings too: ``set_precision`` puts a built model's layers under a Keras
+mixed-precision policy (variables stay float32, so checkpoints do not depend on it), and with
+``mixed_float16`` the optimizer is a ``keras.optimizers.LossScaleOptimizer`` whose scale the step applies
+to the loss and to the clipping threshold (see ``make_steps``).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import re
+import weakref
 from typing import Callable, Iterable
 
 import keras
@@ -48,6 +54,40 @@ def make_optimizer(config: OptimizerConfig) -> keras.optimizers.Optimizer:
     )
     return keras.optimizers.AdamW(learning_rate=schedule, weight_decay=config.weight_decay,
                                   beta_1=config.beta_1, beta_2=config.beta_2)
+
+
+# Compute precisions of the step: Keras policy names ("float32" is also written "" in older configs).
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+# The layers of a model that follow its precision: those built under the global policy (not the ones a
+# family pinned with an explicit dtype, such as float32 logits). Found once per model, at the first call.
+_FOLLOWING_LAYERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def set_precision(model: keras.Model, precision: str) -> None:
+    """Put ``model`` (built under the global policy, float32 by default) under the mixed-precision policy
+    ``precision``, or back to float32. Only the compute dtype changes (Keras autocasts inputs and
+    variables at call time), so functions traced afterwards run in that precision and those traced
+    before keep theirs; the weights are untouched."""
+    precision = precision or "float32"
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    layers = _FOLLOWING_LAYERS.get(model)
+    if layers is None:
+        default = keras.mixed_precision.global_policy()
+        layers = [layer for layer in model._flatten_layers(include_self=True, recursive=True)
+                  if layer.dtype_policy is default]
+        _FOLLOWING_LAYERS[model] = layers
+    policy = keras.mixed_precision.DTypePolicy(precision)
+    for layer in layers:
+        layer.dtype_policy = policy
+
+
+def model_precision(model: keras.Model) -> str:
+    return model.dtype_policy.name
+
+
+def needs_loss_scaling(precision: str) -> bool:
+    return precision == "mixed_float16"
 
 
 def current_learning_rate(optimizer: keras.optimizers.Optimizer) -> float:
@@ -103,21 +143,30 @@ def make_steps(model: keras.Model, optimizer: keras.optimizers.Optimizer, loss_f
     strategy = strategy or tf.distribute.get_strategy()
     num_replicas = strategy.num_replicas_in_sync
     variables = model.trainable_variables
+    # float16 needs loss scaling. The gradients reach the clipping still multiplied by the scale (the
+    # LossScaleOptimizer divides it out in ``apply`` and skips the step when they are not finite), so the
+    # clipping threshold is scaled too: clip(s*g, s*c) = s*clip(g, c). Non-finite gradients give a
+    # non-finite norm, which clipping turns into NaNs, which the optimizer then skips.
+    scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
 
     def replica_step(inputs, labels):
         with tf.GradientTape() as tape:
             outputs = model(inputs, training=True)
             per_example_loss, metrics = loss_fn(labels, outputs)
-            loss = tf.nn.compute_average_loss(per_example_loss, global_batch_size=global_batch_size)
+            loss = tf.nn.compute_average_loss(tf.cast(per_example_loss, tf.float32),
+                                              global_batch_size=global_batch_size)
             if model.losses:  # weight regularisers, halting costs: counted once across replicas
-                loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
-        grads = tape.gradient(loss, variables)
+                loss += tf.nn.scale_regularization_loss(tf.add_n([tf.cast(x, tf.float32)
+                                                                  for x in model.losses]))
+            objective = optimizer.scale_loss(loss) if scaled else loss
+        grads = tape.gradient(objective, variables)
         if num_replicas > 1:
             # Keras clips each replica's partial gradient *before* its all-reduce; global-norm clipping
             # must see the summed gradient, so reduce here, clip, and hand Keras 1/n of it to re-sum.
             grads = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads)
         if clip_norm > 0:
-            grads, _ = tf.clip_by_global_norm(grads, clip_norm)
+            limit = clip_norm * tf.cast(optimizer.dynamic_scale, tf.float32) if scaled else clip_norm
+            grads, _ = tf.clip_by_global_norm(grads, limit)
         if num_replicas > 1:
             grads = [None if g is None else g / num_replicas for g in grads]
         optimizer.apply(grads, variables)

@@ -10,7 +10,9 @@ from typing import Optional
 from tfmstep.errors import UserError
 
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
-MIXED_PRECISION = ("", "mixed_bfloat16")
+# "auto": float32, or the machine's fast low precision if it trains the same and is faster (measured by
+# tfmstep/autotune.py); "" is float32 (older configs). mixed_float16 runs with loss scaling.
+MIXED_PRECISION = ("auto", "", "float32", "mixed_bfloat16", "mixed_float16")
 # What checkpoints/best/ keeps: the lowest smoothed train loss at a checkpoint (the NaN guard's), or the
 # lowest validation loss at an evaluation -- then the run ends on that checkpoint (restored, and said so).
 KEEP_BEST = ("train_loss", "eval_loss")
@@ -37,7 +39,7 @@ class TrainConfig:
     keep_best: str = "train_loss"  # one of KEEP_BEST
     early_stop_evals: int = 0  # keep_best=eval_loss: stop after this many evaluations without a new best
     seed: int = 0
-    mixed_precision: str = ""  # "" (float32) or "mixed_bfloat16"
+    mixed_precision: str = "auto"  # one of MIXED_PRECISION
     distribute: str = "default"
     # A requested dataset that is not prepared locally is an error unless this allows the offline one
     allow_fallback: bool = False
@@ -60,6 +62,5 @@ class TrainConfig:
         if self.distribute not in STRATEGIES:
             raise UserError(f"unknown distribute {self.distribute!r}; choose one of {', '.join(STRATEGIES)}")
         if self.mixed_precision not in MIXED_PRECISION:
-            # float16 needs dynamic loss scaling, which would sit between the step's global-norm
-            # clipping and the optimizer; bfloat16 has float32's range and needs none.
-            raise UserError(f"mixed_precision must be '' or 'mixed_bfloat16', got {self.mixed_precision!r}")
+            raise UserError(f"mixed_precision must be one of {', '.join(repr(p) for p in MIXED_PRECISION)}, "
+                            f"got {self.mixed_precision!r}")

@@ -243,6 +243,8 @@ class _Run:
             self.optimizer = step_lib.make_optimizer(step_lib.OptimizerConfig(
                 learning_rate=config.learning_rate, weight_decay=config.weight_decay,
                 warmup_steps=config.warmup_steps, total_steps=config.steps))
+            if autotune.needs_loss_scale_optimizer(config):  # float16 (the step scales its clipping too)
+                self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
             self.optimizer.build(self.model.trainable_variables)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
             # Batches consumed from the train stream; the stream is rebuilt at this position on resume.
@@ -571,14 +573,10 @@ def train(model_name: str, workdir: str, preset: str = "default",
     with data_common.data_policy(config.allow_fallback):  # metrics.json records the data actually read
         validate_data(spec, model_config)  # the data against the config, before anything is written
         keras.utils.set_random_seed(config.seed)
-        previous_policy = keras.mixed_precision.global_policy()
-        if config.mixed_precision:
-            keras.mixed_precision.set_global_policy(config.mixed_precision)
-        try:
-            return _train(spec, model_config, workdir, preset, config, record, restore_from,
-                          checkpoint_every_secs)
-        finally:
-            keras.mixed_precision.set_global_policy(previous_policy)
+        # The model is built in float32 and put in the run's precision with the other step settings
+        # (autotune.settings_for_run), so a precision given and the same one auto-chosen train alike.
+        return _train(spec, model_config, workdir, preset, config, record, restore_from,
+                      checkpoint_every_secs)
 
 
 def _train(spec, model_config, workdir, preset, config: TrainConfig, record: dict, restore_from: str,

@@ -58,7 +58,9 @@ flags.DEFINE_integer("early_stop_evals", _DEFAULTS.early_stop_evals,
                      "With --keep_best=eval_loss: stop after this many evaluations without a new best "
                      "validation loss (0: never).", lower_bound=0)
 flags.DEFINE_integer("seed", _DEFAULTS.seed, "Seed for initialisation and the data stream.")
-flags.DEFINE_enum("mixed_precision", "", list(train_config_lib.MIXED_PRECISION), "Mixed-precision policy.")
+flags.DEFINE_enum("mixed_precision", _DEFAULTS.mixed_precision, list(train_config_lib.MIXED_PRECISION),
+                  "Compute precision (auto: float32, or bfloat16/float16 where the hardware is fast at it "
+                  "and a measurement on the run shows it faster and training the same).")
 flags.DEFINE_enum("distribute", _DEFAULTS.distribute, list(train_config_lib.STRATEGIES),
                   "tf.distribute strategy.")
 flags.DEFINE_string("restore_from", "", "Start from this checkpoint instead of the latest: ckpt-N, N, best "
