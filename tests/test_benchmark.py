@@ -8,7 +8,7 @@ import pytest
 
 import tfmstep
 from tfmstep import registry
-from tfmstep.benchmark import inference, report, suite, timing, training
+from tfmstep.benchmark import inference, report, stats, suite, timing, training
 
 
 def test_interleaved_timing_takes_one_repeat_of_every_setting_per_round():
@@ -25,21 +25,48 @@ def test_interleaved_timing_takes_one_repeat_of_every_setting_per_round():
     assert [(t.name, t.examples_per_second, t.spread) for t in timings] == [("a", 10.0, 0.0), ("b", 30.0, 0.0)]
 
 
-def test_training_benchmark_reports_every_setting_ratios_and_mfu(tmp_path):
-    entry = training.benchmark_training("cnn_classifier", preset="tiny", batch_size=8, steps=2, repeats=2,
-                                         peak_flops=1e12, tune_for_steps=10)
+def test_training_benchmark_reports_every_setting_with_intervals_and_mfu(tmp_path):
+    entry = training.benchmark_training(
+        "cnn_classifier", preset="tiny", batch_size=8, steps=2, repeats=3, peak_flops=1e12, tune_for_steps=10,
+        precisions=("float32", "mixed_bfloat16"), jit_options=(False,), per_call_options=(1,),
+        goals={"vs_keras_defaults": 1.3, "vs_best_keras": 1.0, "mfu": 0.8})
     names = [t["name"] for t in entry["timings"]]
-    assert len(names) == 11 and len(set(names)) == 11
+    assert len(names) == 7 and len(set(names)) == 7
     assert names[0].startswith("tfmstep auto: family default")  # a 10-step run is too short to tune
-    assert sum(n.startswith("keras fit jit=") for n in names) == 4 and "eager GradientTape loop" in names
-    assert all(len(t["repeats"]) == 2 and t["examples_per_second"] > 0 for t in entry["timings"])
-    auto = entry["timings"][0]["examples_per_second"]
-    eager = next(t for t in entry["timings"] if t["name"].startswith("eager"))["examples_per_second"]
-    assert entry["ratio_default_vs_eager"] == pytest.approx(auto / eager)
-    assert entry["mfu"] == pytest.approx(entry["training_flops_per_example"] * auto / 1e12)
-    markdown = report.write_report({"training": [entry], "peak_matmul_flops": 1e12}, str(tmp_path), "cmd")
-    assert "cnn_classifier" in markdown and "MFU" in markdown
+    assert {t["precision"] for t in entry["timings"] if t["name"].startswith("keras fit m")} == {
+        "mixed_bfloat16"}
+    assert all(t["n"] == 3 and t["q1"] <= t["median"] <= t["q3"] for t in entry["timings"])
+    for ratio in entry["ratios"].values():
+        assert ratio["low"] <= ratio["ratio"] <= ratio["high"] and ratio["verdict"] in ("win", "tie", "loss")
+    auto = entry["timings"][0]
+    assert entry["mfu"]["auto"]["ratio"] == pytest.approx(entry["training_flops_per_example"] * auto["median"]
+                                                          / 1e12)
+    assert {g["result"] for g in entry["goals"].values()} <= {"met", "not met", "unclear"}
+    markdown = report.write_report({"training": [entry], "machine": suite.machine()}, str(tmp_path), "cmd")
+    assert "bootstrap interval" in markdown and "MFU of auto" in markdown and "CPU flags" in markdown
     assert json.loads((tmp_path / "results.json").read_text())["training"][0]["model"] == "cnn_classifier"
+
+
+def test_ratio_is_a_win_only_when_its_whole_interval_is_above_one():
+    slow = [100.0, 104.0, 97.0, 101.0, 99.0, 103.0, 98.0, 102.0]
+    assert stats.ratio([2 * x for x in slow], slow)["verdict"] == "win"
+    assert stats.ratio(slow, [2 * x for x in slow])["verdict"] == "loss"
+    noisy = stats.ratio([x * 1.02 for x in slow[::-1]], [50.0, 150.0, 100.0, 60.0, 140.0, 100.0, 90.0, 110.0])
+    assert noisy["verdict"] == "tie" and noisy["low"] < 1.0 < noisy["high"]
+    assert stats.meets({"ratio": 1.4, "low": 1.31, "high": 1.5}, 1.3) == "met"
+    assert stats.meets({"ratio": 1.4, "low": 1.2, "high": 1.5}, 1.3) == "unclear"
+    summary = stats.summary([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert (summary["median"], summary["q1"], summary["q3"]) == (3.0, 2.0, 4.0)
+
+
+def test_suite_entries_read_a_recipe_model_preset_config_and_batch(tmp_path):
+    path = tmp_path / "suite.json"
+    path.write_text(json.dumps({"training": [{"label": "lm", "recipe": "lstm_stdlib", "repeats": 4}]}))
+    [entry] = suite.load_targets(str(path))
+    assert (entry["model"], entry["preset"], entry["batch_size"], entry["repeats"]) == ("lstm_lm", "default", 64, 4)
+    path.write_text(json.dumps({"training": [{"model": "no_such_model"}]}))
+    with pytest.raises(tfmstep.UserError):
+        suite.load_targets(str(path))
 
 
 @pytest.mark.parametrize("name", [n for n in tfmstep.list_models() if tfmstep.get_spec(n).inference_timer])

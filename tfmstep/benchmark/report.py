@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+from tfmstep.benchmark import stats
+
 
 def _table(rows: list, columns: list) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -15,22 +17,81 @@ def _table(rows: list, columns: list) -> str:
 
 
 def _autotune_summary(tuned: dict, batch_size: int) -> str:
-    chosen = (tuned["jit_compile"], tuned["steps_per_call"])
+    chosen = (tuned["jit_compile"], tuned["steps_per_call"], tuned.get("mixed_precision", "float32"))
     stopped = tuned["note"].removeprefix("not measured: ")
-    rows = [{"jit_compile": c["jit_compile"], "steps_per_call": c["steps_per_call"],
+    rows = [{"precision": c.get("precision", "float32"), "jit_compile": c["jit_compile"],
+             "steps_per_call": c["steps_per_call"],
              "examples_per_second": (c["steps_per_second"] * batch_size
                                      if c["steps_per_second"] is not None else "-"),
              "calls": c["calls"],
              "note": ("not timed (stopped early)" if stopped and c["skipped"] == stopped else c["skipped"])
-             or ("chosen" if (c["jit_compile"], c["steps_per_call"]) == chosen else "")}
+             or ("chosen" if (c["jit_compile"], c["steps_per_call"], c.get("precision", "float32")) == chosen
+                 else "")}
             for c in tuned["candidates"]]
     first_calls = ", ".join(f"{k} {v:.1f} s" for k, v in tuned["compile_seconds"].items())
     outcome = (f"measuring stopped after the first candidate ({stopped}), so the trainer keeps the family "
-               f"default" if tuned["source"] == "default" else "the fastest candidate is chosen")
+               f"default" if tuned["source"] == "default" else "the fastest candidate is chosen (a "
+               "low-precision one only if >= 5% faster than the best float32 one and its loss check passes)")
+    checks = "".join(
+        f"\n- {variant}: " + (f"not kept, {c['rejected']}" if "rejected" in c else
+                               f"mean loss {c['mean_loss']:.5g} vs float32 {c['float32_mean_loss']:.5g} over "
+                               f"{c['steps']} steps ({100 * c['relative_difference']:.2f}% apart): trains the same")
+        for variant, c in tuned.get("numerics", {}).items())
     return (f"\nAuto-tuning, as the trainer does for a {tuned['tuned_for_steps']}-step run (candidates timed "
             f"on the real input pipeline; {tuned['tuning_seconds']:.1f} s in all, first calls {first_calls}): "
             f"{outcome}.\n\n"
-            + _table(rows, ["jit_compile", "steps_per_call", "examples_per_second", "calls", "note"]))
+            + _table(rows, ["precision", "jit_compile", "steps_per_call", "examples_per_second", "calls", "note"])
+            + (f"\n\nLoss check of the low-precision variants (same start, same batches as float32):{checks}\n"
+               if checks else ""))
+
+
+def _interval(x: dict, percent: bool = False) -> str:
+    return stats.format_interval(x, percent=percent) + (f" **{x['verdict']}**" if not percent else "")
+
+
+RATIO_NAMES = {
+    "auto_vs_keras_defaults": "tfmstep auto vs Keras compile()+fit() defaults",
+    "auto_vs_best_keras": "tfmstep auto vs the best Keras setting",
+    "best_tfmstep_vs_best_keras": "best tfmstep setting vs best Keras setting",
+    "auto_vs_eager": "tfmstep auto vs an eager GradientTape loop",
+}
+
+
+def _training_section(entry: dict) -> list:
+    parts = [f"## Training throughput: {entry.get('label', entry['model'])} (batch {entry['batch_size']}, "
+             f"{entry['parameters']:,} parameters)\n"]
+    if "ratios" not in entry:  # an old-format entry
+        parts.append(_table(entry["timings"], ["name", "examples_per_second", "spread"]))
+        return parts
+    overrides = ", ".join(f"{k}={v}" for k, v in entry.get("overrides", {}).items())
+    parts.append(f"Preset `{entry['preset']}`{f', overrides {overrides}' if overrides else ''}; "
+                 f"{entry['repeats']} interleaved repeats of {entry['steps_per_repeat']} steps per setting "
+                 f"(the peaks sampled in the same rounds). Training FLOPs/example "
+                 f"{entry['training_flops_per_example']:.3g}.\n")
+    rows = [{"name": t["name"], "median ex/s": t["median"], "IQR": f"{t['q1']:.4g}-{t['q3']:.4g}",
+             "IQR/median": t["iqr_relative"]} for t in entry["timings"]]
+    parts.append(_table(rows, ["name", "median ex/s", "IQR", "IQR/median"]))
+    peaks = ", ".join(f"{p} {v['median'] / 1e9:.1f} GFLOP/s (IQR/median {v['iqr_relative']:.2f})"
+                      for p, v in entry["peaks"].items())
+    parts.append(f"\nMatmul peaks measured in this run: {peaks}.\n")
+    parts.append("| ratio (median, 95% bootstrap interval) | value |\n|---|---|")
+    for key, value in entry["ratios"].items():
+        parts.append(f"| {RATIO_NAMES.get(key, key.replace('_', ' '))} | {_interval(value)} |")
+    for key, value in entry["mfu"].items():
+        parts.append(f"| MFU of {key.replace('_', ' ')} ({entry['mfu_precision'][key]} peak) | "
+                     f"{_interval(value, percent=True)} |")
+    parts.append(f"\nChosen by auto-tuning: {entry['tfmstep_default_setting']}; best tfmstep: "
+                 f"{entry['best_tfmstep']}; best Keras: {entry['best_keras']}.")
+    if "goals" in entry:
+        g = entry["goals"]
+        parts.append(f"\nGoals: vs Keras defaults >= {g['vs_keras_defaults']['goal']}x: "
+                     f"**{g['vs_keras_defaults']['result']}**; vs best Keras >= {g['vs_best_keras']['goal']}x: "
+                     f"**{g['vs_best_keras']['result']}**; MFU >= {100 * g['mfu']['goal']:.0f}%: "
+                     f"**{g['mfu']['result']}** (met = the whole interval at or above the goal, unclear = "
+                     f"the interval straddles it).")
+    if "autotune" in entry:
+        parts.append(_autotune_summary(entry["autotune"], entry["batch_size"]))
+    return parts
 
 
 def write_report(results: dict, out_dir: str, command: str) -> str:
@@ -38,21 +99,21 @@ def write_report(results: dict, out_dir: str, command: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
-    parts = [f"# Benchmarks\n\nCommand: `{command}`\n\nMachine: {results.get('machine', '')}\n"]
-    if "peak_matmul_flops" in results:
+    parts = [f"# Benchmarks\n\nCommand: `{command}`\n"]
+    m = results.get("machine", "")
+    if isinstance(m, dict):
+        parts.append(f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}; CPU flags: "
+                     f"{', '.join(m['cpu_flags']) or 'none'}; fast low precision: {m['fast_low_precision']}.\n")
+    else:
+        parts.append(f"Machine: {m}\n")
+    peaks = {p: v["median"] for e in results.get("training", []) for p, v in e.get("peaks", {}).items()}
+    if peaks:
+        parts.append("Matmul peaks (1024x1024, median over the runs' rounds): " + ", ".join(
+            f"{p} {v / 1e9:.1f} GFLOP/s" for p, v in peaks.items()) + ".\n")
+    elif "peak_matmul_flops" in results:
         parts.append(f"Measured fp32 matmul peak: {results['peak_matmul_flops'] / 1e9:.1f} GFLOP/s\n")
     for entry in results.get("training", []):
-        parts.append(f"## Training throughput: {entry['model']} (batch {entry['batch_size']}, "
-                     f"{entry['parameters']:,} parameters)\n")
-        parts.append(_table(entry["timings"], ["name", "examples_per_second", "spread"]))
-        if "autotune" in entry:
-            parts.append(_autotune_summary(entry["autotune"], entry["batch_size"]))
-        parts.append(
-            f"\ntfmstep default ({entry['tfmstep_default_setting']}) vs best Keras setting: "
-            f"**{entry['ratio_default_vs_best_keras']:.2f}x**; vs Keras compile+fit defaults: "
-            f"**{entry['ratio_default_vs_keras_defaults']:.2f}x**; vs eager loop: "
-            f"**{entry['ratio_default_vs_eager']:.1f}x**. Training FLOPs/example "
-            f"{entry['training_flops_per_example']:.3g}; MFU **{100 * entry['mfu']:.1f}%**.\n")
+        parts.extend(_training_section(entry))
     for name, rows in results.get("inference_steps", {}).items():
         parts.append(f"## Per-step inference time: {name}\n")
         parts.append(_table(rows, ["step", "mean_ms", "std_ms", "p50_ms", "p95_ms", "p99_ms", "share"]))

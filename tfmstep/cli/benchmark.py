@@ -3,10 +3,18 @@ MFU for every registered model, per-step inference time, served-path latency and
 The "tfmstep auto" row is the setting the trainer's auto-tuning picks (its measured candidates are listed
 under each table).
 
-  tfmstep-benchmark --out=benchmarks            # everything (~15 min on 2 cores)
+  tfmstep-benchmark --suite=benchmarks/suite.json --out=benchmarks    # everything, as committed
+  tfmstep-benchmark --suite=benchmarks/suite.json --sections=training --only=lstm_lm --merge
   tfmstep-benchmark --sections=training --models=cnn_classifier --steps=20 --repeats=2
+
+--suite lists the configurations the training section measures (families at the shapes users train:
+presets with overrides, or shipped recipes; the timing grid; the goals). --only with --merge measures some
+of them and keeps the rest of --out's results.json, so a long suite runs in parts (each part holds the
+shared CPU for a few minutes) and the report is still written from all of it.
 """
 
+import json
+import os
 import sys
 
 from absl import app, flags
@@ -26,16 +34,25 @@ flags.DEFINE_integer("tune_for_steps", 1000, "Run length the auto-tuned row is c
 flags.DEFINE_string("serving_model", "cnn_classifier", "Model whose served-path latency is measured.")
 flags.DEFINE_string("scaling_model", "cnn_classifier", "Model trained by the multi-worker scaling run.")
 flags.DEFINE_string("out", "benchmarks", "Output directory (results.json, README.md, PNGs).")
+flags.DEFINE_string("suite", "", "JSON file of the training section's entries (see benchmarks/suite.json); "
+                    "empty: every registered model at its default preset.")
+flags.DEFINE_list("only", [], "With --suite: measure only the entries with these labels.")
+flags.DEFINE_bool("merge", False, "Keep the sections and entries of --out/results.json not measured now.")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     with exit_on_user_error():
+        previous = None
+        path = os.path.join(FLAGS.out, "results.json")
+        if FLAGS.merge and os.path.exists(path):
+            with open(path) as f:
+                previous = json.load(f)
         results = suite.run_benchmarks(
             FLAGS.sections, FLAGS.models, batch_size=FLAGS.batch_size, steps=FLAGS.steps,
             repeats=FLAGS.repeats, tune_for_steps=FLAGS.tune_for_steps, serving_model=FLAGS.serving_model,
-            scaling_model=FLAGS.scaling_model)
+            scaling_model=FLAGS.scaling_model, suite_file=FLAGS.suite, only=FLAGS.only, previous=previous)
     print(report.write_report(results, FLAGS.out, " ".join(["tfmstep-benchmark", *sys.argv[1:]])))
 
 
