@@ -67,7 +67,7 @@ def op_times_from_trace(logdir: str) -> dict:
 
 def profile_training_step(name: str, preset: str = "default", *, batch_size: int = 64,
                           steps_per_call: int = 10, calls: int = 5, jit_compile: bool = False,
-                          logdir: str = "", top: int = 12, **overrides) -> dict:
+                          logdir: str = "", top: int = 12, precision: str = "float32", **overrides) -> dict:
     """Profile ``calls`` calls of ``steps_per_call`` training steps of a registered model.
 
     Returns wall time per step, per-op-type seconds per step and share of the wall time, the compute
@@ -77,7 +77,7 @@ def profile_training_step(name: str, preset: str = "default", *, batch_size: int
     spec = registry.get_spec(name)
     config = registry.get_config(name, preset, **overrides)
     train, iterator, n = training.compiled_train_step(spec, config, batch_size, jit_compile=jit_compile,
-                                                      steps_per_call=steps_per_call)
+                                                      steps_per_call=steps_per_call, precision=precision)
     train(iterator, n)["loss"].numpy()  # a second untimed call, outside the profile
     logdir = logdir or os.path.join("/tmp", f"tfmstep-profile-{name}-{os.getpid()}")
     tf.profiler.experimental.start(logdir)
@@ -99,6 +99,7 @@ def profile_training_step(name: str, preset: str = "default", *, batch_size: int
              "share_of_wall": seconds / wall, "compute": _is_compute(op)} for op, seconds in ops[:top]]
     return {
         "model": name, "preset": preset, "batch_size": batch_size, "jit_compile": jit_compile,
+        "precision": precision, "overrides": {k: str(v) for k, v in overrides.items()},
         "steps_per_call": steps_per_call, "steps_profiled": total_steps,
         "wall_ms_per_step": 1e3 * wall_per_step, "threads": trace["threads"],
         "op_ms_per_step": 1e3 * op_total / total_steps,
@@ -110,8 +111,8 @@ def profile_training_step(name: str, preset: str = "default", *, batch_size: int
 
 
 def format_profile(report: dict) -> str:
-    lines = [f"### {report['model']} (batch {report['batch_size']}, jit_compile={report['jit_compile']}, "
-             f"{report['steps_profiled']} steps)", "",
+    lines = [f"### {report['model']} (batch {report['batch_size']}, {report.get('precision', 'float32')}, "
+             f"jit_compile={report['jit_compile']}, {report['steps_profiled']} steps)", "",
              f"wall {report['wall_ms_per_step']:.2f} ms/step; op time {report['op_ms_per_step']:.2f} ms/step "
              f"over {report['threads']} executor threads (busy {100 * report['busy_fraction']:.0f}%); "
              f"matmul/conv ops {100 * report['compute_share_of_op_time']:.0f}% of op time", "",
@@ -132,10 +133,13 @@ def profile_models(models=None, preset: str = "default", *, logdir: str = "/tmp/
     for name in models:
         registry.get_spec(name)  # an unknown name fails before anything is profiled
     reports = []
+    precisions = options.pop("precisions", None) or ("float32",)
     for name in models:
-        report = profile_training_step(name, preset, logdir=os.path.join(logdir, name), **options)
-        reports.append(report)
-        print(format_profile(report), "\n", flush=True)
+        for precision in precisions:
+            report = profile_training_step(name, preset, logdir=os.path.join(logdir, f"{name}-{precision}"),
+                                           precision=precision, **options)
+            reports.append(report)
+            print(format_profile(report), "\n", flush=True)
     if out:
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
         with open(out, "w") as f:
