@@ -337,6 +337,7 @@ def test_precision_candidates_follow_the_hardware_and_the_config(monkeypatch):
     assert autotune.precision_options(auto, scaled) == ("float32", "mixed_float16")
 
 
+@pytest.mark.slow  # three short trainer runs (~45 s on 2 busy cores); the float32 ones above are not slow
 def test_auto_chosen_bfloat16_records_it_trains_like_a_run_told_it_and_resumes_bit_exact(
         tmp_path, monkeypatch):
     chosen = (True, 10, BF16)
@@ -376,3 +377,27 @@ def test_auto_chosen_bfloat16_records_it_trains_like_a_run_told_it_and_resumes_b
     assert resumed["step_settings"]["source"] == "reused"
     assert resumed["step_settings"]["mixed_precision"] == BF16
     assert _log(interrupted) == _log(straight)
+
+
+def test_on_a_tight_budget_the_variants_at_the_end_are_dropped_not_the_whole_measurement(monkeypatch):
+    # Compiling is estimated at 0 s and each window costs 1 s (fake clock): a budget of 2.5 windows keeps
+    # the first variant's second candidate and the next variant (bfloat16, same jit), not the last one.
+    spec, config, model, optimizer = _tiny_run()
+    monkeypatch.setattr(autotune, "OTHER_COMPILE_FACTOR", 0.0)
+    settings = autotune.choose_step_settings(
+        model, optimizer, spec.loss, lambda: spec.dataset(config, "train", 8, seed=0),
+        global_batch_size=8, run_steps=1000, jit_options=(False, True), steps_per_call_options=(1,),
+        precision_options=PRECISIONS, fallback=(False, 1, "float32"),
+        time_call=lambda c, call: (call(), 1.0)[1], max_fraction=0.0025, min_window=1.0,
+        seconds_per_candidate=1.0, min_calls=1)
+    timed = [(c.precision, c.jit_compile) for c in settings.candidates if c.calls]
+    assert timed == [("float32", False), (BF16, False), ("float32", True)]
+    assert settings.candidates[-1].skipped.startswith("not measured: over")
+    assert settings.source == "autotune"
+
+
+def test_fast_low_precision_reads_the_cpu_flags(monkeypatch):
+    monkeypatch.setattr(autotune, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
+    assert autotune.fast_low_precision() == BF16
+    monkeypatch.setattr(autotune, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert autotune.fast_low_precision() == ""

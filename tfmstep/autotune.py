@@ -222,10 +222,11 @@ class _Measurement:
         self.compile_seconds: dict = {}
         self.losses: dict = {}  # (precision, jit_compile) -> per-step train losses, from the snapshot on
         self.stopped = ""  # why measuring stopped early (the fallback is then used)
+        self.dropped: dict = {}  # (precision, jit_compile) -> why this variant is not measured (budget)
         self.xla_failed = False
 
     def measure_variant(self, precision: str, jit: bool, steps: step_lib.Steps, iterator,
-                        variants_left: int) -> None:
+                        variants_left: list) -> None:
         """Compile ``steps`` (first call, untimed), then time each candidate of this variant."""
         group = [c for c in self.candidates if (c.precision, c.jit_compile) == (precision, jit)]
         losses = self.losses.setdefault((precision, jit), [])
@@ -261,13 +262,34 @@ class _Measurement:
                 self._stop_if_the_rest_costs_too_much(self.compile_seconds[_label(precision, jit)],
                                                       variants_left)
 
-    def _stop_if_the_rest_costs_too_much(self, compile_seconds: float, variants_left: int) -> None:
+    def _stop_if_the_rest_costs_too_much(self, compile_seconds: float, variants_left: list) -> None:
         """After the first timed candidate: compiling the other variants (estimated from this one) and
-        timing the remaining candidates must fit in ``max_fraction`` of the expected run."""
+        timing the remaining candidates must fit in ``max_fraction`` of the expected run. Variants are
+        kept in their order (the fallback's jit_compile in low precision comes right after float32) while
+        they fit; the rest are dropped. If no other variant fits, measuring stops (the fallback is
+        used)."""
         expected = self.budget.expected_run_seconds()
-        rest = (variants_left * OTHER_COMPILE_FACTOR * compile_seconds
-                + sum(g.calls == 0 and not g.skipped for g in self.candidates) * self.budget.window())
-        if rest > self.max_fraction * expected:
+        allowed = self.max_fraction * expected
+        window = self.budget.window()
+        current = sum(g.calls == 0 and not g.skipped for g in self.candidates
+                      if (g.precision, g.jit_compile) not in variants_left)
+        cost = current * window
+        rest = cost + sum(OTHER_COMPILE_FACTOR * compile_seconds + window * sum(
+            (g.precision, g.jit_compile) == v for g in self.candidates) for v in variants_left)
+        if rest <= allowed:
+            return
+        if cost > allowed:
+            self.stopped = (f"measuring the rest would take ~{rest:.0f} s, over "
+                            f"{100 * self.max_fraction:g}% of the expected {expected:.0f} s run")
+            return
+        for v in variants_left:
+            cost += OTHER_COMPILE_FACTOR * compile_seconds + window * sum(
+                (g.precision, g.jit_compile) == v for g in self.candidates)
+            if cost > allowed:
+                self.dropped[v] = (f"not measured: over {100 * self.max_fraction:g}% of the expected "
+                                   f"{expected:.0f} s run with the variants before it")
+        if len(self.dropped) == len(variants_left):  # no other variant fits: keep the fallback
+            self.dropped.clear()
             self.stopped = (f"measuring the rest would take ~{rest:.0f} s, over "
                             f"{100 * self.max_fraction:g}% of the expected {expected:.0f} s run")
 
@@ -401,7 +423,10 @@ def choose_step_settings(model: keras.Model, optimizer: keras.optimizers.Optimiz
         if len(fallback) > 2:
             precisions.sort(key=lambda p: p != fallback[2])
     per_call = steps_per_call_candidates(run_steps, (), steps_per_call_options)
+    # Low precision at the fallback's jit_compile right after float32's: on a tight budget the variants
+    # at the end are the ones dropped.
     variants = [(p, jit) for p in precisions for jit in jits]
+    variants.sort(key=lambda v: (jits.index(v[1]) > 0, precisions.index(v[0])))
     candidates = [Candidate(jit, spc, p) for p, jit in variants for spc in per_call]
     measurement = _Measurement(
         candidates, _Budget(run_steps, len(candidates), max_fraction, seconds_per_candidate, min_window),
@@ -413,6 +438,11 @@ def choose_step_settings(model: keras.Model, optimizer: keras.optimizers.Optimiz
         for index, (precision, jit) in enumerate(variants):
             if measurement.stopped:
                 break
+            if (precision, jit) in measurement.dropped:
+                for c in candidates:
+                    if (c.precision, c.jit_compile) == (precision, jit):
+                        c.skipped = measurement.dropped[(precision, jit)]
+                continue
             snapshot.restore()  # every variant starts from the same state: their losses are comparable
             step_lib.set_precision(model, precision)
 
@@ -437,7 +467,7 @@ def choose_step_settings(model: keras.Model, optimizer: keras.optimizers.Optimiz
             iterator = iter(strategy.experimental_distribute_dataset(dataset_fn()))
             try:
                 measurement.measure_variant(precision, jit, steps, iterator,
-                                            variants_left=len(variants) - index - 1)
+                                            variants_left=variants[index + 1:])
             except (TypeError, ValueError, tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as e:
                 if precision == FLOAT32:
                     raise
