@@ -384,6 +384,7 @@ def test_on_a_tight_budget_the_variants_at_the_end_are_dropped_not_the_whole_mea
     # the first variant's second candidate and the next variant (bfloat16, same jit), not the last one.
     spec, config, model, optimizer = _tiny_run()
     monkeypatch.setattr(autotune, "OTHER_COMPILE_FACTOR", 0.0)
+    monkeypatch.setattr(autotune, "SAME_JIT_COMPILE_FACTOR", 0.0)
     settings = autotune.choose_step_settings(
         model, optimizer, spec.loss, lambda: spec.dataset(config, "train", 8, seed=0),
         global_batch_size=8, run_steps=1000, jit_options=(False, True), steps_per_call_options=(1,),
