@@ -182,9 +182,10 @@ def validate_config(config) -> None:
 
 
 def make_dataset(images: np.ndarray, labels: np.ndarray, image_shape, split: str, batch_size: int,
-                 seed: int, start_batch: int, augment: bool, flip: bool = True) -> tf.data.Dataset:
+                 seed: int, start_batch: int, augment: bool, flip: bool = True,
+                 shift: int = 0) -> tf.data.Dataset:
     """Batches of (float images in [0, 1] resized to ``image_shape``, int labels); train batches
-    augmented (``augment_batch``) when ``augment``, mirrored too when ``flip``."""
+    augmented (``augment_batch``) when ``augment``, mirrored too when ``flip``, shifted by up to ``shift`` px."""
     height, width, channels = image_shape
 
     def prepare(image):
@@ -211,18 +212,19 @@ def make_dataset(images: np.ndarray, labels: np.ndarray, image_shape, split: str
     def gather(positions, idx):
         batch = tf.map_fn(prepare, tf.gather(images_t, idx), fn_output_signature=tf.float32)
         if augment and split == "train":
-            batch = augment_batch(batch, positions, seed, flip)
+            batch = augment_batch(batch, positions, seed, flip, shift)
         return batch, tf.gather(labels_t, idx)
 
     return ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(2)
 
 
-def augment_batch(batch, positions, seed, flip: bool = True):
-    """Random horizontal flip and pad-and-crop (reflect padding: 4 px, 1 px below 16 px images) of a batch
+def augment_batch(batch, positions, seed, flip: bool = True, shift: int = 0):
+    """Random horizontal flip and pad-and-crop (reflect padding of ``shift`` px; 0: 4 px, 1 px below 16 px
+    images) of a batch
     [B, H, W, C], each image drawn from the stateless seed (seed, its stream position): a function of
     the position only, so it differs every epoch and is identical after a resume."""
     height, width = batch.shape[1], batch.shape[2]
-    pad = 4 if height >= 16 else 1
+    pad = shift or (4 if height >= 16 else 1)
 
     def draws(position):
         s = tf.stack([tf.cast(seed, tf.int64) + 7919, position])
