@@ -69,6 +69,14 @@ if "tensorflow" not in sys.modules and not _verbose():
     sys.meta_path.insert(0, _QuietImport())
 
 
+_LIBRARY_DIRS = (f"{os.sep}tensorflow{os.sep}", f"{os.sep}keras{os.sep}", f"{os.sep}tf_keras{os.sep}")
+
+
+def _no_library_info(record) -> bool:
+    """Log filter: INFO records from TensorFlow's or Keras' own modules are dropped; warnings stay."""
+    return record.levelno >= 30 or not any(d in record.pathname for d in _LIBRARY_DIRS)
+
+
 HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "-helpshort", "--helpfull", "-helpfull", "-?")
 
 
@@ -85,6 +93,7 @@ def run_program(main, module_name: str, extra_help="") -> None:
         import logging as python_logging
 
         python_logging.getLogger("tensorflow").setLevel(python_logging.WARNING)
+        logging.get_absl_handler().addFilter(_no_library_info)  # TF modules also log through absl
     program = sys.modules[module_name]
     if callable(extra_help):
         extra_help = extra_help() if any(a in HELP_FLAGS for a in sys.argv[1:]) else ""
