@@ -1,12 +1,16 @@
-"""The bad-request tables of the CNN's and the LSTM LM's signatures, shared by the in-process tests
-(tests/test_export_bad_requests.py) and the server tests (tests/test_serve.py).
+"""The bad-request tables of the CNN's and the LSTM LM's signatures (and REST bodies for the chain
+reasoner's), shared by the in-process tests (tests/test_export_bad_requests.py) and the server tests
+(tests/test_serve.py).
 
 ``TENSOR_CASES``: tensors handed straight to a signature (what a gRPC or Python caller can send: any
 shape, any value) -> the InvalidArgument the graph answers. ``REST_CASES``: TF Serving REST bodies ->
-the one-line 400 message. Tiny presets: 8x8x1 digits, byte LM.
+the one-line 400 message. Tiny presets: 8x8x1 digits, byte LM, chain reasoner (lego, one answer slot).
+The chain reasoner's tensor table is in tests/test_chain_transformer.py, beside the model.
 """
 
 import numpy as np
+
+from tfmstep.data import chains
 
 BYTE_PROMPT = "def main("
 
@@ -120,6 +124,19 @@ REST_CASES = [
     ("gen-beam-width-negative", "lstm_lm", None, r"input 'beam_width' must be one of 1, 2, 4, 8, got -4"),
     ("gen-max-length-vector", "lstm_lm", None, r"input 'max_length' must have rank 0"),
     ("gen-row-format-scalars", "lstm_lm", None, r"not batched: use the columnar format"),
+    ("chain-text-not-ascii", "chain_transformer", '{"signature_name": "answer_text", "instances": ["b=\\u00e9;?b"]}',
+     r"input 'text'.*outside printable ASCII"),
+    ("chain-empty-problem", "chain_transformer", '{"signature_name": "answer_text", "instances": [""]}',
+     r"input 'text'.*empty problem"),
+    ("chain-text-not-string", "chain_transformer", '{"signature_name": "answer_text", "instances": [3]}',
+     r"input 'text' must be string"),
+    ("chain-id-out-of-vocabulary", "chain_transformer", None,
+     r"input 'tokens'.*token ids must be in \[0, %d\], got .* to %d" % (chains.VOCAB_SIZE - 1, chains.VOCAB_SIZE)),
+    ("chain-negative-id", "chain_transformer", None, r"input 'tokens'.*token ids must be in \[0, %d\], got -1"
+     % (chains.VOCAB_SIZE - 1)),
+    ("chain-no-answer-slot", "chain_transformer", None, r"input 'tokens'.*each answer slot"),
+    ("chain-ragged-tokens", "chain_transformer", None, r"input 'tokens'"),
+    ("chain-tokens-float", "chain_transformer", None, r"input 'tokens' must be int32"),
 ]
 
 _BODIES = {
@@ -143,6 +160,15 @@ for _key, (_name, _value) in _GENERATE_VALUES.items():
     _others = {"max_length": "4", "beam_width": "1", _name: _value}
     _BODIES[_key] = ('{"signature_name": "generate", "inputs": {"text": ["' + BYTE_PROMPT + '"], '
                      + ", ".join(f'"{k}": {v}' for k, v in _others.items()) + "}}")
+CHAIN_PROBLEM = "b=-a+2;a=3;?b"
+CHAIN_TOKENS = chains.encode(CHAIN_PROBLEM) + chains.answer_slots(1)  # the problem, then its answer slot
+_BODIES.update({
+    "chain-id-out-of-vocabulary": '{"instances": [%s]}' % (CHAIN_TOKENS[:-1] + [chains.VOCAB_SIZE] + [1]),
+    "chain-negative-id": '{"instances": [%s]}' % ([-1] + CHAIN_TOKENS[1:]),
+    "chain-no-answer-slot": '{"instances": [%s]}' % (CHAIN_TOKENS[:-1] + [chains.PAD]),
+    "chain-ragged-tokens": '{"instances": [%s, %s]}' % (CHAIN_TOKENS, CHAIN_TOKENS[1:]),
+    "chain-tokens-float": '{"instances": [%s]}' % [t + 0.5 for t in CHAIN_TOKENS],
+})
 REST_CASES = [(case_id, model, body if body is not None else _BODIES[case_id], message)
               for case_id, model, body, message in REST_CASES]
 
@@ -155,4 +181,7 @@ README_REQUESTS = [
     ("generate-beam", "lstm_lm", {"signature_name": "generate",
                                   "inputs": {"text": ["def main("], "max_length": 40, "beam_width": 4}}),
     ("next-token-b64", "lstm_lm", {"instances": [{"b64": "ZGVmIG1haW4o"}]}),
+    ("chain-answer-text", "chain_transformer", {"signature_name": "answer_text",
+                                                "instances": [CHAIN_PROBLEM, "b=-a+2;a=3;c=+b+0;?c"]}),
+    ("chain-tokens", "chain_transformer", {"instances": [CHAIN_TOKENS]}),
 ]

@@ -1,7 +1,9 @@
-"""tfmstep-serve on localhost: KServe's ModelServer over a TF Serving model base (tiny CNN and byte LM).
+"""tfmstep-serve on localhost: KServe's ModelServer over a TF Serving model base (tiny CNN, byte LM and
+chain reasoner).
 
-The README's requests over HTTP, the bad-request table (each a 400 with one line, the server up after all
-of them), TF Serving's gRPC Predict, the latest complete version loaded (never a partial or temp
+The README's requests over HTTP (classify, next token, generate greedy and beam, chain answers from text
+and from tokens), the bad-request table (each a 400 with one line, the server up after all of them), TF
+Serving's gRPC Predict and GetModelMetadata, the latest complete version loaded (never a partial or temp
 directory), a new version picked up live, a short load test with zero failures; the slow tests: a 30 s
 load test against the in-process SavedModel, and a kill -9 mid-load and restart that loses nothing.
 
@@ -32,7 +34,8 @@ from tfmstep.export import saved_model, serving
 
 pytest.importorskip("kserve")
 
-STARTUP_TIMEOUT = 240  # seconds; loading + warmup of two tiny models on a busy 2-core machine
+STARTUP_TIMEOUT = 240  # seconds; loading + warmup of three tiny models on a busy 2-core machine
+MODELS = ("cnn_classifier", "lstm_lm", "chain_transformer")
 NOT_STRICT_JSON = re.compile(r"NaN|Infinity|1e400")  # Python's json takes these, KServe's orjson does not
 
 
@@ -56,7 +59,7 @@ class Server:
         while time.time() < deadline:
             assert self.process.poll() is None, open(self.log.name).read()[-3000:]
             try:
-                if all(self.get(f"/v1/models/{m}")[0] == 200 for m in ("cnn_classifier", "lstm_lm")):
+                if all(self.get(f"/v1/models/{m}")[0] == 200 for m in MODELS):
                     return
             except OSError:
                 pass
@@ -100,8 +103,8 @@ def _export(name, base, version=None):
 @pytest.fixture(scope="module")
 def export_base(tmp_path_factory):
     base = tmp_path_factory.mktemp("models")
-    _export("cnn_classifier", base)
-    _export("lstm_lm", base)
+    for name in MODELS:
+        _export(name, base)
     # What the server must never load: a partial version (no variables index) with a higher number, and
     # an export in progress.
     partial = base / "cnn_classifier" / "2"
@@ -132,7 +135,7 @@ def test_serves_the_latest_complete_version_only(server):
     assert _version(server, "cnn_classifier") == 1  # "2" is partial
     assert _version(server, "lstm_lm") == 1
     status, reply = server.get("/v1/models")
-    assert status == 200 and sorted(reply["models"]) == ["cnn_classifier", "lstm_lm"]
+    assert status == 200 and sorted(reply["models"]) == sorted(MODELS)
     status, reply = server.get("/v1/models/lstm_lm/metadata")
     assert reply["metadata"]["signature_def"]["generate"]["inputs"]["max_length"] == {"dtype": "int32",
                                                                                       "tensor_shape": []}
@@ -150,6 +153,11 @@ def test_readme_requests(case_id, name, body, server, export_base):
     elif case_id.startswith("generate"):
         assert reply["outputs"]["tokens"] == expected["outputs"]["tokens"]
         assert np.asarray(reply["outputs"]["tokens"]).shape == (1, 40)
+    elif case_id.startswith("chain"):
+        assert reply["predictions"] == expected["predictions"]
+        assert len(reply["predictions"]) == len(body["instances"])
+        for prediction in reply["predictions"]:
+            assert len(prediction["answers"]) == 1 and prediction["steps_used"] >= 1, prediction
     else:
         assert [p["next_token"] for p in reply["predictions"]] == [p["next_token"] for p in
                                                                    expected["predictions"]]
@@ -191,6 +199,58 @@ def test_grpc_prediction_service(server):
         stub.Predict(bad, timeout=60)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "input 'images' must have shape [batch, 8, 8, 1], got [2, 8, 8]" in error.value.details()
+    chain = predict_pb2.PredictRequest()
+    chain.model_spec.name = "chain_transformer"
+    chain.model_spec.signature_name = "answer_text"
+    chain.inputs["text"].CopyFrom(tf.make_tensor_proto(np.array([b"b=-a+2;a=3;?b"])))
+    reply = stub.Predict(chain, timeout=60)
+    assert tf.make_ndarray(reply.outputs["answers"]).shape == (1, 1)
+    chain.inputs["text"].CopyFrom(tf.make_tensor_proto(np.array(["b=\u00e9;?b".encode()])))
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Predict(chain, timeout=60)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "outside printable ASCII" in error.value.details() and "\n" not in error.value.details()
+    assert server.process.poll() is None
+
+
+def test_grpc_model_metadata_is_tf_servings_signature_def_map(server, export_base):
+    """GetModelMetadata as TF Serving answers it: metadata["signature_def"] packs a SignatureDefMap holding
+    the version's own SignatureDefs (those of its saved_model.pb); no or unknown metadata fields are
+    INVALID_ARGUMENT, an unknown model NOT_FOUND."""
+    grpc = pytest.importorskip("grpc")
+    from tensorflow.core.protobuf import saved_model_pb2
+    from tensorflow_serving.apis import get_model_metadata_pb2, prediction_service_pb2_grpc
+
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(
+        grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}"))
+    for name in MODELS:
+        request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+        request.model_spec.name = name
+        reply = stub.GetModelMetadata(request, timeout=60)
+        assert reply.model_spec.name == name and reply.model_spec.version.value == _version(server, name)
+        signatures = get_model_metadata_pb2.SignatureDefMap()
+        assert reply.metadata["signature_def"].Unpack(signatures)
+        saved = saved_model_pb2.SavedModel()
+        with open(export_base / name / str(reply.model_spec.version.value) / "saved_model.pb", "rb") as f:
+            saved.ParseFromString(f.read())
+        assert dict(signatures.signature_def) == dict(saved.meta_graphs[0].signature_def), name
+    request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+    request.model_spec.name = "lstm_lm"
+    lm = get_model_metadata_pb2.SignatureDefMap()
+    stub.GetModelMetadata(request, timeout=60).metadata["signature_def"].Unpack(lm)
+    max_length = lm.signature_def["generate"].inputs["max_length"]
+    assert max_length.dtype == tf.int32.as_datatype_enum and len(max_length.tensor_shape.dim) == 0
+    assert set(lm.signature_def["generate"].outputs) == {"text", "tokens", "log_prob"}
+    for fields, model, code, message in [([], "lstm_lm", grpc.StatusCode.INVALID_ARGUMENT, "at least one"),
+                                         (["signature_def", "nope"], "lstm_lm", grpc.StatusCode.INVALID_ARGUMENT,
+                                          "'nope' is not supported"),
+                                         (["signature_def"], "no_such_model", grpc.StatusCode.NOT_FOUND,
+                                          "unknown model")]:
+        request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=fields)
+        request.model_spec.name = model
+        with pytest.raises(grpc.RpcError) as error:
+            stub.GetModelMetadata(request, timeout=60)
+        assert error.value.code() == code and message in error.value.details(), error.value.details()
     assert server.process.poll() is None
 
 
@@ -203,6 +263,7 @@ LOAD_REQUESTS = {
     "lstm_lm generate greedy 16": ("lstm_lm", {"signature_name": "generate",
                                                "inputs": {"text": ["def main("], "max_length": 16,
                                                           "beam_width": 1}}),
+    "chain_transformer answer_text (2 problems)": ("chain_transformer", README_REQUESTS[5][2]),
 }
 
 
@@ -314,7 +375,7 @@ def test_kill_during_load_and_restart_loses_nothing(export_base):
     """kill -9 in the middle of a load: the model base is untouched (the server only reads it), and a
     restarted server serves the same latest versions with the same answers."""
     first = Server(str(export_base), REPO, poll_seconds=0)
-    versions = {m: _version(first, m) for m in ("cnn_classifier", "lstm_lm")}
+    versions = {m: _version(first, m) for m in MODELS}
     answers = {label: first.predict(model, body)[1] for label, (model, body) in LOAD_REQUESTS.items()}
     files = sorted(os.path.relpath(os.path.join(r, f), export_base) for r, _, fs in os.walk(export_base)
                    for f in fs if not f.startswith(".server-"))

@@ -8,9 +8,11 @@
   here as in TF Serving, ``GET /v1/models/<name>/metadata`` (signatures). Bodies are parsed and checked by
   ``tfmstep.export.serving`` (the same code the in-process tests use); a bad request is a 400 with
   ``{"error": "<one line>"}``.
-- gRPC: TF Serving's own ``tensorflow.serving.PredictionService/Predict`` (the protos of
-  ``tensorflow-serving-api``), a thin servicer over the same loaded signatures; KServe's own gRPC (its V2
-  protocol) is switched off.
+- gRPC: TF Serving's own ``tensorflow.serving.PredictionService`` (the protos of ``tensorflow-serving-api``),
+  a thin servicer over the same loaded signatures: ``Predict``, and ``GetModelMetadata`` with TF Serving's
+  contract (``metadata_field: "signature_def"`` -> a ``SignatureDefMap`` packed in ``metadata``: the
+  version's own ``SignatureDef`` protos, as in its ``saved_model.pb``). KServe's own gRPC (its V2 protocol)
+  is switched off.
 
 Each model directory under ``export_base`` serves its highest integer version that is complete
 (``saved_model.pb``, and its variables index when it has variables); temp directories of an export in
@@ -49,6 +51,7 @@ class Version:
     path: str
     loaded: Any  # the tf.saved_model.load object
     warmup_requests: int
+    signature_defs: dict = dataclasses.field(default_factory=dict)  # {name: SignatureDef proto}
 
 
 def is_complete(version_dir: str) -> bool:
@@ -85,7 +88,21 @@ def load_version(name: str, version: int, path: str) -> Version:
     if os.path.exists(os.path.join(path, warmup.WARMUP_FILE)):
         count = len(saved_model.run_warmup_requests(path, loaded))
     logging.info("Loaded %s version %d from %s (%d warmup requests replayed)", name, version, path, count)
-    return Version(name, version, path, loaded, count)
+    return Version(name, version, path, loaded, count, read_signature_defs(path))
+
+
+def read_signature_defs(version_dir: str) -> dict:
+    """{name: SignatureDef} of the version's serving MetaGraph, read from its ``saved_model.pb`` (what TF
+    Serving's GetModelMetadata returns: tensor names, dtypes, shapes, method names)."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    proto = saved_model_pb2.SavedModel()
+    with open(os.path.join(version_dir, "saved_model.pb"), "rb") as f:
+        proto.ParseFromString(f.read())
+    for meta_graph in proto.meta_graphs:
+        if "serve" in meta_graph.meta_info_def.tags:
+            return dict(meta_graph.signature_def)
+    return {}
 
 
 def signature_metadata(loaded) -> dict:
@@ -184,14 +201,56 @@ def _grpc_predict(models: dict, request):
     return response, None
 
 
+SIGNATURE_DEF = "signature_def"  # the only metadata field TF Serving knows
+
+
+def _grpc_metadata(models: dict, request):
+    """(GetModelMetadataResponse, None) or (None, (grpc.StatusCode, message)), as TF Serving answers:
+    at least one ``metadata_field``, only ``signature_def``, which holds a ``SignatureDefMap``."""
+    import grpc
+    from tensorflow_serving.apis import get_model_metadata_pb2
+
+    model = models.get(request.model_spec.name)
+    if model is None:
+        return None, (grpc.StatusCode.NOT_FOUND, f"unknown model {request.model_spec.name!r}; serving "
+                                                 f"{', '.join(sorted(models))}")
+    version = model.current
+    if request.model_spec.HasField("version") and request.model_spec.version.value != version.version:
+        return None, (grpc.StatusCode.NOT_FOUND, f"model {version.name!r} serves version {version.version}, "
+                                                 f"not {request.model_spec.version.value}")
+    fields = list(request.metadata_field)
+    if not fields:
+        return None, (grpc.StatusCode.INVALID_ARGUMENT,
+                      f"GetModelMetadataRequest must specify at least one metadata_field ({SIGNATURE_DEF!r})")
+    unknown = [f for f in fields if f != SIGNATURE_DEF]
+    if unknown:
+        return None, (grpc.StatusCode.INVALID_ARGUMENT, f"metadata field {unknown[0]!r} is not supported; "
+                                                        f"the only one is {SIGNATURE_DEF!r}")
+    response = get_model_metadata_pb2.GetModelMetadataResponse()
+    response.model_spec.name = version.name
+    response.model_spec.version.value = version.version
+    signature_map = get_model_metadata_pb2.SignatureDefMap()
+    for name, signature_def in version.signature_defs.items():
+        signature_map.signature_def[name].CopyFrom(signature_def)
+    response.metadata[SIGNATURE_DEF].Pack(signature_map)
+    return response, None
+
+
 def start_grpc(models: dict, host: str, port: int, threads: int = 4):
-    """TF Serving's PredictionService (Predict) on ``host:port``; returns the started grpc server."""
+    """TF Serving's PredictionService (Predict, GetModelMetadata) on ``host:port``; returns the started
+    grpc server."""
     import grpc
     from tensorflow_serving.apis import prediction_service_pb2_grpc
 
     class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         def Predict(self, request, context):
             response, error = _grpc_predict(models, request)
+            if error:
+                context.abort(*error)
+            return response
+
+        def GetModelMetadata(self, request, context):
+            response, error = _grpc_metadata(models, request)
             if error:
                 context.abort(*error)
             return response
