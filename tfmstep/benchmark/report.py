@@ -99,7 +99,10 @@ def write_report(results: dict, out_dir: str, command: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
-    parts = [f"# Benchmarks\n\nCommand: `{command}`\n"]
+    commands = results.get("commands") or [command]
+    parts = ["# Benchmarks\n\n" + ("Command: " if len(commands) == 1 else
+                                     "Commands (the suite in parts, each merged into results.json): ")
+             + ", ".join(f"`{c}`" for c in commands) + "\n"]
     m = results.get("machine", "")
     if isinstance(m, dict):
         parts.append(f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}; CPU flags: "

@@ -53,7 +53,10 @@ def main(argv):
             FLAGS.sections, FLAGS.models, batch_size=FLAGS.batch_size, steps=FLAGS.steps,
             repeats=FLAGS.repeats, tune_for_steps=FLAGS.tune_for_steps, serving_model=FLAGS.serving_model,
             scaling_model=FLAGS.scaling_model, suite_file=FLAGS.suite, only=FLAGS.only, previous=previous)
-    print(report.write_report(results, FLAGS.out, " ".join(["tfmstep-benchmark", *sys.argv[1:]])))
+    command = " ".join(["tfmstep-benchmark", *sys.argv[1:]])
+    if FLAGS.sections:  # a run that measured something; one that only re-renders the report adds nothing
+        results["commands"] = [*(results.get("commands", []) if FLAGS.merge else []), command]
+    print(report.write_report(results, FLAGS.out, command))
 
 
 def run():
