@@ -63,10 +63,6 @@ class ChainConfig:
     max_loops: int = 128  # inference cap; halting usually stops at about k
     halt_threshold: float = 0.5
     relative_clip: int = 8  # relative offsets beyond +-clip share one learned bias (plus the slopes)
-    # Causal: every position (answer slots too) reads only itself and earlier tokens, so a prefix of a
-    # long problem is computed exactly as the same short problem would be. For problems read in order
-    # (parity, registers, reassign); clauses that point either way (lego, pointer, kinship) need it off.
-    causal: bool = False
     dropout: float = 0.0
 
     def __post_init__(self):
@@ -183,10 +179,7 @@ class Block(keras.layers.Layer):
         scores = scores * (tf.reshape(tf.cast(self.length_scale, scores.dtype), [1, self.heads, 1, 1])
                            * tf.cast(log_tokens, scores.dtype)) + tf.cast(bias, scores.dtype)
         # Reshapes and expand_dims, never x[:, None]: a new-axis strided slice has no TF-Lite builtin.
-        # key_mask: [B, T] (keys) or [B, Tq, T] (per query: causal).
-        mask = (tf.reshape(key_mask, [batch, 1, 1, k_len]) if key_mask.shape.rank == 2
-                else tf.expand_dims(key_mask, 1))
-        scores = tf.where(mask, scores, tf.cast(-1e9, scores.dtype))
+        scores = tf.where(tf.reshape(key_mask, [batch, 1, 1, k_len]), scores, tf.cast(-1e9, scores.dtype))
         weights = tf.nn.softmax(scores, axis=-1)
         attended = tf.reshape(tf.einsum("bhqk,bkhd->bqhd", weights, v), [batch, q_len, self.width])
         h = queries + self.dropout(self.attn_out(attended), training=training)
@@ -273,19 +266,15 @@ class ChainTransformer(keras.Model):
         if return_steps is None:
             return_steps = bool(training)
 
-        self_mask = key_mask  # which keys each token of the problem attends to
-        if c.causal:
-            self_mask = tf.expand_dims(key_mask, 1) & tf.expand_dims(relative_self[0] <= 0, 0)  # [B, T, T]
         h = self.embedding(tokens)
         for block in self.prelude:
-            h = block(h, h, block.position_bias(relative_self), self_mask, log_tokens, training=training)
+            h = block(h, h, block.position_bias(relative_self), key_mask, log_tokens, training=training)
         injected = h
         coda_bias = self.coda.position_bias(relative_answer)
-        answer_mask = tf.expand_dims(key_mask, 1) & (relative_answer <= 0) if c.causal else key_mask
 
         def read(state):
             queries = tf.gather(state, answer_pos, batch_dims=1)  # [B, A, W]
-            out = self.coda(queries, state, coda_bias, answer_mask, log_tokens, training=training)
+            out = self.coda(queries, state, coda_bias, key_mask, log_tokens, training=training)
             return self.head(self.head_norm(out)), self.halt_head(tf.reduce_mean(out, axis=1))[:, 0]
 
         def halted_now(halt_logits):
@@ -294,7 +283,7 @@ class ChainTransformer(keras.Model):
         if not c.looped:  # a plain stack: every block runs once, no halting
             state = injected
             for block in self.core:
-                state = block(state, state, block.position_bias(relative_self), self_mask, log_tokens,
+                state = block(state, state, block.position_bias(relative_self), key_mask, log_tokens,
                               training=training)
             logits, halt_logits = read(state)
             return {"logits": logits, "halt_logits": halt_logits,
@@ -305,7 +294,7 @@ class ChainTransformer(keras.Model):
 
         def iterate(state):
             x = state + injected
-            return core(x, x, core_bias, self_mask, log_tokens, training=training)
+            return core(x, x, core_bias, key_mask, log_tokens, training=training)
 
         if num_loops is None:
             num_loops = c.loops_in_training if training else c.max_loops
