@@ -109,6 +109,7 @@ def write_report(results: dict, out_dir: str, command: str) -> str:
                      f"{', '.join(m['cpu_flags']) or 'none'}; fast low precision: {m['fast_low_precision']}.\n")
     else:
         parts.append(f"Machine: {m}\n")
+    parts += [f"{note}\n" for note in results.get("notes", [])]
     peaks = {p: v["median"] for e in results.get("training", []) for p, v in e.get("peaks", {}).items()}
     if peaks:
         parts.append("Matmul peaks (1024x1024, median over the runs' rounds): " + ", ".join(

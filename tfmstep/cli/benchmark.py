@@ -15,6 +15,7 @@ shared CPU for a few minutes) and the report is still written from all of it.
 
 import json
 import os
+import shlex
 import sys
 
 from absl import app, flags
@@ -53,7 +54,7 @@ def main(argv):
             FLAGS.sections, FLAGS.models, batch_size=FLAGS.batch_size, steps=FLAGS.steps,
             repeats=FLAGS.repeats, tune_for_steps=FLAGS.tune_for_steps, serving_model=FLAGS.serving_model,
             scaling_model=FLAGS.scaling_model, suite_file=FLAGS.suite, only=FLAGS.only, previous=previous)
-    command = " ".join(["tfmstep-benchmark", *sys.argv[1:]])
+    command = shlex.join(["tfmstep-benchmark", *sys.argv[1:]])
     if FLAGS.sections:  # a run that measured something; one that only re-renders the report adds nothing
         results["commands"] = [*(results.get("commands", []) if FLAGS.merge else []), command]
     print(report.write_report(results, FLAGS.out, command))
