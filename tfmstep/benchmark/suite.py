@@ -73,7 +73,7 @@ def run_benchmarks(sections=SECTIONS, models=None, *, batch_size: int = 128, ste
         registry.get_spec(name)  # an unknown name fails before anything is measured
     results = {**(previous or {}), "machine": machine()}
     if "training" in sections and suite_file:
-        kept = {e["label"]: e for e in results.get("training", [])}
+        kept = {e.get("label", e["model"]): e for e in results.get("training", [])}
         for target in load_targets(suite_file):
             label = target.get("label", target["model"])
             if only and label not in only:
@@ -90,8 +90,8 @@ def run_benchmarks(sections=SECTIONS, models=None, *, batch_size: int = 128, ste
                 include_eager=target.get("eager", False), goals=target.get("goals"))
             kept[label]["suite_entry"] = target
         order = [t.get("label", t["model"]) for t in load_targets(suite_file)]
-        results["training"] = sorted(kept.values(), key=lambda e: order.index(e["label"])
-                                     if e["label"] in order else len(order))
+        results["training"] = sorted(kept.values(), key=lambda e: order.index(e.get("label"))
+                                     if e.get("label") in order else len(order))
     elif "training" in sections:
         results["training"] = []
         for name in models:
