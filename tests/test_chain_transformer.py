@@ -91,6 +91,15 @@ def test_padding_after_the_content_and_an_answer_mask_change_nothing():
     np.testing.assert_allclose(out, reference, atol=1e-5)
 
 
+def test_answer_reads_text_and_returns_answer_strings_and_loops():
+    model = tfmstep.build("chain_transformer", "tiny", task="parity")
+    answers, loops = model.answer(["10110?", "1?"], max_loops=3)
+    assert len(answers) == 2 and all(len(a) <= model.config.answers for a in answers)
+    assert all(1 <= n <= 3 for n in loops)
+    with pytest.raises(UserError, match="problem 1: character"):
+        model.answer(["10?", "1\u00e9?"])
+
+
 def test_answer_slots_are_found_wherever_the_problem_ends():
     model = tfmstep.build("chain_transformer", "tiny")
     text = "b=-a+2;a=3;c=+b+0;?c"

@@ -239,6 +239,21 @@ class ChainTransformer(keras.Model):
             layer.build((None, None, self.config.width))
         self.built = True
 
+    def answer(self, texts, max_loops: int | None = None):
+        """Answers of problems given as text (the serving signature ``answer_text`` does the same in the
+        graph): ``model.answer(["10110?"])`` -> (["1"], [5.0]), the answers and the loops each used."""
+        if isinstance(texts, str):
+            texts = [texts]
+        width = max(len(text) for text in texts) + self.config.answers
+        if width > self.config.max_tokens:
+            raise UserError(f"a problem of {width} tokens (text + answer slots) is longer than max_tokens="
+                            f"{self.config.max_tokens}")
+        tokens = np.array([chains.encode_problem(text, self.config.answers, width, where=f"problem {i}")
+                           for i, text in enumerate(texts)], np.int32)
+        outputs = self({"tokens": tf.constant(tokens)}, training=False, num_loops=max_loops)
+        predicted = np.argmax(outputs["logits"].numpy(), -1)
+        return [chains.decode(row) for row in predicted], outputs["steps_used"].numpy().tolist()
+
     def answer_positions(self, tokens, answer_mask=None):
         """[B, A] positions of the answer slots, in order: the marked positions, else the slot tokens."""
         if answer_mask is None:
