@@ -402,3 +402,10 @@ def test_fast_low_precision_reads_the_cpu_flags(monkeypatch):
     assert autotune.fast_low_precision() == BF16
     monkeypatch.setattr(autotune, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
     assert autotune.fast_low_precision() == ""
+
+
+def test_a_run_recorded_before_precision_was_a_setting_resumes_in_float32_without_measuring():
+    old = {"train": {**dataclasses.asdict(trainer.TrainConfig(steps_per_call=0)), "mixed_precision": ""},
+           "step_settings": {"jit_compile": False, "steps_per_call": 10, "source": "autotune"}}
+    settings = autotune.recorded_settings(old, trainer.TrainConfig())  # today's default: "auto"
+    assert (settings.source, settings.mixed_precision, settings.steps_per_call) == ("reused", "float32", 10)

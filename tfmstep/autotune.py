@@ -597,14 +597,18 @@ def recorded_settings(saved_record: Optional[dict], config) -> Optional[StepSett
     ``config``; marked "reused"."""
     if not saved_record or "step_settings" not in saved_record:
         return None
-    before = saved_record.get("train", {})
+    before = dict(saved_record.get("train", {}))
+    if before.get("mixed_precision", "") == "" and "mixed_precision" not in saved_record["step_settings"]:
+        # Recorded before precision was a step setting: its "" default was float32, which is what an
+        # "auto" resume must keep (it reuses the record instead of measuring again).
+        before["mixed_precision"] = config.mixed_precision if config.mixed_precision == AUTO else ""
     if any(before.get(name) != getattr(config, name) for name in STEP_SETTING_FIELDS):
         logging.info("The step settings in config.json were chosen for other %s; choosing again.",
                      "/".join(STEP_SETTING_FIELDS))
         return None
     settings = StepSettings.from_record(saved_record["step_settings"])
     if "mixed_precision" not in saved_record["step_settings"]:  # recorded before precision was a setting
-        settings.mixed_precision = config.mixed_precision or FLOAT32
+        settings.mixed_precision = saved_record.get("train", {}).get("mixed_precision") or FLOAT32
     if settings.source != "reused":
         settings.note = f"{settings.source} in an earlier run in this workdir"
         settings.source = "reused"
