@@ -61,6 +61,9 @@ LOW_PRECISION_MARGIN = 0.05
 # relative distance of float32's (bfloat16 keeps 8 bits of mantissa: ~0.4% per value; dropout masks
 # drawn in another dtype differ too). Measured on cifar10 32x32x3: see benchmarks/README.md.
 LOSS_TOLERANCE = 0.02
+# ... over at least this many steps: a variant whose timed calls ran fewer is run on, untimed, to this many
+# (the cifar10 model's float32 variant timed only 5 steps: one call of 10 was over the window).
+MIN_CHECK_STEPS = 20
 
 
 @functools.lru_cache(maxsize=None)
@@ -226,6 +229,7 @@ class _Measurement:
         self.losses: dict = {}  # (precision, jit_compile) -> per-step train losses, from the snapshot on
         self.stopped = ""  # why measuring stopped early (the fallback is then used)
         self.dropped: dict = {}  # (precision, jit_compile) -> why this variant is not measured (budget)
+        self.check_steps = 0  # steps every variant runs at least, for the loss check (0: no check)
         self.xla_failed = False
 
     def measure_variant(self, precision: str, jit: bool, steps: step_lib.Steps, iterator,
@@ -264,6 +268,8 @@ class _Measurement:
             if self.fallback is not None and c is next(g for g in self.candidates if g.calls):
                 self._stop_if_the_rest_costs_too_much(self.compile_seconds[_label(precision, jit)],
                                                       variants_left)
+        if not self.stopped and len(losses) < self.check_steps:
+            run_call(self.check_steps - len(losses))  # untimed: only for the loss check
 
     def _stop_if_the_rest_costs_too_much(self, compile_seconds: float, variants_left: list) -> None:
         """After the first timed candidate: compiling the other variants (estimated from this one) and
@@ -392,6 +398,7 @@ def choose_step_settings(model: keras.Model, optimizer: keras.optimizers.Optimiz
                          max_fraction: float = MAX_FRACTION,
                          seconds_per_candidate: float = SECONDS_PER_CANDIDATE,
                          min_window: float = MIN_WINDOW, min_calls: int = MIN_CALLS,
+                         check_steps: int = MIN_CHECK_STEPS,
                          time_call: Optional[Callable[[Candidate, Callable[[], None]], float]] = None
                          ) -> StepSettings:
     """Time every (precision, jit_compile, steps_per_call) candidate and return the fastest, with all
@@ -442,6 +449,7 @@ def choose_step_settings(model: keras.Model, optimizer: keras.optimizers.Optimiz
     measurement = _Measurement(
         candidates, _Budget(run_steps, len(candidates), max_fraction, seconds_per_candidate, min_window),
         fallback, max_fraction, seconds_per_candidate, min_calls, time_call or _wall_time, model_name)
+    measurement.check_steps = check_steps if len(precisions) > 1 else 0
     snapshot = _Snapshot(training_state_variables(model, optimizer))
     started = time.perf_counter()
     settings = None
