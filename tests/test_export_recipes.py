@@ -1,15 +1,18 @@
-"""Every CNN preset and both LSTM recipes -- byte and subword, tied and untied output -- export to every
-format (SavedModel + the four TF-Lite files), on tiny sizes, through the export the tool runs; the
-servable's info file carries no machine paths."""
+"""Every CNN preset, both LSTM recipes -- byte and subword, tied and untied output -- and every chain task
+export to every format (SavedModel + the four TF-Lite files), on tiny sizes, through the export the tool
+runs; the servable's info file carries no machine paths."""
 
 import json
 import os
 
 import keras
+import numpy as np
 import pytest
+import tensorflow as tf
 
 import tfmstep
 from tfmstep import export
+from tfmstep.data import chains
 from tfmstep.export import saved_model
 from tfmstep.models import lstm_lm
 
@@ -33,11 +36,11 @@ def vocab_file(tmp_path_factory):
     return path
 
 
-def _export_everything(name, config, base):
+def _export_everything(name, config, base, formats=export.FORMATS):
     keras.utils.set_random_seed(0)
     model = tfmstep.get_spec(name).build(config)
-    report = export.export_all(model, name, config, base, export.FORMATS, max_eval_batches=1)
-    assert sorted(report["artifacts"]) == sorted(export.FORMATS)
+    report = export.export_all(model, name, config, base, formats, max_eval_batches=1)
+    assert sorted(report["artifacts"]) == sorted(formats)
     saved = report["artifacts"]["saved_model"]
     assert saved["reloaded_mismatched_outputs"] == [] and saved["reloaded_max_abs_diff"] < 1e-4, saved
     assert report["artifacts"]["tflite_fp32"]["agreement"] == 1.0
@@ -98,3 +101,48 @@ def test_export_info_has_relative_names_only(tmp_path):
         info = json.load(f)
     assert info["config"]["text_file"] == "corpus.txt"
     assert str(tmp_path) not in json.dumps(info)
+
+
+# Chain tasks (tfmstep/data/chains.py TASKS; models/chain_<task>.flags) on the tiny preset: every task to
+# every format is the slow sweep (~35 s a task on 2 busy cores, most of it int8 calibration through the
+# loop). The default run keeps one fast representative: registers, whose answer is 3 tokens (every other
+# task answers 1, as lego does, which test_export_saved_model.py and test_export_tflite.py export to every
+# format on the tiny preset), as a SavedModel and fp32 TF-Lite.
+FAST_CHAIN_TASK = "registers"
+FAST_CHAIN_FORMATS = ("saved_model", "tflite_fp32")
+
+
+@pytest.fixture(scope="session")
+def chain_task_export(tmp_path_factory):
+    """(task, formats) -> (report, info, config): the tiny chain reasoner of that task exported, once per
+    session."""
+    cache = {}
+
+    def get(task, formats):
+        if (task, formats) not in cache:
+            config = tfmstep.get_config("chain_transformer", "tiny", task=task)
+            base = tmp_path_factory.mktemp(f"chain_{task}")
+            cache[task, formats] = (*_export_everything("chain_transformer", config, base, formats), config)
+        return cache[task, formats]
+
+    return get
+
+
+def _check_chain_export(task, report, info, config):
+    assert info["config"]["task"] == task
+    loaded = saved_model.load(report["artifacts"]["saved_model"]["path"])
+    problem, answer = chains.generate_problem(task, 2, np.random.default_rng(0), modulus=config.modulus)
+    out = loaded.signatures["answer_text"](text=tf.constant([problem]))
+    assert out["answers"].shape == (1, config.answers) == (1, len(answer)), (task, problem, answer)
+    assert len(out["answer_text"].numpy()[0]) <= config.answers
+
+
+def test_a_chain_task_with_a_multi_token_answer_exports(chain_task_export):
+    task = FAST_CHAIN_TASK
+    _check_chain_export(task, *chain_task_export(task, FAST_CHAIN_FORMATS))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", chains.TASKS)
+def test_every_chain_task_exports_to_every_format(task, chain_task_export):
+    _check_chain_export(task, *chain_task_export(task, tuple(export.FORMATS)))
