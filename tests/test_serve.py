@@ -348,7 +348,7 @@ def test_short_load_has_no_failures(server, export_base):
 
 @pytest.mark.slow
 def test_load_8_clients_30_seconds_against_in_process(server, export_base):
-    """The measured table in export/README.md: 8 concurrent clients, 5 s per request type and path (30 s)."""
+    """The measured table in export/README.md: 8 concurrent clients, 5 s per request type and path (40 s)."""
     rows = _load_table(server, export_base, clients=8, seconds=5.0)
     for row in rows:
         assert row["failures"] == 0 and row["requests"] > 0, row
