@@ -62,7 +62,7 @@ LOW_PRECISION_MARGIN = 0.05
 # drawn in another dtype differ too). Measured on cifar10 32x32x3: see benchmarks/README.md.
 LOSS_TOLERANCE = 0.02
 # ... over at least this many steps: a variant whose timed calls ran fewer is run on, untimed, to this many
-# (the cifar10 model's float32 variant timed only 5 steps: one call of 10 was over the window).
+# as far as one more timing window allows (the cifar10 model's float32 variant timed only 5 steps).
 MIN_CHECK_STEPS = 20
 
 
@@ -268,8 +268,12 @@ class _Measurement:
             if self.fallback is not None and c is next(g for g in self.candidates if g.calls):
                 self._stop_if_the_rest_costs_too_much(self.compile_seconds[_label(precision, jit)],
                                                       variants_left)
-        if not self.stopped and len(losses) < self.check_steps:
-            run_call(self.check_steps - len(losses))  # untimed: only for the loss check
+        # Untimed steps for the loss check, as many as one more window holds (a slow step, such as the
+        # LSTM's under XLA at 0.35 steps/s, is checked on fewer steps rather than blowing the budget).
+        rate = max((g.steps_per_second or 0.0) for g in group)
+        extra = min(self.check_steps - len(losses), int(self.budget.window() * rate))
+        if not self.stopped and extra > 0:
+            run_call(extra)
 
     def _stop_if_the_rest_costs_too_much(self, compile_seconds: float, variants_left: list) -> None:
         """After the first timed candidate: compiling the other variants (estimated from this one) and
