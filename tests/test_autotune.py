@@ -229,11 +229,8 @@ class _Interrupted(Exception):
     pass
 
 
-def test_interrupted_auto_run_resumes_bit_exact_with_the_recorded_choice(tmp_path, monkeypatch,
-                                                                          straight_auto_run,
-                                                                          tune_short_runs):
-    straight, _ = straight_auto_run
-    workdir = str(tmp_path / "interrupted")
+def _train_until_first_checkpoint(monkeypatch, workdir):
+    """An auto-tuned run that dies right after writing its first checkpoint (as a SIGKILL would)."""
     real_save = tf.train.CheckpointManager.save
 
     def save_then_die(self, *args, **kwargs):
@@ -244,6 +241,14 @@ def test_interrupted_auto_run_resumes_bit_exact_with_the_recorded_choice(tmp_pat
         m.setattr(tf.train.CheckpointManager, "save", save_then_die)
         with pytest.raises(_Interrupted):
             trainer.train("cnn_classifier", workdir, "tiny", CNN, config=AUTO)
+
+
+def test_interrupted_auto_run_resumes_bit_exact_with_the_recorded_choice(tmp_path, monkeypatch,
+                                                                          straight_auto_run,
+                                                                          tune_short_runs):
+    straight, _ = straight_auto_run
+    workdir = str(tmp_path / "interrupted")
+    _train_until_first_checkpoint(monkeypatch, workdir)
     assert len(_log(workdir)) == 20
     recorded = _settings(workdir)
     assert recorded["source"] == "autotune"  # recorded before the first step
@@ -377,16 +382,7 @@ def test_auto_chosen_bfloat16_records_it_trains_like_a_run_told_it_and_resumes_b
     assert _log(told) == _log(straight)
 
     interrupted = str(tmp_path / "interrupted")
-    real_save = tf.train.CheckpointManager.save
-
-    def save_then_die(self, *args, **kwargs):
-        real_save(self, *args, **kwargs)
-        raise _Interrupted
-
-    with monkeypatch.context() as m:
-        m.setattr(tf.train.CheckpointManager, "save", save_then_die)
-        with pytest.raises(_Interrupted):
-            trainer.train("cnn_classifier", interrupted, "tiny", CNN, config=AUTO)
+    _train_until_first_checkpoint(monkeypatch, interrupted)
     monkeypatch.setattr(autotune, "choose_step_settings", lambda *a, **k: pytest.fail("measured again"))
     resumed = trainer.train("cnn_classifier", interrupted, "tiny", CNN, config=AUTO)
     assert resumed["step_settings"]["source"] == "reused"

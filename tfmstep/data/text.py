@@ -201,29 +201,27 @@ def with_fingerprint(proto: bytes, fingerprint: dict) -> bytes:
     return proto + _varint((_FINGERPRINT_FIELD << 3) | 2) + _varint(len(payload)) + payload
 
 
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    """(value, position after it) of the protobuf varint at ``pos``; IndexError if it is cut off."""
+    value, shift = 0, 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, pos
+
+
 def read_fingerprint(proto: bytes):
     """The fingerprint recorded in a vocabulary file (None: it records none, or it is no ModelProto)."""
     pos = 0
     try:
         while pos < len(proto):
-            tag, shift = 0, 0
-            while True:  # varint tag
-                byte = proto[pos]
-                pos += 1
-                tag |= (byte & 0x7F) << shift
-                shift += 7
-                if not byte & 0x80:
-                    break
+            tag, pos = _read_varint(proto, pos)
             if tag & 7 != 2:  # ModelProto's top-level fields are all length-delimited
                 return None
-            length, shift = 0, 0
-            while True:
-                byte = proto[pos]
-                pos += 1
-                length |= (byte & 0x7F) << shift
-                shift += 7
-                if not byte & 0x80:
-                    break
+            length, pos = _read_varint(proto, pos)
             if tag >> 3 == _FINGERPRINT_FIELD:
                 return json.loads(proto[pos:pos + length])
             pos += length
