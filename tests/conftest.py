@@ -19,6 +19,16 @@ def repo_root():
     return REPO
 
 
+@pytest.fixture
+def isolated_registry(monkeypatch):
+    """The registry, for one test: what the test registers is gone afterwards."""
+    from tfmstep import registry
+
+    registry.list_models()  # the installed families first, so the copy holds them
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    return registry
+
+
 @pytest.fixture(scope="session")
 def exported_tiny(tmp_path_factory):
     """name -> (model, config, servable, version_dir, loaded): each registered model's tiny preset

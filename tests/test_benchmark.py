@@ -82,8 +82,7 @@ class _ToyConfig:
     width: int = 3
 
 
-def test_inference_section_reads_the_families_hooks(monkeypatch, tmp_path):
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+def test_inference_section_reads_the_families_hooks(isolated_registry, monkeypatch, tmp_path):
     seen = []
 
     def timer(model, config):

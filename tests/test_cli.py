@@ -59,6 +59,9 @@ def _run(module, *args):
     ("tfmstep.cli.ngram_baseline", ["--preset=nope"], "error: unknown preset 'nope'"),
     ("tfmstep.cli.export", ["--model=nope"], "error: unknown model 'nope'"),
     ("tfmstep.cli.evaluate", [], "error: give at least one --workdirs entry"),
+    ("tfmstep.cli.generate", ["--workdir=cnn_digits"],
+     "error: cnn_digits holds a cnn_classifier model, which does not generate text"),
+    ("tfmstep.cli.generate", ["--workdir=lstm_stdlib_subword", "--decoder=nucleus"], "error: unknown decoder"),
     ("tfmstep.cli.train", ["--model=chain_transformer", "--preset=tiny", "--workdir=/nonexistent/run",
                            "--steps=5", "--restore_from=ckpt-3"], "error: "),
 ])

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from tfmstep import trainer
+from tfmstep import saving, trainer
 from tfmstep.errors import UserError
 
 # Validation losses the scripted evaluation reports, in call order: best at the 2nd evaluation (step 20).
@@ -41,8 +41,8 @@ def test_early_stop_restores_the_checkpoint_with_the_lowest_validation_loss(tmp_
     assert "stopped early" in trainer.summary(final, workdir) and "step 20, restored" in trainer.summary(
         final, workdir)
     # The run's latest checkpoint now holds the best model: what export and generation load.
-    latest = trainer.load_trained(workdir)[0]
-    best = trainer.load_trained(workdir, restore_from="best")[0]
+    latest = saving.load_trained(workdir)[0]
+    best = saving.load_trained(workdir, restore_from="best")[0]
     for a, b in zip(latest.weights, best.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
     with open(os.path.join(workdir, "checkpoints", "best", "best.json")) as f:

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 import tfmstep
-from tfmstep import trainer
+from tfmstep import saving, trainer
 from tfmstep.models import lstm_lm
 
 
@@ -101,7 +101,7 @@ def test_subword_run_with_a_relative_vocab_path_loads_from_another_directory(tmp
                                              steps_per_call=2))
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
-    model, config, _ = trainer.load_trained(str(tmp_path / "run"))
+    model, config, _ = saving.load_trained(str(tmp_path / "run"))
     assert config.vocab_file == str(tmp_path / "run" / "vocab.spm")
     assert not (tmp_path / "elsewhere" / "run").exists()  # no vocabulary was trained here
     text, _ = lstm_lm.generate_text(model, "import os\n", max_new_tokens=3,

@@ -83,10 +83,10 @@ def test_the_trainer_trains_a_family_it_has_never_heard_of(trained):
 
 
 def test_the_export_module_exports_it(trained, tmp_path):
-    from tfmstep import trainer
+    from tfmstep import saving
     from tfmstep.export import saved_model, signatures
 
-    model, config, spec = trainer.load_trained(trained[0])
+    model, config, spec = saving.load_trained(trained[0])
     path = saved_model.export_saved_model(model, spec.name, config, str(tmp_path),
                                           servable=signatures.servable(spec.name, model, config))
     loaded = tf.saved_model.load(path)

@@ -85,7 +85,7 @@ def test_a_training_workdir_loads_saves_and_reloads_as_a_preset(tmp_path):
     inputs, _ = _validation_batch(reloaded)
     np.testing.assert_array_equal(_outputs(from_workdir, inputs)[0], _outputs(reloaded, inputs)[0])
     # Every tool that takes --workdir takes a saved model too.
-    model, model_config, spec = trainer.load_trained(saved)
+    model, model_config, spec = saving.load_trained(saved)
     assert spec.name == "cnn_classifier" and model_config == reloaded.preset_info.config
 
 

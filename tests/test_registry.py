@@ -61,9 +61,8 @@ class _UnionConfig:  # PEP 604 unions (``int | None``), which typing.get_origin 
 
 
 @pytest.fixture
-def union_family(monkeypatch):
+def union_family(isolated_registry):
     """A toy family registered for one test only (the real registry is restored afterwards)."""
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     registry.register("toy_unions", config_class=_UnionConfig, loss=None, dataset=None,
                       presets={"capped": {"limit": 3}})(lambda config: config)
     return "toy_unions"
@@ -86,11 +85,25 @@ def test_pep604_union_fields_reject_ill_typed_values(union_family, field, value)
 
 
 def test_registry_imports_no_family():
-    # The package's __init__ registers the families; the registry importing them was an import circle.
+    # Families come in through entry points; the registry importing them was an import circle.
     tree = ast.parse(open(registry.__file__).read())
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            imported |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
     assert not any(name.startswith("tfmstep.models") for name in imported), imported
+
+
+def test_every_builtin_family_module_is_an_entry_point():
+    import importlib.metadata
+    import pkgutil
+
+    import tfmstep.models
+
+    modules = {f"tfmstep.models.{m.name}" for m in pkgutil.iter_modules(tfmstep.models.__path__)}
+    entry_points = importlib.metadata.entry_points(group=registry.ENTRY_POINT_GROUP)
+    assert {ep.value for ep in entry_points} == modules
+    assert {ep.name for ep in entry_points} == set(registry.list_models())
 
 
 def test_spec_of_finds_a_family_by_its_config_class(union_family):

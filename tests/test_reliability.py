@@ -30,7 +30,7 @@ import pytest
 import tensorflow as tf
 
 import tfmstep
-from tfmstep import fileio, step as step_lib, trainer
+from tfmstep import fileio, saving, step as step_lib, trainer
 
 # Dropout and BatchNorm: the RNG state and the moving statistics are part of what must resume exactly.
 CNN = dict(filters=(4, 8), dropout=0.5)
@@ -85,7 +85,7 @@ def _log(workdir, lenient=False):
 
 
 def _weights(workdir):
-    return [v.numpy() for v in trainer.load_trained(str(workdir))[0].weights]
+    return [v.numpy() for v in saving.load_trained(str(workdir))[0].weights]
 
 
 def _digest(path):

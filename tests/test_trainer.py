@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import tfmstep
-from tfmstep import trainer
+from tfmstep import saving, trainer
 
 # A small CNN with BatchNorm *and* dropout, so moving statistics and the dropout RNG are part of what
 # must resume exactly.
@@ -59,8 +59,8 @@ def test_run_killed_mid_training_resumes_bit_exact(tmp_path, repo_root):
     assert [e["step"] for e in resumed_log] == list(range(1, 401))  # no replayed, no lost steps
     assert resumed_log == straight_log  # losses equal bit for bit (JSON keeps float64 repr)
 
-    resumed_model = trainer.load_trained(str(killed))[0]
-    straight_model = trainer.load_trained(str(straight))[0]
+    resumed_model = saving.load_trained(str(killed))[0]
+    straight_model = saving.load_trained(str(straight))[0]
     for a, b in zip(resumed_model.weights, straight_model.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
 

@@ -33,11 +33,11 @@ def evaluate_model(model, loss_fn: Callable, batches: Iterable, max_batches: int
 def evaluate(workdirs, labels=None, output_dir="", name="eval", **options) -> tuple[dict, str]:
     """Load each workdir's latest checkpoint and run its family's ``evaluate`` hook, which returns a
     report with a printable ``table``; -> (report, table)."""
-    from tfmstep import trainer  # imported late: the trainer pulls in the whole package
+    from tfmstep import saving  # imported late: loading a run pulls in the trainer and the families
 
     if not workdirs:
         raise UserError("give at least one --workdirs entry")
-    runs = [(workdir, trainer.load_trained(workdir)) for workdir in workdirs]
+    runs = [(workdir, saving.load_trained(workdir)) for workdir in workdirs]
     specs = {spec.name: spec for _, (_, _, spec) in runs}
     if len(specs) > 1:
         raise UserError(f"--workdirs mix model families ({', '.join(sorted(specs))}); evaluate one at a time")

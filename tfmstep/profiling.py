@@ -65,17 +65,18 @@ def op_times_from_trace(logdir: str) -> dict:
     return {"op_seconds": dict(op_seconds), "threads": max(threads, 1), "trace": paths[-1]}
 
 
-def profile_training_step(name: str, preset: str = "default", *, batch_size: int = 64,
+def profile_training_step(name, preset: str = "default", *, batch_size: int = 64,
                           steps_per_call: int = 10, calls: int = 5, jit_compile: bool = False,
                           logdir: str = "", top: int = 12, precision: str = "float32", **overrides) -> dict:
-    """Profile ``calls`` calls of ``steps_per_call`` training steps of a registered model.
+    """Profile ``calls`` calls of ``steps_per_call`` training steps of a registered model (``name``: its
+    name or ModelSpec).
 
     Returns wall time per step, per-op-type seconds per step and share of the wall time, the compute
     share (matmul/conv ops) and the trace location."""
     # The same fresh model, optimizer, in-memory batches and compiled step as the benchmark's
     # throughput rows.
-    spec = registry.get_spec(name)
-    config = registry.get_config(name, preset, **overrides)
+    spec = registry.resolve(name)
+    config = spec.config(preset, **overrides)
     train, iterator, n = training.compiled_train_step(spec, config, batch_size, jit_compile=jit_compile,
                                                       steps_per_call=steps_per_call, precision=precision)
     train(iterator, n)["loss"].numpy()  # a second untimed call, outside the profile
@@ -98,7 +99,7 @@ def profile_training_step(name: str, preset: str = "default", *, batch_size: int
     rows = [{"op_type": op, "ms_per_step": 1e3 * seconds / total_steps,
              "share_of_wall": seconds / wall, "compute": _is_compute(op)} for op, seconds in ops[:top]]
     return {
-        "model": name, "preset": preset, "batch_size": batch_size, "jit_compile": jit_compile,
+        "model": spec.name, "preset": preset, "batch_size": batch_size, "jit_compile": jit_compile,
         "precision": precision, "overrides": {k: str(v) for k, v in overrides.items()},
         "steps_per_call": steps_per_call, "steps_profiled": total_steps,
         "wall_ms_per_step": 1e3 * wall_per_step, "threads": trace["threads"],
@@ -129,15 +130,14 @@ def profile_models(models=None, preset: str = "default", *, logdir: str = "/tmp/
     """Profile each of ``models`` (default: every registered model; a trace in ``logdir/<name>``), print
     its table as it is done and, with ``out``, write all tables there (and the raw numbers to a .json
     beside it). ``options`` go to ``profile_training_step``."""
-    models = list(models or registry.list_models())
-    for name in models:
-        registry.get_spec(name)  # an unknown name fails before anything is profiled
+    specs = [registry.get_spec(name) for name in models or registry.list_models()]  # unknown: fails first
     reports = []
     precisions = options.pop("precisions", None) or ("float32",)
-    for name in models:
+    for spec in specs:
         for precision in precisions:
-            report = profile_training_step(name, preset, logdir=os.path.join(logdir, f"{name}-{precision}"),
-                                           precision=precision, **options)
+            report = profile_training_step(
+                spec, preset, logdir=os.path.join(logdir, f"{spec.name}-{precision}"), precision=precision,
+                **options)
             reports.append(report)
             print(format_profile(report), "\n", flush=True)
     if out:

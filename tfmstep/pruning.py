@@ -100,7 +100,7 @@ class MagnitudePruner:
 def _spec(model):
     """The family a call is about: a ModelSpec given by the caller, or a registered name (looked up here,
     once per public call)."""
-    return model if isinstance(model, registry.ModelSpec) else registry.get_spec(model)
+    return registry.resolve(model)
 
 
 def fine_tune_with_pruning(model: keras.Model, model_name, model_config, pruning: PruningConfig, *,
@@ -164,7 +164,7 @@ def pruning_sweep(model: keras.Model, model_name, model_config, sparsities: list
     """For each target sparsity (0 = the same fine-tuning without pruning): fine-tune a copy of ``model``
     while pruning and measure it on the validation split. ``model`` itself is the first row ("trained").
     Nothing is exported here: export the returned models (``tfmstep.export.export_pruned``).
-    ``model_name``: the family's ModelSpec (e.g. from ``trainer.load_trained``) or its registered name."""
+    ``model_name``: the family's ModelSpec (e.g. from ``tfmstep.saving.load_trained``) or its registered name."""
     if any(not 0.0 <= s < 1.0 for s in sparsities):
         raise UserError(f"sparsities must be in [0, 1), got {sparsities}")
     spec = _spec(model_name)

@@ -4,14 +4,15 @@ A family registers itself with ``@register(...)`` on its builder. Everything els
 the trainer, the export module, the tests -- looks models up here, so a new model is usable (and tested)
 by being registered.
 
-The built-in families are imported at the end of this module (``tfmstep.models`` registers them), so
-whoever imports ``tfmstep.registry`` sees them; a family importing ``register`` from here while that runs
-finds it already defined.
+Families are found through the ``tfmstep.families`` entry-point group (setup.cfg lists the built-in
+ones; another installed package can add its own the same way). They are imported on the first lookup, so
+this module imports no family and a family importing ``register`` from here never meets a half-made module.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import types
 import typing
 from typing import Any, Callable, Mapping
@@ -44,7 +45,7 @@ class ModelSpec:
     # naming families (None: the generic behaviour, or "not supported" where there is none).
     # servable(name, model, config) -> tfmstep.export.signatures.Servable  (serving signatures, TF-Lite fn)
     servable: Callable | None = None
-    # evaluate(runs, labels, output_dir, name, **options) -> report dict; runs are trainer.load_trained
+    # evaluate(runs, labels, output_dir, name, **options) -> report dict; runs are saving.load_trained
     # tuples (model, config, spec) with their workdirs: [(workdir, (model, config, spec)), ...]
     evaluate: Callable | None = None
     # inference_timer(model, config, *, repeats=...) -> rows of per-step inference timings (benchmark):
@@ -60,6 +61,10 @@ class ModelSpec:
     # headline(config, eval_metrics) -> {name: value}: the family's headline numbers (summary, metrics.json,
     # model cards), e.g. bits per byte for a language model; None: the eval metrics themselves
     headline: Callable | None = None
+    # generate(model, config, prompt, *, decoder, max_new_tokens, temperature, top_k, top_p, seed,
+    # beam_width, length_penalty) -> (text, log-probability in nats): a family that continues text
+    # (tfmstep-generate); one UserError for a bad option
+    generate: Callable | None = None
     # token_corpus(config) -> tfmstep.data.text.TokenizedCorpus (train/validation token arrays, validation
     # bytes, tokenizer): a family whose data is one token sequence; the n-gram baseline (tfmstep-ngram)
     token_corpus: Callable | None = None
@@ -67,8 +72,35 @@ class ModelSpec:
     # (tfmstep.save) and pointed at from its config
     assets: tuple = ()
 
+    def config(self, preset: str = "default", **overrides: Any):
+        """The family's config dataclass with ``preset`` applied, then ``overrides``."""
+        if preset not in self.presets:
+            raise UserError(f"unknown preset {preset!r} for model {self.name!r}; "
+                            f"presets: {', '.join(sorted(self.presets))}")
+        config = _apply_overrides(self.config_class(), self.presets[preset], f"preset {preset!r}")
+        return _apply_overrides(config, overrides, f"model {self.name!r}")
+
+    def headline_numbers(self, config, eval_metrics: dict) -> dict:
+        """The family's headline numbers (its ``headline`` hook: bits/byte for the LM) else its eval
+        metrics without the loss."""
+        if self.headline is not None:
+            return dict(self.headline(config, eval_metrics))
+        return {k: v for k, v in eval_metrics.items() if k != "loss"} or dict(eval_metrics)
+
 
 _REGISTRY: dict[str, ModelSpec] = {}
+ENTRY_POINT_GROUP = "tfmstep.families"
+_families_loaded = False
+
+
+def _load_families() -> None:
+    """Import every module of the ``tfmstep.families`` entry points once (each registers its family)."""
+    global _families_loaded
+    if _families_loaded:
+        return
+    _families_loaded = True  # first: a family module that looks a spec up while importing must not recurse
+    for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        entry_point.load()
 
 
 def register(name: str, *, config_class: type, loss: Callable, dataset: Callable,
@@ -99,18 +131,29 @@ def register(name: str, *, config_class: type, loss: Callable, dataset: Callable
 
 
 def list_models() -> list[str]:
+    _load_families()
     return sorted(_REGISTRY)
 
 
 def get_spec(name: str) -> ModelSpec:
+    _load_families()
     if name not in _REGISTRY:
+        if not _REGISTRY:
+            raise UserError(f"unknown model {name!r}: no model family is registered (no "
+                            f"{ENTRY_POINT_GROUP!r} entry points: install tfmstep with pip)")
         raise UserError(f"unknown model {name!r}; registered models: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
+
+
+def resolve(model: "str | ModelSpec") -> ModelSpec:
+    """A ModelSpec handed on by a caller that already resolved it, or a registered name looked up."""
+    return model if isinstance(model, ModelSpec) else get_spec(model)
 
 
 def spec_of(config_class: type) -> ModelSpec:
     """The family whose config dataclass is ``config_class`` (a family's own tools find their spec from
     the class they import, not by a name string)."""
+    _load_families()
     for spec in _REGISTRY.values():
         if spec.config_class is config_class:
             return spec
@@ -119,18 +162,13 @@ def spec_of(config_class: type) -> ModelSpec:
 
 def get_config(name: str, preset: str = "default", **overrides: Any):
     """The config dataclass of ``name`` with ``preset`` applied, then ``overrides``."""
-    spec = get_spec(name)
-    if preset not in spec.presets:
-        raise UserError(f"unknown preset {preset!r} for model {name!r}; "
-                        f"presets: {', '.join(sorted(spec.presets))}")
-    config = _apply_overrides(spec.config_class(), spec.presets[preset], f"preset {preset!r}")
-    return _apply_overrides(config, overrides, f"model {name!r}")
+    return get_spec(name).config(preset, **overrides)
 
 
 def build(name: str, preset: str = "default", **overrides: Any):
     """Build registered model ``name`` (a ``keras.Model``) from its preset and overrides."""
     spec = get_spec(name)
-    return spec.build(get_config(name, preset, **overrides))
+    return spec.build(spec.config(preset, **overrides))
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, str]:
@@ -197,6 +235,3 @@ def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
         return value
     return value
 
-
-# Registers the built-in families (after everything above is defined: they import ``register``).
-from tfmstep import models as _builtin_families  # noqa: E402,F401

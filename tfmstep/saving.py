@@ -174,6 +174,12 @@ def load(path: str, restore_from: str = ""):
     return model
 
 
+def load_trained(path: str, restore_from: str = ""):
+    """(model, config, spec) of a saved model, a training workdir (its latest checkpoint, or
+    ``restore_from``) or a shipped preset's name: what every tool that takes a workdir reads."""
+    return load_parts(path, restore_from)[:3]
+
+
 def load_parts(path: str, restore_from: str = ""):
     """(model, config, spec, card, directory) of ``path`` (see ``load``)."""
     from tfmstep import registry
@@ -198,7 +204,7 @@ def load_parts(path: str, restore_from: str = ""):
     if os.path.isfile(os.path.join(path, "config.json")):
         from tfmstep import trainer
 
-        model, config, spec = trainer.load_trained(path, restore_from)
+        model, config, spec = trainer.restore(path, restore_from)
         return model, config, spec, _workdir_card(path), path
     presets = ", ".join(r["name"] for r in list_presets() if r["weights"])
     raise UserError(f"{path} is neither a saved model ({PRESET_FILE}) nor a training workdir (config.json) "
@@ -281,16 +287,9 @@ def evaluate(model, batch_size: int = EVAL_BATCH_SIZE, max_batches: int = 0) -> 
             yield sums
 
     metrics = step_lib.mean_metrics(batch_sums(), max_batches)  # the one evaluation loop
-    return {"eval": metrics, "headline": headline(spec, info.config, metrics),
+    return {"eval": metrics, "headline": spec.headline_numbers(info.config, metrics),
             "examples": examples[0], "data_fingerprint": digest.hexdigest(),
             "eval_seconds": round(time.perf_counter() - started, 1)}
-
-
-def headline(spec, config, eval_metrics: dict) -> dict:
-    """The family's headline numbers (its ``headline`` hook: bits/byte for the LM) else its eval metrics."""
-    if spec.headline is not None:
-        return dict(spec.headline(config, eval_metrics))
-    return {k: v for k, v in eval_metrics.items() if k != "loss"} or dict(eval_metrics)
 
 
 def _info(model) -> PresetInfo:
@@ -411,13 +410,9 @@ def _command_of(run: dict) -> str:
     """The tfmstep-train command of a workdir's config.json."""
     args = [f"--model={run['model']}", f"--preset={run.get('preset', 'default')}"]
     args += [f"--config={k}={v}" for k, v in sorted((run.get("overrides") or {}).items())]
-    defaults = {}
-    try:
-        from tfmstep import trainer
+    from tfmstep.train_config import TrainConfig
 
-        defaults = dataclasses.asdict(trainer.TrainConfig())
-    except ImportError:
-        pass
+    defaults = dataclasses.asdict(TrainConfig())
     for key, value in sorted((run.get("train") or {}).items()):
         if defaults.get(key, object()) != value and value is not None:
             args.append(f"--{key}={str(value).lower() if isinstance(value, bool) else value}")

@@ -41,7 +41,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tfmstep import autotune, fileio, registry, saving, step as step_lib
+from tfmstep import autotune, fileio, registry, step as step_lib
 from tfmstep.data import common as data_common
 from tfmstep.errors import UserError
 # TrainConfig lives in a module without TensorFlow (the tools check flags before importing it)
@@ -354,23 +354,18 @@ def validate_data(spec: registry.ModelSpec, model_config) -> None:
         spec.validate_data(model_config)
 
 
-def load_trained(workdir: str, restore_from: str = ""):
-    """(model, model_config, spec) of the run in ``workdir``, with its latest checkpoint (or
-    ``restore_from``) restored. A saved model (``tfmstep.save``) or a shipped preset's name loads too, so
-    every tool that takes a workdir takes those."""
+def restore(workdir: str, restore_from: str = ""):
+    """(model, model_config, spec) of the training run in ``workdir``, with its latest checkpoint (or
+    ``restore_from``) restored. ``tfmstep.saving.load_trained`` loads saved models and presets too."""
     record = _saved_record(workdir)
     if record is None:
-        from tfmstep import saving
-
-        model, model_config, spec, _, _ = saving.load_parts(workdir, restore_from)
-        return model, model_config, spec
+        raise UserError(f"{workdir} is not a training workdir (no config.json)")
     if not restore_from:  # reading only: an explicit restore_from needs no readable state file
         _check_checkpoint_state(workdir, restore_from="", starting=False)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     config = TrainConfig(**{k: v for k, v in record["train"].items() if k in fields})
     spec = registry.get_spec(record["model"])
-    model_config = registry.get_config(record["model"], record["preset"],
-                                       **_files_found_in_workdir(record["overrides"], workdir))
+    model_config = spec.config(record["preset"], **_files_found_in_workdir(record["overrides"], workdir))
     run = _Run(spec, model_config, config, workdir, tf.distribute.get_strategy())
     if run.restore(restore_from) is None:
         raise UserError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
@@ -568,7 +563,7 @@ def train(model_name: str, workdir: str, preset: str = "default",
     overrides = dict(overrides or {})
     record = _run_record(model_name, preset, overrides, config)
     spec = registry.get_spec(model_name)
-    model_config = registry.get_config(model_name, preset, **overrides)  # bad input fails first
+    model_config = spec.config(preset, **overrides)  # bad input fails first
     _check_workdir_matches(workdir, record)
     with data_common.data_policy(config.allow_fallback):  # metrics.json records the data actually read
         validate_data(spec, model_config)  # the data against the config, before anything is written
@@ -765,7 +760,7 @@ def _loop(run: _Run, steps, settings, config: TrainConfig, train_ds, eval_ds, st
              "parameters": int(run.model.count_params()), "jit_compile": jit_compile,
              "steps_per_call": steps_per_call, "step_settings": settings.as_record(),
              "best_checkpoint": tracker.best,
-             "headline": saving.headline(run.spec, run.model_config, eval_metrics),
+             "headline": run.spec.headline_numbers(run.model_config, eval_metrics),
              "data": data_common.data_read()}
     fileio.atomic_write_json(os.path.join(workdir, "metrics.json"), final)
     logging.info("Final metrics: %s", json.dumps(final))

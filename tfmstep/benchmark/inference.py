@@ -14,6 +14,6 @@ def inference_step_times(models=None, preset: str = "default") -> dict:
     times = {}
     for spec in specs:
         if spec.inference_timer is not None:
-            config = registry.get_config(spec.name, preset)
+            config = spec.config(preset)
             times[spec.name] = spec.inference_timer(fresh_model(spec, config), config)
     return times

@@ -61,7 +61,7 @@ def served_latency_report(name: str, preset: str = "default", repeats: int = 200
     from tfmstep import export
 
     spec = registry.get_spec(name)
-    config = registry.get_config(name, preset)
+    config = spec.config(preset)
     model = fresh_model(spec, config)
     serving = export.servable(name, model, config)
     signature = serving.signatures["serving_default"]

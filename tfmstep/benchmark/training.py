@@ -193,7 +193,7 @@ def precisions_to_compare() -> tuple:
     return (FLOAT32, low) if low else (FLOAT32,)
 
 
-def benchmark_training(name: str, preset: str = "default", batch_size: int = 64, steps: int = 50,
+def benchmark_training(name, preset: str = "default", batch_size: int = 64, steps: int = 50,
                        repeats: int = 3, peak_flops: float | None = None, tune_for_steps: int = 1000,
                        overrides: dict | None = None, label: str = "", precisions=None,
                        per_call_options=(1, 10), jit_options=(False, True), include_eager: bool = True,
@@ -203,9 +203,10 @@ def benchmark_training(name: str, preset: str = "default", batch_size: int = 64,
     step and Keras fit (precisions default: float32 and the machine's fast low precision). ``peak_flops``: fixed fp32 peak for MFU (tests); otherwise the peaks are measured in the same
     interleaved rounds. ``goals``: {"vs_keras_defaults", "vs_best_keras", "mfu"} thresholds reported as
     met / not met / unclear against the intervals."""
-    spec = registry.get_spec(name)
+    spec = registry.resolve(name)  # a name or a ModelSpec
+    name = spec.name
     overrides = dict(overrides or {})
-    config = registry.get_config(name, preset, **overrides)
+    config = spec.config(preset, **overrides)
     precisions = tuple(precisions or precisions_to_compare())
     logging.info("%s: auto-tuning as the trainer would for a %d-step run", name, tune_for_steps)
     settings = autotuned_settings(spec, config, batch_size, tune_for_steps)

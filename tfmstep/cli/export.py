@@ -40,15 +40,15 @@ flags.DEFINE_integer("prune_min_elements", 0, "Kernels with fewer weights are le
 
 def load_model():
     """(model, config, spec): the family is resolved here, once, and handed to export and pruning."""
-    from tfmstep import registry, trainer
+    from tfmstep import registry, saving
     from tfmstep.errors import UserError
 
     if FLAGS.workdir:
-        return trainer.load_trained(FLAGS.workdir)
+        return saving.load_trained(FLAGS.workdir)
     if not FLAGS.model:
         raise UserError("give --workdir (a trained run) or --model (export an untrained model)")
     spec = registry.get_spec(FLAGS.model)
-    config = registry.get_config(spec.name, FLAGS.preset)
+    config = spec.config(FLAGS.preset)
     return spec.build(config), config, spec
 
 

@@ -24,7 +24,7 @@ def main(argv):
 
     with exit_on_user_error():
         spec = registry.get_spec(FLAGS.model)
-        config = registry.get_config(spec.name, FLAGS.preset, **registry.parse_overrides(FLAGS.config))
+        config = spec.config(FLAGS.preset, **registry.parse_overrides(FLAGS.config))
         report = ngram.baseline(spec, config, FLAGS.max_order)
         print(ngram.baseline_table(report))
         if FLAGS.output:

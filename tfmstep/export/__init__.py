@@ -42,7 +42,7 @@ def export_all(model: keras.Model, model_name, config, export_base: str, formats
                version: int | None = None, compare: bool = True, max_eval_batches: int = 0) -> dict:
     """Export ``model`` in every format; with ``compare``, each TF-Lite file is run on the validation
     split against the Keras model. Returns a JSON-able report (paths, sizes, metrics, agreement).
-    ``model_name``: the family's ModelSpec (e.g. from ``trainer.load_trained``) or its registered name."""
+    ``model_name``: the family's ModelSpec (e.g. from ``tfmstep.saving.load_trained``) or its registered name."""
     formats = check_formats(formats)
     serving = servable(model_name, model, config)  # resolves the family once (name or ModelSpec)
     model_name = serving.spec.name

@@ -23,6 +23,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfmstep import registry
 from tfmstep.errors import UserError
 
 # Requests larger than this fail in the graph (a family may set its own limit per signature).
@@ -150,14 +151,6 @@ def _with_batch_none(spec: tf.TensorSpec, name: str) -> tf.TensorSpec:
     return tf.TensorSpec([None] + list(spec.shape[1:]), spec.dtype, name=name)
 
 
-def _family(name) -> "registry.ModelSpec":
-    """A ModelSpec given by the caller, or a registered name looked up (once per servable)."""
-    # Imported here: importing the registry registers the families, whose serving modules import this one.
-    from tfmstep import registry
-
-    return name if isinstance(name, registry.ModelSpec) else registry.get_spec(name)
-
-
 def model_input_specs(name, model: keras.Model, config) -> dict:
     """{input_name: TensorSpec with batch None}: the functional model's inputs, else its dataset's.
     ``name``: the family's ModelSpec or registered name."""
@@ -165,7 +158,7 @@ def model_input_specs(name, model: keras.Model, config) -> dict:
         tensor = model.inputs[0]
         input_name = tensor.name or "inputs"
         return {input_name: tf.TensorSpec(tensor.shape, tensor.dtype, name=input_name)}
-    element = _family(name).dataset(config, "validation", 2).element_spec[0]
+    element = registry.resolve(name).dataset(config, "validation", 2).element_spec[0]
     if isinstance(element, Mapping):
         return {key: _with_batch_none(spec, key) for key, spec in element.items()}
     return {"inputs": _with_batch_none(element, "inputs")}
@@ -191,7 +184,7 @@ def _named_outputs(outputs, model: keras.Model) -> dict:
 def example_inputs(name, config, input_specs: dict, batch_size: int = 2) -> dict:
     """A batch of the validation split as {input_name: np.ndarray} (warmup requests, tests); ``name``: the
     family's ModelSpec or registered name."""
-    inputs, _ = next(iter(_family(name).dataset(config, "validation", batch_size)))
+    inputs, _ = next(iter(registry.resolve(name).dataset(config, "validation", batch_size)))
     if not isinstance(inputs, Mapping):
         inputs = {next(iter(input_specs)): inputs}
     return {key: np.asarray(value)[:batch_size] for key, value in inputs.items()}
@@ -205,7 +198,7 @@ _example_inputs = example_inputs
 
 
 def generic_servable(name: str, model: keras.Model, config, spec: registry.ModelSpec | None = None) -> Servable:
-    spec = spec or _family(name)
+    spec = spec or registry.resolve(name)
     input_specs = model_input_specs(spec, model, config)
     dict_inputs = _dict_inputs(model)
 
@@ -237,7 +230,7 @@ def generic_servable(name: str, model: keras.Model, config, spec: registry.Model
 def servable(name, model: keras.Model, config) -> Servable:
     """The family's servable (its ``servable`` hook, else ``generic_servable``); ``name``: a registered name
     (an unknown one is a UserError listing the registered models) or the family's ModelSpec."""
-    spec = _family(name)
+    spec = registry.resolve(name)
     name = spec.name
     result = spec.servable(name, model, config) if spec.servable else generic_servable(name, model, config, spec)
     if "serving_default" not in result.signatures:

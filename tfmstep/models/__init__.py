@@ -1,4 +1,2 @@
-"""Model families. Importing this package registers every built-in family."""
-
-from tfmstep.models import cnn_classifier, lstm_lm  # noqa: F401
-from tfmstep.models import chain_transformer  # noqa: F401
+"""The built-in model families, one module or folder each (registered through the ``tfmstep.families``
+entry points in setup.cfg)."""

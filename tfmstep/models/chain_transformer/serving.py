@@ -106,7 +106,7 @@ def chain_servable(name: str, model: keras.Model, config) -> Servable:
             return {key: np.concatenate([r[key].numpy() for r in rows]) for key in rows[0]}
         return {key: value.numpy() for key, value in outputs_of(tf.constant(inputs["tokens"])).items()}
 
-    tokens = _example_tokens(name, config).astype(np.int32)
+    tokens = _example_tokens(config).astype(np.int32)
     example_problems = [chains.decode(row) for row in tokens]
     token_spec = {"tokens": tf.TensorSpec([None, None], tf.int32, name="tokens")}
     return Servable(
@@ -118,8 +118,8 @@ def chain_servable(name: str, model: keras.Model, config) -> Servable:
         keras_reference=reference)
 
 
-def _example_tokens(name, config, batch_size: int = 2):
-    from tfmstep import registry
+def _example_tokens(config, batch_size: int = 2):
+    from tfmstep.models.chain_transformer.model import chain_dataset  # the family's own data
 
-    inputs, _ = next(iter(registry.get_spec(name).dataset(config, "validation", batch_size)))
+    inputs, _ = next(iter(chain_dataset(config, "validation", batch_size)))
     return np.asarray(inputs["tokens"])[:batch_size]

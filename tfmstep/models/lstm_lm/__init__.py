@@ -13,6 +13,11 @@ from tfmstep.data import text as text_data
 from tfmstep.registry import register
 
 
+def generate(model, config, prompt, **options):
+    """The ``generate`` hook: ``generate_text`` with the config's tokenizer."""
+    return generate_text(model, prompt, tokenizer=make_tokenizer(config), **options)
+
+
 def lstm_servable(name, model, config):
     """The ``servable`` hook (``serving.py`` imports the export package, so only when exporting)."""
     from tfmstep.models.lstm_lm import serving
@@ -42,7 +47,7 @@ register(
     },
     # Measured on a 2-core CPU (benchmarks/README.md): the XLA-compiled LSTM step ran ~4x slower.
     xla_on_cpu=False,
-    servable=lstm_servable, inference_timer=per_token_times, forward_flops=forward_flops,
+    servable=lstm_servable, generate=generate, inference_timer=per_token_times, forward_flops=forward_flops,
     validate_data=text_data.validate_config, headline=headline_metrics, token_corpus=tokenized_corpus,
     assets=("vocab_file",),  # the SentencePiece vocabulary travels with a saved model
 )(build_lstm_lm)
