@@ -7,7 +7,7 @@
   tfmstep.load(dir) / tfmstep.save(model, dir)   a saved model or a training workdir, with config and card
 
 The names are imported on first use, so ``import tfmstep`` (and a command-line tool checking its flags)
-does not import TensorFlow; importing ``tfmstep.registry`` registers the built-in families.
+does not import TensorFlow; the registry imports the families (``tfmstep.families`` entry points) on first lookup.
 """
 
 import importlib
