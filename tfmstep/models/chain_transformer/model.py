@@ -213,6 +213,11 @@ class ChainTransformer(keras.Model):
         self.head = keras.layers.Dense(c.num_classes, name="answer_head")
         self.halt_head = keras.layers.Dense(1, name="halt_head")
 
+    @property
+    def input_dtype(self):
+        """Token ids: what Keras converts array inputs to and types ``model.export()``'s signature with."""
+        return "int32"
+
     def get_config(self):
         return {"config": dataclasses.asdict(self.config), "name": self.name}
 
@@ -415,5 +420,8 @@ def validate_chain_data(config: ChainConfig) -> None:
 def build_chain_transformer(config: ChainConfig) -> keras.Model:
     """Looped Transformer reading problems as plain tokens, with learned halting (or its stacked baseline)."""
     model = ChainTransformer(config)
-    model.build()
+    # Built with the shapes a problem has (any batch, any length), which Keras records for a subclassed
+    # model's ``model.export()`` signature, and called once (one loop) because export also wants that.
+    model.build({"tokens": (None, None)})
+    model({"tokens": tf.constant([chains.answer_slots(config.answers)], tf.int32)}, num_loops=1)
     return model
