@@ -21,6 +21,59 @@ from tfmstep.registry import register
 NORMS = ("batch", "group", "none")
 
 
+@keras.saving.register_keras_serializable("tfmstep")
+class BatchNormalization(keras.layers.BatchNormalization):
+    """``keras.layers.BatchNormalization`` of NHWC feature maps computed by TensorFlow's fused kernel
+    (the same class name: Keras keys weight files by it, so files saved with either class load into both).
+
+    Keras 3 normalises with moments + batch_normalization: about ten element-wise ops each way, after
+    upcasting bfloat16 activations to float32 and back. The fused op is one kernel forward and one
+    backward, in the activations' own dtype with float32 statistics (as tf.keras 2 did). Same variables
+    and the same moving-average rule (the biased batch variance); other cases (masks, renorm, synchronized, not 4-D) are the Keras layer's."""
+
+    def call(self, inputs, training=None, mask=None):
+        if (mask is not None or self.renorm or self.synchronized or len(inputs.shape) != 4
+                or self.axis not in (-1, 3)):
+            return super().call(inputs, training=training, mask=mask)
+        channels = inputs.shape[-1]
+        scale = self.gamma if self.scale else tf.ones([channels])
+        offset = self.beta if self.center else tf.zeros([channels])
+        if training and self.trainable:
+            outputs, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+                inputs, scale, offset, epsilon=self.epsilon, data_format="NHWC", is_training=True)
+            count = tf.cast(tf.reduce_prod(tf.shape(inputs)[:3]), tf.float32)
+            variance *= (count - 1.0) / tf.maximum(count, 1.0)  # the op returns the Bessel-corrected one
+            self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
+            self.moving_variance.assign(self.moving_variance * self.momentum
+                                        + variance * (1.0 - self.momentum))
+        else:
+            outputs, _, _ = tf.compat.v1.nn.fused_batch_norm(
+                inputs, scale, offset, mean=self.moving_mean, variance=self.moving_variance,
+                epsilon=self.epsilon, data_format="NHWC", is_training=False)
+        return tf.cast(outputs, self.compute_dtype)
+
+
+@keras.saving.register_keras_serializable("tfmstep")
+class AddMirrorImages(keras.layers.Layer):
+    """Outside training: the batch followed by its left-right mirror images ([2B, H, W, C]), for
+    ``AverageMirrorLogits``; in training the batch as it is (augmentation already flips)."""
+
+    def call(self, images, training=None):
+        return images if training else tf.concat([images, tf.reverse(images, axis=[2])], axis=0)
+
+
+@keras.saving.register_keras_serializable("tfmstep")
+class AverageMirrorLogits(keras.layers.Layer):
+    """Outside training: the mean of each image's logits and its mirror's (flip test-time augmentation,
+    as airbench evaluates CIFAR-10), so serving, TF-Lite and evaluation all answer the same."""
+
+    def call(self, logits, training=None):
+        if training:
+            return logits
+        original, mirrored = tf.split(logits, 2, axis=0)
+        return 0.5 * (original + mirrored)
+
+
 @dataclasses.dataclass(frozen=True)
 class CNNConfig:
     # Data. image_shape/num_classes of None take the dataset's own.
@@ -45,6 +98,9 @@ class CNNConfig:
     groups: int = 8  # for norm="group"
     dropout: float = 0.1
     l2: float = 0.0  # kernel L2; AdamW weight decay (trainer flag) is usually the better knob
+    # Inference averages the logits of each image and its mirror image (twice the inference work): for
+    # images whose class does not change when mirrored (not digits or text)
+    mirror_average: bool = False
 
     def __post_init__(self):
         if self.norm not in NORMS:
@@ -165,7 +221,8 @@ def classifier_servable(name: str, model: keras.Model, config):
               # ResNet-9's shape at a quarter of its width (488k parameters): what 2 CPU cores train on
               # 5,000 images in under 10 minutes (models/cnn_cifar10.flags).
               "cifar10": dict(dataset="cifar10", residual=True, stem_filters=16, filters=(32, 64, 128),
-                              convs_per_stage=2, augment=True, dropout=0.0, label_smoothing=0.2),
+                              convs_per_stage=2, augment=True, dropout=0.0, label_smoothing=0.2,
+                              mirror_average=True),
           },
           xla_on_cpu=False,  # XLA's CPU convolutions were slower than oneDNN's in the benchmark
           inference_timer=per_layer_times)
@@ -174,6 +231,7 @@ def build_cnn_classifier(config: CNNConfig) -> keras.Model:
     config = config.resolved()
     regularizer = keras.regularizers.L2(config.l2) if config.l2 else None
     inputs = keras.Input(shape=config.image_shape, name="images")
+
     def conv_norm_relu(x, width, name, suffix="", pool=False):
         """Conv -> (max-pool) -> norm -> ReLU; layers named {name}_conv{suffix}, {name}_bn{suffix}, ..."""
         x = keras.layers.Conv2D(width, 3, padding="same", use_bias=config.norm == "none",
@@ -181,12 +239,12 @@ def build_cnn_classifier(config: CNNConfig) -> keras.Model:
         if pool and min(x.shape[1], x.shape[2]) >= 2:
             x = keras.layers.MaxPooling2D(name=f"{name}_pool{suffix}")(x)
         if config.norm == "batch":
-            x = keras.layers.BatchNormalization(name=f"{name}_bn{suffix}")(x)
+            x = BatchNormalization(name=f"{name}_bn{suffix}")(x)
         elif config.norm == "group":
             x = keras.layers.GroupNormalization(min(config.groups, width), name=f"{name}_gn{suffix}")(x)
         return keras.layers.ReLU()(x)
 
-    x = inputs
+    x = AddMirrorImages(name="add_mirror_images")(inputs) if config.mirror_average else inputs
     if config.residual:
         x = conv_norm_relu(x, config.stem_filters, "stem")
         for stage, width in enumerate(config.filters):
@@ -206,4 +264,6 @@ def build_cnn_classifier(config: CNNConfig) -> keras.Model:
         x = keras.layers.Dropout(config.dropout)(x)
     logits = keras.layers.Dense(config.num_classes, kernel_regularizer=regularizer, dtype="float32",
                                 name="logits")(x)
+    if config.mirror_average:
+        logits = AverageMirrorLogits(name="average_mirror_logits", dtype="float32")(logits)
     return keras.Model(inputs, logits, name="cnn_classifier")
