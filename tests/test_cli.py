@@ -88,24 +88,31 @@ def test_train_help_lists_its_own_flags_models_presets_and_fields():
 
 
 _CHECK_WITHOUT_TF = """
-import sys
-sys.argv = ["tfmstep-train", *sys.argv[1:]]
-from tfmstep.cli import train
+import importlib, sys
+program = sys.argv[1]
+sys.argv = [program, *sys.argv[2:]]
 try:
-    train.run()
+    importlib.import_module("tfmstep.cli." + program).run()
 except SystemExit as e:
     print("exit", e.code, "tensorflow imported:", "tensorflow" in sys.modules)
 """
 
 
-@pytest.mark.parametrize("args,message", [
-    ([], "error: flag --workdir=None: Flag --workdir must have a value"),
-    (["--workdir=/tmp/x", "--steps=-3"], "error: flag --steps=-3"),
-    (["--workdir=/tmp/x", "--stepz=3"], "error: Unknown command line flag 'stepz'"),
-    (["--recipe=nope"], "error: unknown recipe 'nope'; recipes: "),
+@pytest.mark.parametrize("program,args,message", [
+    ("train", [], "error: flag --workdir=None: Flag --workdir must have a value"),
+    ("train", ["--workdir=/tmp/x", "--steps=-3"], "error: flag --steps=-3"),
+    ("train", ["--workdir=/tmp/x", "--stepz=3"], "error: Unknown command line flag 'stepz'"),
+    ("train", ["--recipe=nope"], "error: unknown recipe 'nope'; recipes: "),
+    ("generate", ["--workdir=x", "--top_p=2"], "error: flag --top_p=2"),
+    ("benchmark", ["--repeats=0"], "error: flag --repeats=0"),
+    ("profile", ["--calls=0"], "error: flag --calls=0"),
+    ("ngram_baseline", ["--bogus=1"], "error: Unknown command line flag 'bogus'"),
+    ("export", ["--bogus=1"], "error: Unknown command line flag 'bogus'"),
+    ("evaluate", ["--bogus=1"], "error: Unknown command line flag 'bogus'"),
+    ("serve", ["--bogus=1"], "error: Unknown command line flag 'bogus'"),
 ])
-def test_a_bad_train_flag_fails_before_tensorflow_is_imported(args, message):
-    result = subprocess.run([sys.executable, "-c", _CHECK_WITHOUT_TF, *args], capture_output=True, text=True,
-                            timeout=120, cwd=ROOT)
+def test_a_bad_flag_fails_before_tensorflow_is_imported(program, args, message):
+    result = subprocess.run([sys.executable, "-c", _CHECK_WITHOUT_TF, program, *args], capture_output=True,
+                            text=True, timeout=120, cwd=ROOT)
     assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr[-2000:]
     assert result.stdout.strip() == "exit 2 tensorflow imported: False", result.stdout

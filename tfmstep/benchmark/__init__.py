@@ -13,3 +13,5 @@ Everything is measured in one process on the same batches, so the ratios are com
 machine; absolute numbers are not. Nothing here asserts a time. The program is ``tfmstep-benchmark``
 (``tfmstep/cli/benchmark.py``).
 """
+
+SECTIONS = ("training", "inference", "serving", "scaling")  # here: the program's flags need no TensorFlow

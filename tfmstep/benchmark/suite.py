@@ -9,10 +9,10 @@ import platform
 from absl import logging
 
 from tfmstep import autotune, registry, saving
-from tfmstep.benchmark import inference, scaling, serving, training
+from tfmstep.benchmark import SECTIONS, inference, scaling, serving, training
 from tfmstep.errors import UserError
 
-SECTIONS = ("training", "inference", "serving", "scaling")
+__all__ = ["SECTIONS", "load_targets", "run_benchmarks"]
 
 
 def machine() -> dict:

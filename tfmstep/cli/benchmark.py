@@ -20,11 +20,11 @@ import sys
 
 from absl import app, flags
 
-from tfmstep.benchmark import report, suite
+from tfmstep.benchmark import SECTIONS
 from tfmstep.cli import exit_on_user_error, run_program
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("sections", list(suite.SECTIONS), "What to measure.")
+flags.DEFINE_list("sections", list(SECTIONS), "What to measure.")
 flags.DEFINE_list("models", [], "Models for the training and inference sections (default: every "
                   "registered model).")
 flags.DEFINE_integer("batch_size", 128, "Training batch size.", lower_bound=1)
@@ -45,6 +45,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     with exit_on_user_error():
+        from tfmstep.benchmark import report, suite  # TensorFlow: after the flags were read
+
         previous = None
         path = os.path.join(FLAGS.out, "results.json")
         if FLAGS.merge and os.path.exists(path):

@@ -11,7 +11,6 @@ and prints / writes a markdown table per model (benchmarks/README.md explains ho
 
 from absl import app, flags
 
-from tfmstep import profiling, registry
 from tfmstep.cli import exit_on_user_error, run_program
 
 FLAGS = flags.FLAGS
@@ -33,6 +32,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     with exit_on_user_error():
+        from tfmstep import profiling, registry  # TensorFlow: after the flags were read
+
         profiling.profile_models(FLAGS.models, FLAGS.preset, batch_size=FLAGS.batch_size,
                                  steps_per_call=FLAGS.steps_per_call, calls=FLAGS.calls,
                                  jit_compile=FLAGS.jit_compile, logdir=FLAGS.logdir, out=FLAGS.out,
