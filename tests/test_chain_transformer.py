@@ -236,3 +236,48 @@ def test_evaluation_of_a_jsonl_test_file_groups_by_steps(tiny_run, tmp_path):
     report, _ = evaluate.evaluate([tiny_run], None, "", "file", test_file=str(test_file))
     rows = next(iter(report["runs"].values()))["per_length"]
     assert [(r["length"], r["examples"]) for r in rows] == [(2, 2), (5, 1), (None, 1)]
+
+
+def _jsonl(path, task, lengths, seed):
+    rng = np.random.default_rng(seed)
+    lines = []
+    for k in lengths:
+        text, answer = chains.generate_problem(task, int(k), rng)
+        lines.append(json.dumps({"input": text, "answer": answer, "steps": int(k)}))
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_a_file_task_reads_sentencepiece_pieces_trains_saves_and_serves_text(tmp_path):
+    from tfmstep import saving, trainer
+    from tfmstep.export import saved_model, signatures
+
+    train_file = _jsonl(tmp_path / "train.jsonl", "lego", [1, 2, 3] * 100, seed=0)
+    test_file = _jsonl(tmp_path / "test.jsonl", "lego", [1, 2, 3] * 4, seed=1)
+    workdir = tmp_path / "run"
+    overrides = {"task": "file", "train_file": train_file, "test_file": test_file, "answer_length": 1,
+                 "tokenizer": "sentencepiece", "vocab_file": str(workdir / "vocab.spm"), "vocab_size": 350}
+    trainer.train("chain_transformer", str(workdir), "tiny", overrides,
+                  config=trainer.TrainConfig(steps=2, batch_size=8, eval_batches=1, jit_compile=False))
+    assert (workdir / "vocab.spm").exists()
+    model, config, spec = saving.load_trained(str(workdir))
+    tokens = next(iter(spec.dataset(config, "train", 8)))[0]["tokens"].numpy()
+    assert tokens.max() >= chains.VOCAB_SIZE  # pieces, not characters
+    assert (tokens > 0).sum(1).max() < max(len(json.loads(l)["input"]) for l in open(train_file))
+    problems = [json.loads(line)["input"] for line in open(test_file)][:3]
+    answers, _ = model.answer(problems)
+
+    saved = saving.save(model, str(tmp_path / "saved"), config=config, evaluate_metrics=False)
+    assert os.path.isfile(os.path.join(saved, saving.ASSETS_DIR, "vocab.spm"))
+    path = saved_model.export_saved_model(model, spec.name, config, str(tmp_path / "export"),
+                                          servable=signatures.servable(spec, model, config))
+    assert os.path.isfile(os.path.join(path, "assets", "vocab.spm"))
+    served = tf.saved_model.load(path).signatures["answer_text"](text=tf.constant(problems))
+    assert [a.decode() for a in served["answer_text"].numpy()] == answers
+
+
+def test_sentencepiece_is_refused_for_generated_tasks_and_without_a_vocab_file():
+    with pytest.raises(UserError, match="tokenizer=sentencepiece is for task=file"):
+        tfmstep.get_config("chain_transformer", "tiny", tokenizer="sentencepiece", vocab_file="v.spm")
+    with pytest.raises(UserError, match="needs vocab_file"):
+        tfmstep.get_config("chain_transformer", "tiny", task="file", tokenizer="sentencepiece")

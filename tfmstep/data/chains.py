@@ -78,6 +78,32 @@ def answer_slots(length: int) -> list[int]:
     return list(range(1, length + 1))
 
 
+class CharTokenizer:
+    """A problem's text -> one id per character (the built-in tasks' tokenizer, and the default)."""
+
+    vocab_size = VOCAB_SIZE
+
+    def encode(self, text: str, where: str = "input") -> list[int]:
+        return encode(text, where)
+
+
+CHARS = CharTokenizer()
+
+
+class PieceTokenizer:
+    """A problem's text -> SentencePiece pieces of a vocabulary trained on a task file (ids VOCAB_SIZE +
+    piece id, after PAD, the answer slots and the characters). Answers stay characters: the text must be
+    printable ASCII all the same. ``sentencepiece``: a ``tfmstep.data.text.SentencePieceTokenizer``."""
+
+    def __init__(self, sentencepiece):
+        self.sentencepiece = sentencepiece
+        self.vocab_size = VOCAB_SIZE + sentencepiece.vocabulary_size
+
+    def encode(self, text: str, where: str = "input") -> list[int]:
+        encode(text, where)  # the printable-ASCII check, with its message
+        return (self.sentencepiece.encode(text.encode("utf-8")) + VOCAB_SIZE).tolist()
+
+
 def encode_answer(answer: str, length: int, where: str = "answer") -> list[int]:
     ids = encode(answer, where)
     if not ids:
@@ -298,17 +324,23 @@ def solve(task: str, text: str, modulus: int = 5) -> tuple[str, int]:
 # Batches: tokens [B, T] (the text, then the answer slots, then PAD), labels {answers [B, A], steps [B]}.
 
 
-def encode_problem(text: str, answer_length: int, pad_to: int, where: str = "input") -> list[int]:
-    ids = encode(text, where) + answer_slots(answer_length)
+def encode_problem(text: str, answer_length: int, pad_to: int | None, where: str = "input",
+                   tokenizer=CHARS) -> list[int]:
+    """The problem's ids, then its answer slots, then PAD up to ``pad_to`` (None: no padding, only
+    no length limit)."""
+    ids = tokenizer.encode(text, where) + answer_slots(answer_length)
+    if pad_to is None:
+        return ids
     if len(ids) > pad_to:
         raise UserError(f"{where}: {len(ids)} tokens (text + {answer_length} answer slots) is longer "
                         f"than the model's limit of {pad_to} tokens (set --config=max_tokens)")
     return ids + [PAD] * (pad_to - len(ids))
 
 
-def make_batch(problems, answer_length: int, pad_to: int) -> tuple[dict, dict]:
+def make_batch(problems, answer_length: int, pad_to: int, tokenizer=CHARS) -> tuple[dict, dict]:
     """problems: [(text, answer, steps)] -> numpy ({"tokens"}, {"answers", "steps"})."""
-    tokens = np.array([encode_problem(t, answer_length, pad_to) for t, _, _ in problems], np.int32)
+    tokens = np.array([encode_problem(t, answer_length, pad_to, tokenizer=tokenizer) for t, _, _ in problems],
+                      np.int32)
     answers = np.array([encode_answer(a, answer_length) for _, a, _ in problems], np.int32)
     steps = np.array([s for _, _, s in problems], np.int32)
     return {"tokens": tokens}, {"answers": answers, "steps": steps}
@@ -375,7 +407,8 @@ def generated_dataset(task: str, split: str, batch_size: int, *, seed: int = 0, 
 # User files: JSONL lines {"input": str, "answer": str, "steps": int (optional)}.
 
 
-def read_jsonl(path: str, *, answer_length: int, max_tokens: int, known_chars: set | None = None):
+def read_jsonl(path: str, *, answer_length: int, max_tokens: int | None, known_chars: set | None = None,
+               tokenizer=CHARS):
     """[(text, answer, steps)] of a JSONL file (steps -1 when not given), each line checked; a bad line is
     one error naming the file and line number. ``known_chars``: characters the model was trained on (a
     test file may use no others)."""
@@ -407,7 +440,10 @@ def read_jsonl(path: str, *, answer_length: int, max_tokens: int, known_chars: s
             if isinstance(steps, bool) or not isinstance(steps, int) or (steps < 1 and steps != -1):
                 raise UserError(f"{where}: steps must be a positive integer, got {steps!r}")
             encode_answer(answer, answer_length, f"{where} answer")
-            encode_problem(text, answer_length, max_tokens, f"{where} input")
+            length = len(encode_problem(text, answer_length, None, f"{where} input", tokenizer))
+            if max_tokens is not None and length > max_tokens:
+                raise UserError(f"{where} input: {length} tokens (text + {answer_length} answer slots) is "
+                                f"longer than the model's limit of {max_tokens} tokens (set --config=max_tokens)")
             if known_chars is not None:
                 unknown = sorted(set(text + answer) - known_chars)
                 if unknown:
@@ -420,11 +456,11 @@ def read_jsonl(path: str, *, answer_length: int, max_tokens: int, known_chars: s
 
 
 def read_file_task(train_file: str, test_file: str, *, answer_length: int, max_tokens: int,
-                   max_steps: int | None = None):
+                   max_steps: int | None = None, tokenizer=CHARS):
     """(train, test) problems of a JSONL task, every line checked (``read_jsonl``); train ``steps`` at most
     ``max_steps`` (the loop iterations trained), test characters all seen in training. test is None
     without a ``test_file``."""
-    train = read_jsonl(train_file, answer_length=answer_length, max_tokens=max_tokens)
+    train = read_jsonl(train_file, answer_length=answer_length, max_tokens=max_tokens, tokenizer=tokenizer)
     if max_steps is not None:
         for number, (_, _, steps) in enumerate(train, 1):
             if steps > max_steps:
@@ -433,18 +469,20 @@ def read_file_task(train_file: str, test_file: str, *, answer_length: int, max_t
     if not test_file:
         return train, None
     known = set("".join(t + a for t, a, _ in train))
-    return train, read_jsonl(test_file, answer_length=answer_length, max_tokens=max_tokens, known_chars=known)
+    return train, read_jsonl(test_file, answer_length=answer_length, max_tokens=max_tokens, known_chars=known,
+                             tokenizer=tokenizer)
 
 
 def file_dataset(train_file: str, test_file: str, split: str, batch_size: int, *, seed: int = 0,
-                 start_batch: int = 0, answer_length: int, max_tokens: int, max_steps: int | None = None):
+                 start_batch: int = 0, answer_length: int, max_tokens: int, max_steps: int | None = None,
+                 tokenizer=CHARS):
     """A user's JSONL task. "train": the train file, reshuffled every epoch; batch b starts at stream
     position b * batch_size (exact resume). "validation": the test file when given, else the train
     file's last 10%. "test": the test file (its characters must all occur in the train file)."""
     from tfmstep.data import common
 
     train, test = read_file_task(train_file, test_file if split != "train" else "", answer_length=answer_length,
-                                 max_tokens=max_tokens, max_steps=max_steps)
+                                 max_tokens=max_tokens, max_steps=max_steps, tokenizer=tokenizer)
     if split == "train":
         problems = train
     elif test is not None:
@@ -453,8 +491,8 @@ def file_dataset(train_file: str, test_file: str, split: str, batch_size: int, *
         problems = train[-max(1, len(train) // 10):]
     else:
         raise UserError("task=file needs --config=test_file=<jsonl> for the test split")
-    pad_to = max(len(t) for t, _, _ in (train if split == "train" else problems)) + answer_length
-    inputs, labels = make_batch(problems, answer_length, pad_to)
+    pad_to = max(len(tokenizer.encode(t)) for t, _, _ in (train if split == "train" else problems)) + answer_length
+    inputs, labels = make_batch(problems, answer_length, pad_to, tokenizer)
     if split == "train":
         indices = common.shuffled_index_stream(len(problems), seed, int(start_batch) * batch_size)
         tensors = (tf.constant(inputs["tokens"]), tf.constant(labels["answers"]), tf.constant(labels["steps"]))

@@ -279,7 +279,11 @@ def load_or_train_sentencepiece(vocab_file: str, vocab_size: int, train_bytes: b
         tokenizer = SentencePieceTokenizer(proto)
         logging.info("Vocabulary: %s (%d pieces).", vocab_file, tokenizer.vocabulary_size)
     else:
-        proto = with_fingerprint(SentencePieceTokenizer.train(train_bytes, vocab_size), fingerprint)
+        try:
+            proto = with_fingerprint(SentencePieceTokenizer.train(train_bytes, vocab_size), fingerprint)
+        except RuntimeError as e:  # sentencepiece: "Vocabulary size is smaller than required_chars ..."
+            reason = str(e).split("] ", 1)[-1].splitlines()[0]
+            raise UserError(f"cannot train a {vocab_size}-piece vocabulary on this text: {reason}") from None
         try:
             os.makedirs(os.path.dirname(os.path.abspath(vocab_file)), exist_ok=True)
         except OSError as e:

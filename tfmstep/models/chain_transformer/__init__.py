@@ -19,6 +19,7 @@ register(
     },
     servable=serving.chain_servable, evaluate=evaluate.evaluate_runs,
     inference_timer=evaluate.per_loop_times, validate_data=validate_chain_data,
+    assets=("vocab_file",),  # a file task's SentencePiece vocabulary travels with a saved model
 )(build_chain_transformer)
 
 __all__ = ["ChainConfig", "ChainTransformer", "build_chain_transformer", "chain_loss", "chain_metrics",

@@ -60,11 +60,15 @@ def evaluate_model(model, config, lengths, examples: int = 256, batch_size: int 
 
 def evaluate_file(model, config, test_file: str, batch_size: int = 128) -> list[dict]:
     """One row per ``steps`` value of a JSONL test file (one row, length None, when it gives none)."""
+    from tfmstep.models.chain_transformer.model import chain_tokenizer
+
+    tokenizer = chain_tokenizer(config)
     if config.train_file and os.path.isfile(config.train_file):  # test characters must be trained ones
         problems = chains.read_file_task(config.train_file, test_file, answer_length=config.answers,
-                                         max_tokens=config.max_tokens)[1]
+                                         max_tokens=config.max_tokens, tokenizer=tokenizer)[1]
     else:
-        problems = chains.read_jsonl(test_file, answer_length=config.answers, max_tokens=config.max_tokens)
+        problems = chains.read_jsonl(test_file, answer_length=config.answers, max_tokens=config.max_tokens,
+                                     tokenizer=tokenizer)
     groups: dict = {}
     for problem in problems:
         groups.setdefault(problem[2] if problem[2] >= 1 else None, []).append(problem)
@@ -74,8 +78,8 @@ def evaluate_file(model, config, test_file: str, batch_size: int = 128) -> list[
         batches = []
         for start in range(0, len(group), batch_size):
             chunk = group[start:start + batch_size]
-            pad_to = max(len(t) for t, _, _ in chunk) + config.answers
-            batches.append(chains.make_batch(chunk, config.answers, pad_to))
+            pad_to = max(len(tokenizer.encode(t)) for t, _, _ in chunk) + config.answers
+            batches.append(chains.make_batch(chunk, config.answers, pad_to, tokenizer))
         rows.append({"length": steps, **_score(batches, predict, config)})
     return rows
 

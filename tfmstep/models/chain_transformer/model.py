@@ -27,6 +27,8 @@ the distance slopes and the length-scaled softmax inside the logits.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 
 import keras
 import numpy as np
@@ -44,6 +46,12 @@ class ChainConfig:
     task: str = "lego"  # lego | parity | pointer | kinship | registers | reassign | file
     train_file: str = ""
     test_file: str = ""
+    # How a problem's text becomes ids: "char" (one per character), or "sentencepiece" (file tasks: pieces
+    # of a vocabulary trained on the train file's inputs and written to vocab_file if it is missing).
+    # Answers are characters either way.
+    tokenizer: str = "char"
+    vocab_file: str = ""
+    vocab_size: int = 512  # sentencepiece pieces (256 byte pieces + specials + every character, then merges)
     train_min_len: int = 1
     train_max_len: int = 8
     test_max_len: int = 32  # longest chain of the generated "test" split
@@ -69,6 +77,17 @@ class ChainConfig:
         if self.task not in chains.TASKS + (chains.FILE_TASK,):
             raise UserError(f"unknown chain task {self.task!r}; choose one of "
                             f"{', '.join(chains.TASKS + (chains.FILE_TASK,))}")
+        if self.tokenizer not in ("char", "sentencepiece"):
+            raise UserError(f"unknown tokenizer {self.tokenizer!r}; choose char or sentencepiece")
+        if self.tokenizer == "sentencepiece":
+            if self.task != chains.FILE_TASK:
+                raise UserError("tokenizer=sentencepiece is for task=file (the generated tasks are "
+                                "character problems)")
+            if not self.vocab_file:
+                raise UserError("tokenizer=sentencepiece needs vocab_file, e.g. "
+                                "--config=vocab_file=<workdir>/vocab.spm (trained there if missing)")
+            if self.vocab_size < 260:
+                raise UserError(f"tokenizer=sentencepiece needs vocab_size >= 260, got {self.vocab_size}")
         if self.train_min_len < 1 or self.test_max_len < 1:
             raise UserError("chain lengths must be >= 1")
         if self.train_max_len < self.train_min_len:
@@ -116,6 +135,31 @@ class ChainConfig:
     @property
     def num_classes(self) -> int:
         return chains.VOCAB_SIZE  # answers are character ids (PAD = an unused slot)
+
+    @property
+    def input_vocab_size(self) -> int:
+        """Token ids the model reads: characters (and answer slots, PAD), plus the pieces."""
+        return chains.VOCAB_SIZE + (self.vocab_size if self.tokenizer == "sentencepiece" else 0)
+
+
+def chain_tokenizer(config: ChainConfig, check_against_train_file: bool = False):
+    """The problem tokenizer of ``config``: ``chains.CHARS``, or the SentencePiece vocabulary in vocab_file
+    (trained on the train file's inputs when missing; checked against them when asked, as training does)."""
+    if config.tokenizer != "sentencepiece":
+        return chains.CHARS
+    train_text = b""
+    if check_against_train_file or not os.path.exists(config.vocab_file):
+        problems = chains.read_jsonl(config.train_file, answer_length=config.answers, max_tokens=None)
+        train_text = "\n".join(text for text, _, _ in problems).encode("utf-8")
+    return _piece_tokenizer(config.vocab_file, config.vocab_size, train_text, config.train_file)
+
+
+@functools.lru_cache(maxsize=8)
+def _piece_tokenizer(vocab_file, vocab_size, train_text, source):
+    from tfmstep.data import text as text_data
+
+    return chains.PieceTokenizer(text_data.load_or_train_sentencepiece(vocab_file, vocab_size, train_text,
+                                                                       source))
 
 
 @keras.saving.register_keras_serializable("tfmstep")
@@ -200,7 +244,7 @@ class ChainTransformer(keras.Model):
             config = ChainConfig(**config)
         self.config = c = config or ChainConfig()
         self.embedding = keras.layers.Embedding(
-            chains.VOCAB_SIZE, c.width, name="token_embedding",
+            c.input_vocab_size, c.width, name="token_embedding",
             embeddings_initializer=keras.initializers.RandomNormal(stddev=0.5))
 
         def block(name):
@@ -249,11 +293,13 @@ class ChainTransformer(keras.Model):
         graph): ``model.answer(["10110?"])`` -> (["1"], [5.0]), the answers and the loops each used."""
         if isinstance(texts, str):
             texts = [texts]
-        width = max(len(text) for text in texts) + self.config.answers
+        tokenizer = chain_tokenizer(self.config)
+        width = max(len(tokenizer.encode(text, f"problem {i}")) for i, text in enumerate(texts))
+        width += self.config.answers
         if width > self.config.max_tokens:
             raise UserError(f"a problem of {width} tokens (text + answer slots) is longer than max_tokens="
                             f"{self.config.max_tokens}")
-        tokens = np.array([chains.encode_problem(text, self.config.answers, width, where=f"problem {i}")
+        tokens = np.array([chains.encode_problem(text, self.config.answers, width, f"problem {i}", tokenizer)
                            for i, text in enumerate(texts)], np.int32)
         outputs = self({"tokens": tf.constant(tokens)}, training=False, num_loops=max_loops)
         predicted = np.argmax(outputs["logits"].numpy(), -1)
@@ -396,7 +442,8 @@ def _file_limits(config: ChainConfig) -> dict:
     """What a file task's lines are checked against: the answer slots, max_tokens and (looped) the loop
     iterations trained, which a line's ``steps`` may not exceed."""
     return dict(answer_length=config.answers, max_tokens=config.max_tokens,
-                max_steps=config.loops_in_training if config.looped else None)
+                max_steps=config.loops_in_training if config.looped else None,
+                tokenizer=chain_tokenizer(config, check_against_train_file=True))
 
 
 def chain_dataset(config: ChainConfig, split: str, batch_size: int, seed: int = 0, start_batch: int = 0):

@@ -2,8 +2,10 @@
 
 - ``serving_default``: ``tokens`` int32 [B, T] (the problem's character ids, then its answer slots, then
   PAD) -> ``answers`` [B, A] (answer ids), ``answer_text`` [B] and ``steps_used`` [B].
-- ``answer_text``: ``text`` string [B] -> the same, tokenised in the graph with the model's character
-  tokenizer (answer slots appended), so a client sends the problem as it has it.
+- ``answer_text``: ``text`` string [B] -> the same, tokenised in the graph with the model's tokenizer
+  (characters, or a file task's SentencePiece pieces through keras-hub's tokenizer layer, whose
+  vocabulary is also copied to the version's assets/; answer slots appended), so a client sends the
+  problem as it has it.
 
 Every input is checked in the graph before the model runs (``tfmstep.export.signatures.check_inputs``:
 rank, a batch of 1..1024; then ids inside the vocabulary, exactly one of each answer slot, at most
@@ -35,7 +37,7 @@ def check_tokens(tokens, config):
         assert_that(tf.shape(tokens)[1] <= config.max_tokens,
                     f"input 'tokens': {{}} tokens per problem is over max_tokens={config.max_tokens}",
                     tf.shape(tokens)[1]),
-        assert_in_range(tokens, 0, chains.VOCAB_SIZE - 1, "tokens", "token ids"),
+        assert_in_range(tokens, 0, config.input_vocab_size - 1, "tokens", "token ids"),
         assert_that(tf.reduce_all(tf.equal(slots, 1)),
                     f"input 'tokens': every problem needs each answer slot id 1..{config.answers} exactly once"),
     ], tokens)
@@ -54,14 +56,20 @@ def _id_strings():
     return tf.constant([""] * chains.FIRST_CHAR_ID + list(chains.CHARSET))
 
 
-def text_to_tokens(text, config):
-    """string [B] -> int32 tokens [B, T]: characters, then the answer slots, then PAD. Checks the text."""
+def text_to_tokens(text, config, pieces=None):
+    """string [B] -> int32 tokens [B, T]: characters (or ``pieces``: a keras-hub SentencePiece tokenizer
+    layer, ids offset past the characters), then the answer slots, then PAD. Checks the text."""
     text = check_inputs({"text": text}, {"text": tf.TensorSpec([None], tf.string)}, max_batch=MAX_BATCH)["text"]
     codepoints = tf.strings.unicode_decode(text, "UTF-8", errors="replace", replacement_char=0xFFFD)
     flat = codepoints.flat_values
     inside = (flat >= 0) & (flat < 128)
     ids = tf.gather(_charset_table(), tf.where(inside, flat, 0))
-    lengths = codepoints.row_lengths()
+    ragged = codepoints.with_flat_values(ids)
+    if pieces is not None:
+        ragged = tf.cast(pieces.tokenize(text), tf.int32) + chains.VOCAB_SIZE
+        if isinstance(ragged, tf.Tensor):  # one problem comes back dense
+            ragged = tf.RaggedTensor.from_tensor(ragged)
+    lengths = ragged.row_lengths()
     checks = [
         assert_that(tf.reduce_all(inside & (ids >= 0)),
                     "input 'text': a character outside printable ASCII (the tokenizer's vocabulary)"),
@@ -71,7 +79,6 @@ def text_to_tokens(text, config):
                     f"{config.answers} answer slots"),
     ]
     with tf.control_dependencies(checks):
-        ragged = codepoints.with_flat_values(ids)
         slots = tf.broadcast_to(tf.constant(chains.answer_slots(config.answers), tf.int32)[None],
                                 [tf.shape(text)[0], config.answers])
         joined = tf.concat([ragged, tf.RaggedTensor.from_tensor(slots)], axis=1)
@@ -79,7 +86,13 @@ def text_to_tokens(text, config):
 
 
 def chain_servable(name: str, model: keras.Model, config) -> Servable:
+    from tfmstep.models.chain_transformer.model import chain_tokenizer
+
     id_strings = _id_strings()
+    tokenizer = chain_tokenizer(config)
+    pieces = tokenizer.sentencepiece.tokenizer if isinstance(tokenizer, chains.PieceTokenizer) else None
+    if pieces is not None:
+        pieces(tf.constant(["x"]))  # a first call builds the layer; the export archive tracks built layers
 
     def outputs_of(tokens):
         outputs = model({"tokens": tokens}, training=False)
@@ -91,7 +104,7 @@ def chain_servable(name: str, model: keras.Model, config) -> Servable:
         return outputs_of(check_tokens(tokens, config))
 
     def answer_text(text):
-        return outputs_of(text_to_tokens(text, config))
+        return outputs_of(text_to_tokens(text, config, pieces))
 
     def raw_outputs(tokens):
         outputs = model({"tokens": tokens}, training=False)
@@ -101,13 +114,17 @@ def chain_servable(name: str, model: keras.Model, config) -> Servable:
     def reference(signature_name, inputs):
         if signature_name == "answer_text":
             texts = [t.decode() if isinstance(t, bytes) else t for t in np.asarray(inputs["text"]).tolist()]
-            rows = [outputs_of(tf.constant([chains.encode(t) + chains.answer_slots(config.answers)],
+            rows = [outputs_of(tf.constant([tokenizer.encode(t) + chains.answer_slots(config.answers)],
                                            tf.int32)) for t in texts]
             return {key: np.concatenate([r[key].numpy() for r in rows]) for key in rows[0]}
         return {key: value.numpy() for key, value in outputs_of(tf.constant(inputs["tokens"])).items()}
 
     tokens = _example_tokens(config).astype(np.int32)
-    example_problems = [chains.decode(row) for row in tokens]
+    if pieces is None:
+        example_problems = [chains.decode(row) for row in tokens]
+    else:
+        example_problems = [tokenizer.sentencepiece.decode(row[row >= chains.VOCAB_SIZE] - chains.VOCAB_SIZE)
+                            for row in tokens]
     token_spec = {"tokens": tf.TensorSpec([None, None], tf.int32, name="tokens")}
     return Servable(
         signatures={"serving_default": Signature(answer_tokens, token_spec),
@@ -115,7 +132,8 @@ def chain_servable(name: str, model: keras.Model, config) -> Servable:
         warmup_inputs={"serving_default": {"tokens": tokens},
                        "answer_text": {"text": np.array([p.encode() for p in example_problems], object)}},
         tflite_fn=raw_outputs, tflite_input_signature=token_spec, primary_output="logits",
-        keras_reference=reference)
+        keras_reference=reference, vocab_file=config.vocab_file if pieces is not None else None,
+        trackables=[pieces] if pieces is not None else [])
 
 
 def _example_tokens(config, batch_size: int = 2):
