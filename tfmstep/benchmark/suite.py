@@ -12,8 +12,6 @@ from tfmstep import autotune, registry, saving
 from tfmstep.benchmark import SECTIONS, inference, scaling, serving, training
 from tfmstep.errors import UserError
 
-__all__ = ["SECTIONS", "load_targets", "run_benchmarks"]
-
 
 def machine() -> dict:
     """What the figures depend on: CPU, cores, the low-precision flags and what auto-tuning makes of them."""

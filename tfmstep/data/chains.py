@@ -81,8 +81,6 @@ def answer_slots(length: int) -> list[int]:
 class CharTokenizer:
     """A problem's text -> one id per character (the built-in tasks' tokenizer, and the default)."""
 
-    vocab_size = VOCAB_SIZE
-
     def encode(self, text: str, where: str = "input") -> list[int]:
         return encode(text, where)
 
@@ -97,7 +95,6 @@ class PieceTokenizer:
 
     def __init__(self, sentencepiece):
         self.sentencepiece = sentencepiece
-        self.vocab_size = VOCAB_SIZE + sentencepiece.vocabulary_size
 
     def encode(self, text: str, where: str = "input") -> list[int]:
         encode(text, where)  # the printable-ASCII check, with its message
@@ -324,23 +321,35 @@ def solve(task: str, text: str, modulus: int = 5) -> tuple[str, int]:
 # Batches: tokens [B, T] (the text, then the answer slots, then PAD), labels {answers [B, A], steps [B]}.
 
 
-def encode_problem(text: str, answer_length: int, pad_to: int | None, where: str = "input",
-                   tokenizer=CHARS) -> list[int]:
-    """The problem's ids, then its answer slots, then PAD up to ``pad_to`` (None: no padding, only
-    no length limit)."""
-    ids = tokenizer.encode(text, where) + answer_slots(answer_length)
-    if pad_to is None:
-        return ids
-    if len(ids) > pad_to:
+def problem_ids(text: str, answer_length: int, where: str = "input", tokenizer=CHARS) -> list[int]:
+    """The problem's ids, then its answer slots (not padded)."""
+    return tokenizer.encode(text, where) + answer_slots(answer_length)
+
+
+def check_problem_length(ids: list, limit: int, answer_length: int, where: str = "input") -> None:
+    if len(ids) > limit:
         raise UserError(f"{where}: {len(ids)} tokens (text + {answer_length} answer slots) is longer "
-                        f"than the model's limit of {pad_to} tokens (set --config=max_tokens)")
+                        f"than the model's limit of {limit} tokens (set --config=max_tokens)")
+
+
+def pad_problem(ids: list, pad_to: int, answer_length: int, where: str = "input") -> list[int]:
+    check_problem_length(ids, pad_to, answer_length, where)
     return ids + [PAD] * (pad_to - len(ids))
 
 
-def make_batch(problems, answer_length: int, pad_to: int, tokenizer=CHARS) -> tuple[dict, dict]:
-    """problems: [(text, answer, steps)] -> numpy ({"tokens"}, {"answers", "steps"})."""
-    tokens = np.array([encode_problem(t, answer_length, pad_to, tokenizer=tokenizer) for t, _, _ in problems],
-                      np.int32)
+def encode_problem(text: str, answer_length: int, pad_to: int, where: str = "input",
+                   tokenizer=CHARS) -> list[int]:
+    """The problem's ids, then its answer slots, then PAD up to ``pad_to``."""
+    return pad_problem(problem_ids(text, answer_length, where, tokenizer), pad_to, answer_length, where)
+
+
+def make_batch(problems, answer_length: int, pad_to: int | None = None, tokenizer=CHARS) -> tuple[dict, dict]:
+    """problems: [(text, answer, steps)] -> numpy ({"tokens"}, {"answers", "steps"}); ``pad_to`` None:
+    padded to the longest problem, each one tokenised once."""
+    rows = [problem_ids(t, answer_length, tokenizer=tokenizer) for t, _, _ in problems]
+    if pad_to is None:
+        pad_to = max(len(row) for row in rows)
+    tokens = np.array([pad_problem(row, pad_to, answer_length) for row in rows], np.int32)
     answers = np.array([encode_answer(a, answer_length) for _, a, _ in problems], np.int32)
     steps = np.array([s for _, _, s in problems], np.int32)
     return {"tokens": tokens}, {"answers": answers, "steps": steps}
@@ -440,10 +449,9 @@ def read_jsonl(path: str, *, answer_length: int, max_tokens: int | None, known_c
             if isinstance(steps, bool) or not isinstance(steps, int) or (steps < 1 and steps != -1):
                 raise UserError(f"{where}: steps must be a positive integer, got {steps!r}")
             encode_answer(answer, answer_length, f"{where} answer")
-            length = len(encode_problem(text, answer_length, None, f"{where} input", tokenizer))
-            if max_tokens is not None and length > max_tokens:
-                raise UserError(f"{where} input: {length} tokens (text + {answer_length} answer slots) is "
-                                f"longer than the model's limit of {max_tokens} tokens (set --config=max_tokens)")
+            ids = problem_ids(text, answer_length, f"{where} input", tokenizer)
+            if max_tokens is not None:
+                check_problem_length(ids, max_tokens, answer_length, f"{where} input")
             if known_chars is not None:
                 unknown = sorted(set(text + answer) - known_chars)
                 if unknown:
@@ -491,8 +499,7 @@ def file_dataset(train_file: str, test_file: str, split: str, batch_size: int, *
         problems = train[-max(1, len(train) // 10):]
     else:
         raise UserError("task=file needs --config=test_file=<jsonl> for the test split")
-    pad_to = max(len(tokenizer.encode(t)) for t, _, _ in (train if split == "train" else problems)) + answer_length
-    inputs, labels = make_batch(problems, answer_length, pad_to, tokenizer)
+    inputs, labels = make_batch(problems, answer_length, tokenizer=tokenizer)  # padded to the longest
     if split == "train":
         indices = common.shuffled_index_stream(len(problems), seed, int(start_batch) * batch_size)
         tensors = (tf.constant(inputs["tokens"]), tf.constant(labels["answers"]), tf.constant(labels["steps"]))

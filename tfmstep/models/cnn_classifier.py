@@ -29,7 +29,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
     Keras 3 normalises with moments + batch_normalization: about ten element-wise ops each way, after
     upcasting bfloat16 activations to float32 and back. The fused op is one kernel forward and one
     backward, in the activations' own dtype with float32 statistics (as tf.keras 2 did). Same variables
-    and the same moving-average rule (the biased batch variance); other cases (masks, renorm, synchronized, not 4-D) are the Keras layer's."""
+    and the same moving-average rule (the biased batch variance); other cases (masks, renorm,
+    synchronized, not 4-D) are the Keras layer's."""
 
     def call(self, inputs, training=None, mask=None):
         if (mask is not None or self.renorm or self.synchronized or len(inputs.shape) != 4

@@ -78,8 +78,7 @@ def evaluate_file(model, config, test_file: str, batch_size: int = 128) -> list[
         batches = []
         for start in range(0, len(group), batch_size):
             chunk = group[start:start + batch_size]
-            pad_to = max(len(tokenizer.encode(t)) for t, _, _ in chunk) + config.answers
-            batches.append(chains.make_batch(chunk, config.answers, pad_to, tokenizer))
+            batches.append(chains.make_batch(chunk, config.answers, tokenizer=tokenizer))
         rows.append({"length": steps, **_score(batches, predict, config)})
     return rows
 

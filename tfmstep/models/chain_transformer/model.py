@@ -27,7 +27,6 @@ the distance slopes and the length-scaled softmax inside the logits.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 
 import keras
@@ -151,15 +150,10 @@ def chain_tokenizer(config: ChainConfig, check_against_train_file: bool = False)
     if check_against_train_file or not os.path.exists(config.vocab_file):
         problems = chains.read_jsonl(config.train_file, answer_length=config.answers, max_tokens=None)
         train_text = "\n".join(text for text, _, _ in problems).encode("utf-8")
-    return _piece_tokenizer(config.vocab_file, config.vocab_size, train_text, config.train_file)
-
-
-@functools.lru_cache(maxsize=8)
-def _piece_tokenizer(vocab_file, vocab_size, train_text, source):
     from tfmstep.data import text as text_data
 
-    return chains.PieceTokenizer(text_data.load_or_train_sentencepiece(vocab_file, vocab_size, train_text,
-                                                                       source))
+    return chains.PieceTokenizer(text_data.load_or_train_sentencepiece(
+        config.vocab_file, config.vocab_size, train_text, config.train_file))
 
 
 @keras.saving.register_keras_serializable("tfmstep")
@@ -294,13 +288,13 @@ class ChainTransformer(keras.Model):
         if isinstance(texts, str):
             texts = [texts]
         tokenizer = chain_tokenizer(self.config)
-        width = max(len(tokenizer.encode(text, f"problem {i}")) for i, text in enumerate(texts))
-        width += self.config.answers
+        rows = [chains.problem_ids(text, self.config.answers, f"problem {i}", tokenizer)
+                for i, text in enumerate(texts)]
+        width = max(len(row) for row in rows)
         if width > self.config.max_tokens:
             raise UserError(f"a problem of {width} tokens (text + answer slots) is longer than max_tokens="
                             f"{self.config.max_tokens}")
-        tokens = np.array([chains.encode_problem(text, self.config.answers, width, f"problem {i}", tokenizer)
-                           for i, text in enumerate(texts)], np.int32)
+        tokens = np.array([chains.pad_problem(row, width, self.config.answers) for row in rows], np.int32)
         outputs = self({"tokens": tf.constant(tokens)}, training=False, num_loops=max_loops)
         predicted = np.argmax(outputs["logits"].numpy(), -1)
         return [chains.decode(row) for row in predicted], outputs["steps_used"].numpy().tolist()
