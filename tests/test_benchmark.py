@@ -104,3 +104,20 @@ def test_unknown_section_or_model_fails_before_measuring():
         suite.run_benchmarks(["trainning"])
     with pytest.raises(tfmstep.UserError, match="unknown model"):
         suite.run_benchmarks(["training"], ["nope"])
+
+
+def test_served_precisions_score_and_time_every_artifact_of_a_preset(tmp_path):
+    from tfmstep.benchmark import report, serving
+
+    result = serving.served_precision_report("cnn_digits", repeats=3, batch_sizes=(1, 4), max_eval_batches=2)
+    assert [r["artifact"] for r in result["rows"]] == list(serving.SERVED_PRECISIONS)
+    accuracy = {r["artifact"]: r["metrics"]["accuracy"] for r in result["rows"]}
+    # The shipped digits CNN is ~99% right in float32; bfloat16 compute and int8 serve the same weights.
+    assert accuracy["SavedModel float32"] > 0.9
+    assert accuracy["TF-Lite fp32"] == accuracy["SavedModel float32"]
+    assert all(abs(a - accuracy["SavedModel float32"]) <= 0.05 for a in accuracy.values())
+    for row in result["rows"]:
+        assert set(row["latency_ms"]) == {"1", "4"} and row["latency_ms"]["4"]["median"] > 0
+    assert len(result["speedups"]) == 6
+    markdown = report.write_report({"served_precision": result}, str(tmp_path), "tfmstep-benchmark")
+    assert "SavedModel mixed_bfloat16" in markdown and "TF-Lite int8 vs TF-Lite fp32, batch 4" in markdown

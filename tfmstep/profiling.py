@@ -24,7 +24,7 @@ import time
 import tensorflow as tf
 
 from tfmstep import registry
-from tfmstep.benchmark import training
+from tfmstep.benchmark import flops, stats, training
 
 # Op types doing the model's arithmetic (the MFU numerator); everything else is overhead to explain.
 COMPUTE_OP_TYPES = ("MatMul", "BatchMatMul", "Conv2D", "Conv2DBackprop", "Einsum", "XlaRun", "XlaLaunch",
@@ -72,7 +72,9 @@ def profile_training_step(name, preset: str = "default", *, batch_size: int = 64
     name or ModelSpec).
 
     Returns wall time per step, per-op-type seconds per step and share of the wall time, the compute
-    share (matmul/conv ops) and the trace location."""
+    share (matmul/conv ops), the trace location and what caps the model FLOPs utilisation: the step's
+    FLOP rate and the rate inside its matmul/conv ops, each against the matmul peak of ``precision``
+    measured just before (median of 5), so MFU splits into (time in those ops) x (their efficiency)."""
     # The same fresh model, optimizer, in-memory batches and compiled step as the benchmark's
     # throughput rows.
     spec = registry.resolve(name)
@@ -91,6 +93,11 @@ def profile_training_step(name, preset: str = "default", *, batch_size: int = 64
     finally:
         tf.profiler.experimental.stop()
     trace = op_times_from_trace(logdir)
+    inputs, _ = next(iter(spec.dataset(config, "train", 1, seed=0)))
+    flops_per_step = batch_size * flops.training_flops_per_example(spec, training.fresh_model(spec, config),
+                                                                   config, inputs)
+    peak_run = training.peak_runner(precision)
+    peak = stats.summary([peak_run() for _ in range(5)])["median"]
     total_steps = calls * steps_per_call
     wall_per_step = wall / total_steps
     ops = sorted(trace["op_seconds"].items(), key=lambda item: -item[1])
@@ -108,6 +115,12 @@ def profile_training_step(name, preset: str = "default", *, batch_size: int = 64
         "compute_ms_per_step": 1e3 * compute / total_steps,
         "compute_share_of_op_time": compute / op_total if op_total else 0.0,
         "top_ops": rows, "logdir": logdir, "trace": trace["trace"],
+        "training_flops_per_step": flops_per_step, "matmul_peak_flops": peak,
+        "mfu": flops_per_step / wall_per_step / peak,
+        # The matmul/conv ops' own rate: their summed time spread over the executor threads (each op
+        # runs on oneDNN's intra-op pool, so this is an upper bound on that time, a lower bound on the rate).
+        "compute_op_efficiency": (flops_per_step / (compute / total_steps / trace["threads"]) / peak
+                                  if compute else 0.0),
     }
 
 
@@ -118,6 +131,12 @@ def format_profile(report: dict) -> str:
              f"over {report['threads']} executor threads (busy {100 * report['busy_fraction']:.0f}%); "
              f"matmul/conv ops {100 * report['compute_share_of_op_time']:.0f}% of op time", "",
              "| op type | ms/step | share of wall | matmul/conv |", "|---|---|---|---|"]
+    if "mfu" in report:
+        lines[3:3] = [f"MFU {100 * report['mfu']:.1f}% of the {report.get('precision', 'float32')} matmul peak "
+                      f"({report['matmul_peak_flops'] / 1e9:.0f} GFLOP/s, {report['training_flops_per_step'] / 1e9:.1f} "
+                      f"GFLOP/step); inside the matmul/conv ops the step runs at >= "
+                      f"{100 * report['compute_op_efficiency']:.0f}% of that peak, so the rest of the gap is the "
+                      f"time outside them", ""]
     for row in report["top_ops"]:
         lines.append(f"| {row['op_type']} | {row['ms_per_step']:.3f} | {100 * row['share_of_wall']:.1f}% | "
                      f"{'yes' if row['compute'] else ''} |")

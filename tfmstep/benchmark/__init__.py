@@ -4,7 +4,8 @@
                 trainer's auto-tuning picks (the "tfmstep auto" row)
   flops.py      training FLOPs per example and this machine's matmul peak (model FLOPs utilisation)
   inference.py  per-step inference time of every family that registers an ``inference_timer``
-  serving.py    served-path latency: the Keras call, the SavedModel signature, each TF-Lite file
+  serving.py    served-path latency: the Keras call, the SavedModel signature, each TF-Lite file; and a
+                trained model's accuracy and latency served in float32, bfloat16 and int8
   scaling.py    one vs two MultiWorkerMirroredStrategy workers on localhost
   report.py     results.json, README.md tables and plots
   timing.py     the timing primitives they share (families' inference timers use them too)
@@ -14,4 +15,4 @@ machine; absolute numbers are not. Nothing here asserts a time. The program is `
 (``tfmstep/cli/benchmark.py``).
 """
 
-SECTIONS = ("training", "inference", "serving", "scaling")  # here: the program's flags need no TensorFlow
+SECTIONS = ("training", "inference", "serving", "served_precision", "scaling")  # here: the program's flags need no TensorFlow

@@ -91,7 +91,7 @@ def _training_section(entry: dict) -> list:
                      f"the interval straddles it).")
     if "autotune" in entry:
         parts.append(_autotune_summary(entry["autotune"], entry["batch_size"]))
-    return parts
+    return parts + [""]  # a blank line: the next section's heading must not run into this table
 
 
 def write_report(results: dict, out_dir: str, command: str) -> str:
@@ -129,6 +129,8 @@ def write_report(results: dict, out_dir: str, command: str) -> str:
         parts.append(f"## Served-path latency: {entry['model']} (one request, ms)\n")
         parts.append(_table(entry["rows"], ["path", "batch", "p50_ms", "p99_ms", "mean_ms", "std_ms"]))
         parts.append("\n" + ", ".join(f"{k} = **{v:.2f}x**" for k, v in entry["ratios"].items()) + "\n")
+    if "served_precision" in results:
+        parts.extend(_served_precision_section(results["served_precision"]))
     if "scaling" in results:
         s = results["scaling"]
         model = f": {s['model']}" if "model" in s else ""
@@ -141,6 +143,21 @@ def write_report(results: dict, out_dir: str, command: str) -> str:
     with open(os.path.join(out_dir, "README.md"), "w") as f:
         f.write(markdown)
     return markdown
+
+
+def _served_precision_section(entry: dict) -> list:
+    batches = list(entry["rows"][0]["latency_ms"])
+    metric_names = [k for k in entry["rows"][0]["metrics"] if k != "loss"][:2] + ["loss"]
+    rows = [{"artifact": r["artifact"], **{m: f"{r['metrics'][m]:.4f}" for m in metric_names},
+             **{f"p50 ms, batch {b}": f"{r['latency_ms'][b]['median']:.2f} "
+                f"(IQR {r['latency_ms'][b]['q1']:.2f}-{r['latency_ms'][b]['q3']:.2f})" for b in batches}}
+            for r in entry["rows"]]
+    lines = [f"## Served precisions: {entry['source']} ({entry['model']}, {entry['examples']} validation "
+             f"examples, {entry['repeats']} interleaved requests per artifact and batch size)\n",
+             _table(rows, list(rows[0])), "",
+             "| speedup (latency ratio, median and 95% bootstrap interval) | value |", "|---|---|"]
+    lines += [f"| {name} | {stats.format_interval(r)} **{r['verdict']}** |" for name, r in entry["speedups"].items()]
+    return lines + [""]
 
 
 def _plot_steps(name: str, rows: list, path: str) -> None:

@@ -4,6 +4,7 @@ file, at batch sizes 1 and 32."""
 from __future__ import annotations
 
 import os
+import time
 import tempfile
 
 import keras
@@ -81,3 +82,86 @@ def served_latency_report(name: str, preset: str = "default", repeats: int = 200
         if ("TF-Lite int8", batch) in by and ("TF-Lite fp32", batch) in by:
             ratios[f"int8_vs_fp32_p50_batch{batch}"] = by[("TF-Lite int8", batch)] / by[("TF-Lite fp32", batch)]
     return {"model": name, "rows": rows, "ratios": ratios}
+
+
+SERVED_PRECISIONS = ("SavedModel float32", "SavedModel mixed_bfloat16", "TF-Lite fp32", "TF-Lite int8")
+
+
+def served_precision_report(source: str, repeats: int = 40, batch_sizes=(1, 32),
+                            max_eval_batches: int = 0) -> dict:
+    """A trained model (a workdir, saved model or preset name: ``saving.load_trained``) served four ways:
+    the SavedModel in float32 and in mixed_bfloat16 (the same weights, bfloat16 compute), TF-Lite fp32 and
+    full-int8. Each is scored on the validation split with the family's metrics and timed at each batch
+    size in interleaved repeats; latency ratios against float32 come with bootstrap intervals.
+
+    A SavedModel is timed through its ``serving_default`` signature, what TF Serving runs; it is scored
+    through the servable's TF-Lite entry point on the same model in the same precision, because the
+    family's loss reads the raw outputs (e.g. logits) a serving signature turns into answers."""
+    from tfmstep import evaluation, export, saving, step
+    from tfmstep.benchmark import stats
+    from tfmstep.export import tflite
+
+    model, config, spec = saving.load_trained(source)
+    bf16_model = spec.build(config)
+    bf16_model.set_weights(model.get_weights())
+    step.set_precision(bf16_model, "mixed_bfloat16")  # before anything is traced: its graphs compute in bf16
+    validation = list(spec.dataset(config, "validation", 32))[:max_eval_batches or None]
+
+    scorers, timers = {}, {}  # artifact -> fn({input name: numpy}) -> {output name: array}
+    feed_names = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, m in (("SavedModel float32", model), ("SavedModel mixed_bfloat16", bf16_model)):
+            servable = export.servable(spec, m, config)
+            path = export.export_saved_model(m, spec.name, config, os.path.join(tmp, label.split()[-1]),
+                                             servable=servable)
+            signature = tf.saved_model.load(path).signatures["serving_default"]
+            feed_names[label] = list(signature.structured_input_signature[1])
+            timers[label] = lambda feeds, fn=signature: fn(**{k: tf.constant(v) for k, v in feeds.items()})
+            scorers[label] = lambda feeds, fn=servable.tflite_function(): fn(
+                **{k: tf.constant(v) for k, v in feeds.items()})
+            primary = servable.primary_output
+            lite_specs = servable.tflite_input_signature
+        for fmt in ("fp32", "int8"):
+            lite = tflite.LiteModel(tflite.convert(model, spec.name, config, fmt))
+            scorers[f"TF-Lite {fmt}"] = timers[f"TF-Lite {fmt}"] = lite
+
+        def feeds_for(label, inputs, scoring=False):  # a dataset's inputs as the artifact's named feeds
+            lite_feeds = scoring or label.startswith("TF-Lite")
+            names = list(lite_specs) if lite_feeds else feed_names[label]
+            if not isinstance(inputs, dict):
+                inputs = {names[0]: inputs}
+            if lite_feeds:
+                return {n: tflite._fit_to_spec(np.asarray(inputs[n]), lite_specs[n]) for n in names}
+            return {n: np.asarray(inputs[n]) for n in names}
+
+        rows = []
+        for label, score in scorers.items():
+            metrics = evaluation.evaluate_outputs(spec.loss, validation, lambda inputs, label=label, score=score:
+                                                  tf.constant(score(feeds_for(label, inputs, True))[primary]))
+            rows.append({"artifact": label, "metrics": {k: float(v) for k, v in metrics.items()}})
+
+        timings = {}
+        for batch_size in batch_sizes:
+            batch = tf.nest.map_structure(lambda a: np.asarray(a)[:batch_size], validation[0][0])
+            feeds = {label: feeds_for(label, batch) for label in timers}
+            for label, call in timers.items():
+                call(feeds[label])  # warm-up
+            seconds = {label: [] for label in timers}
+            for _ in range(repeats):  # interleaved: a slow spell of the machine hits every artifact alike
+                for label, call in timers.items():
+                    start = time.perf_counter()
+                    call(feeds[label])
+                    seconds[label].append(time.perf_counter() - start)
+            timings[batch_size] = seconds
+    for row in rows:
+        row["latency_ms"] = {str(b): {k: 1e3 * v for k, v in stats.summary(timings[b][row["artifact"]]).items()
+                                      if k in ("median", "q1", "q3")} for b in batch_sizes}
+    speedups = {}  # latency(base) / latency(other): above 1 means ``other`` answers sooner
+    for batch_size in batch_sizes:
+        for other, base in (("SavedModel mixed_bfloat16", "SavedModel float32"), ("TF-Lite int8", "TF-Lite fp32"),
+                            ("TF-Lite fp32", "SavedModel float32")):
+            speedups[f"{other} vs {base}, batch {batch_size}"] = stats.ratio(timings[batch_size][base],
+                                                                             timings[batch_size][other])
+    examples = sum(int(np.shape(tf.nest.flatten(labels)[0])[0]) for _, labels in validation)
+    return {"source": source, "model": spec.name, "examples": examples, "repeats": repeats, "rows": rows,
+            "speedups": speedups}

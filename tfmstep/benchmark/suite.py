@@ -55,10 +55,12 @@ def load_targets(path: str) -> list:
 
 def run_benchmarks(sections=SECTIONS, models=None, *, batch_size: int = 128, steps: int = 50,
                    repeats: int = 3, tune_for_steps: int = 1000, serving_model: str = "cnn_classifier",
-                   scaling_model: str = "cnn_classifier", suite_file: str = "", only=(),
+                   scaling_model: str = "cnn_classifier", served_source: str = "cnn_digits",
+                   suite_file: str = "", only=(),
                    previous: dict | None = None) -> dict:
     """Training throughput and inference timing of ``models`` (default: every registered model), the
-    served-path latency of ``serving_model`` and the multi-worker scaling of ``scaling_model``.
+    served-path latency of ``serving_model``, the served precisions of the trained model ``served_source``
+    (a workdir, saved model or preset) and the multi-worker scaling of ``scaling_model``.
 
     ``suite_file``: the training section measures its entries (real shapes, recipes, grids, goals)
     instead; ``only``: just the entries with these labels, the others kept from ``previous`` (an earlier
@@ -100,6 +102,8 @@ def run_benchmarks(sections=SECTIONS, models=None, *, batch_size: int = 128, ste
         results["inference_steps"] = inference.inference_step_times(models)
     if "serving" in sections:
         results["serving"] = serving.served_latency_report(serving_model)
+    if "served_precision" in sections:
+        results["served_precision"] = serving.served_precision_report(served_source)
     if "scaling" in sections:
         results["scaling"] = scaling.scaling_report(scaling_model)
     return results

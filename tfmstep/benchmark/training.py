@@ -183,7 +183,7 @@ def autotuned_settings(spec, config, batch_size: int, run_steps: int) -> autotun
         run_steps=run_steps, model_name=spec.name)
 
 
-def _peak_runner(precision: str) -> Runner:
+def peak_runner(precision: str) -> Runner:
     dtype = tf.bfloat16 if "bfloat16" in precision else tf.float16 if "float16" in precision else tf.float32
     return flops.matmul_peak_runner(dtype)
 
@@ -243,7 +243,7 @@ def benchmark_training(name, preset: str = "default", batch_size: int = 64, step
     if peak_flops is None:
         for precision in precisions:
             peak_names[precision] = f"matmul peak {precision} (FLOP/s)"
-            runners[peak_names[precision]] = _peak_runner(precision)
+            runners[peak_names[precision]] = peak_runner(precision)
     logging.info("%s: timing %d settings, %d interleaved repeats", name, len(runners), repeats)
     results = time_interleaved(runners, repeats)
     by_name = {r.name: r for r in results}

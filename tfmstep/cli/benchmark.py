@@ -33,6 +33,8 @@ flags.DEFINE_integer("repeats", 3, "Timed repeats per setting (median and spread
 flags.DEFINE_integer("tune_for_steps", 1000, "Run length the auto-tuned row is chosen for (it sets the "
                      "tuning budget and caps steps_per_call, as in the trainer).", lower_bound=1)
 flags.DEFINE_string("serving_model", "cnn_classifier", "Model whose served-path latency is measured.")
+flags.DEFINE_string("served_source", "cnn_digits", "Trained model (workdir, saved model or preset) whose "
+                    "accuracy and latency are measured served in float32, bfloat16 and int8.")
 flags.DEFINE_string("scaling_model", "cnn_classifier", "Model trained by the multi-worker scaling run.")
 flags.DEFINE_string("out", "benchmarks", "Output directory (results.json, README.md, PNGs).")
 flags.DEFINE_string("suite", "", "JSON file of the training section's entries (see benchmarks/suite.json); "
@@ -55,7 +57,8 @@ def main(argv):
         results = suite.run_benchmarks(
             FLAGS.sections, FLAGS.models, batch_size=FLAGS.batch_size, steps=FLAGS.steps,
             repeats=FLAGS.repeats, tune_for_steps=FLAGS.tune_for_steps, serving_model=FLAGS.serving_model,
-            scaling_model=FLAGS.scaling_model, suite_file=FLAGS.suite, only=FLAGS.only, previous=previous)
+            scaling_model=FLAGS.scaling_model, served_source=FLAGS.served_source,
+            suite_file=FLAGS.suite, only=FLAGS.only, previous=previous)
     command = shlex.join(["tfmstep-benchmark", *sys.argv[1:]])
     if FLAGS.sections:  # a run that measured something; one that only re-renders the report adds nothing
         results["commands"] = [*(results.get("commands", []) if FLAGS.merge else []), command]
