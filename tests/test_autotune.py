@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 import tfmstep
-from tfmstep import autotune, step as step_lib, trainer
+from tfmstep import autotune, registry, step as step_lib, trainer
 
 # BatchNorm statistics and a dropout SeedGenerator are part of the state measuring must not move.
 CNN = dict(filters=(4, 8), dropout=0.5)
@@ -355,6 +355,17 @@ def test_precision_candidates_follow_the_hardware_and_the_config(monkeypatch):
     assert autotune.needs_loss_scale_optimizer(auto)
     scaled = keras.optimizers.LossScaleOptimizer(plain)
     assert autotune.precision_options(auto, scaled) == ("float32", "mixed_float16")
+
+
+def test_a_family_that_opts_out_of_low_precision_is_kept_in_float32_by_auto(monkeypatch):
+    auto = trainer.TrainConfig()
+    monkeypatch.setattr(autotune, "fast_low_precision", lambda: "mixed_float16")
+    opted_out = dataclasses.replace(registry.get_spec("cnn_classifier"), auto_low_precision=False)
+    assert autotune.precision_options(auto, spec=opted_out) == ("float32",)
+    assert not autotune.needs_loss_scale_optimizer(auto, opted_out)
+    assert autotune.needs_loss_scale_optimizer(auto, dataclasses.replace(opted_out, auto_low_precision=True))
+    # An explicit precision is the user's choice, opted out or not.
+    assert autotune.precision_options(dataclasses.replace(auto, mixed_precision=BF16), spec=opted_out) == (BF16,)
 
 
 @pytest.mark.slow  # three short trainer runs (~45 s on 2 busy cores); the float32 ones above are not slow

@@ -585,12 +585,15 @@ def jit_compile_options(config, spec, strategy: tf.distribute.Strategy) -> tuple
 AUTO = "auto"
 
 
-def precision_options(config, optimizer: Optional[keras.optimizers.Optimizer] = None) -> tuple:
+def precision_options(config, optimizer: Optional[keras.optimizers.Optimizer] = None, spec=None) -> tuple:
     """The precisions a run may use: the one set in ``config.mixed_precision``, or for "auto" float32 and
-    this machine's fast low precision (``fast_low_precision``). float16 needs the trainer's
-    LossScaleOptimizer (``needs_loss_scale_optimizer``); without one it is not a candidate."""
+    this machine's fast low precision (``fast_low_precision``) unless the family (``spec``) opts out
+    (``auto_low_precision``). float16 needs the trainer's LossScaleOptimizer
+    (``needs_loss_scale_optimizer``); without one it is not a candidate."""
     if config.mixed_precision != AUTO:
         return (config.mixed_precision or FLOAT32,)
+    if spec is not None and not spec.auto_low_precision:
+        return (FLOAT32,)
     low = fast_low_precision()
     if step_lib.needs_loss_scaling(low) and optimizer is not None and not isinstance(
             optimizer, keras.optimizers.LossScaleOptimizer):
@@ -598,9 +601,12 @@ def precision_options(config, optimizer: Optional[keras.optimizers.Optimizer] = 
     return (FLOAT32, low) if low else (FLOAT32,)
 
 
-def needs_loss_scale_optimizer(config) -> bool:
+def needs_loss_scale_optimizer(config, spec=None) -> bool:
     """Whether the run's optimizer must be a LossScaleOptimizer (float16 set, or a candidate here)."""
-    choice = fast_low_precision() if config.mixed_precision == AUTO else config.mixed_precision
+    if config.mixed_precision == AUTO:
+        choice = fast_low_precision() if spec is None or spec.auto_low_precision else FLOAT32
+    else:
+        choice = config.mixed_precision
     return step_lib.needs_loss_scaling(choice)
 
 
@@ -653,7 +659,7 @@ def settings_for_run(config, spec, strategy: tf.distribute.Strategy, *, model: k
 def _settings_for_run(config, spec, strategy, *, model, optimizer, dataset_fn, run_steps, model_name,
                       saved_record, **measure_options) -> StepSettings:
     jit_options = jit_compile_options(config, spec, strategy)
-    precisions = precision_options(config, optimizer)
+    precisions = precision_options(config, optimizer, spec)
     if len(jit_options) == 1 and config.steps_per_call and len(precisions) == 1:
         return StepSettings(jit_options[0], config.steps_per_call, "explicit", mixed_precision=precisions[0])
     recorded = recorded_settings(saved_record, config)

@@ -41,6 +41,9 @@ class ModelSpec:
     description: str = ""
     # jit_compile on CPU when the trainer does not measure (short or multi-process runs; see autotune)
     xla_on_cpu: bool = True
+    # Whether mixed_precision=auto may train the family in a low precision (bf16/fp16) when it is faster
+    # and its short loss check passes: False where a measured full run lost accuracy that check misses
+    auto_low_precision: bool = True
     # Optional hooks a family fills in beside its builder; generic modules read these instead of
     # naming families (None: the generic behaviour, or "not supported" where there is none).
     # servable(name, model, config) -> tfmstep.export.signatures.Servable  (serving signatures, TF-Lite fn)

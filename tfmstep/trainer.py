@@ -243,7 +243,7 @@ class _Run:
             self.optimizer = step_lib.make_optimizer(step_lib.OptimizerConfig(
                 learning_rate=config.learning_rate, weight_decay=config.weight_decay,
                 warmup_steps=config.warmup_steps, total_steps=config.steps))
-            if autotune.needs_loss_scale_optimizer(config):  # float16 (the step scales its clipping too)
+            if autotune.needs_loss_scale_optimizer(config, self.spec):  # float16 (the step scales its clipping too)
                 self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
             self.optimizer.build(self.model.trainable_variables)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")

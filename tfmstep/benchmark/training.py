@@ -174,7 +174,7 @@ def autotuned_settings(spec, config, batch_size: int, run_steps: int) -> autotun
     model = fresh_model(spec, config)
     optimizer = make_optimizer(run_steps)
     train_config = trainer.TrainConfig(steps=run_steps, batch_size=batch_size)
-    if autotune.needs_loss_scale_optimizer(train_config):
+    if autotune.needs_loss_scale_optimizer(train_config, spec):
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     optimizer.build(model.trainable_variables)
     return autotune.settings_for_run(
