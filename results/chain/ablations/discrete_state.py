@@ -1,5 +1,10 @@
-"""Experiment: looped Transformer with a discrete (straight-through) per-token state.
-python fsm.py --task=parity --steps=1000 [--groups=4 --codes=16]"""
+"""Experiments on the looped chain reasoner (a compact copy of the model), one run per command, a JSON line
+appended to --out:
+  python discrete_state.py --task=parity --steps=1000 [--discrete=1 --groups=4 --codes=16]
+  --win/--pwin N: core/prelude attention local to +-N tokens (--local_heads: only that many heads local)
+  --curriculum S: the longest trained k rises from 1 to train_max over the first S steps
+  --fixed_logn 1: no length-scaled softmax; --state_noise s: Gaussian noise on the state per iteration
+  --exact_k 1: the answer supervised only after exactly k iterations (Fan et al. 2024)"""
 import argparse, json, time, sys, os
 import numpy as np
 import tensorflow as tf
@@ -20,6 +25,8 @@ p.add_argument("--eval_n", type=int, default=128); p.add_argument("--tests", def
 p.add_argument("--win", type=int, default=0); p.add_argument("--pwin", type=int, default=0)
 p.add_argument("--soft_train", type=int, default=0); p.add_argument("--exact_k", type=int, default=0)
 p.add_argument("--coda", type=int, default=0); p.add_argument("--out", default="")
+p.add_argument("--curriculum", type=int, default=0); p.add_argument("--local_heads", type=int, default=0)
+p.add_argument("--causal", type=int, default=0); p.add_argument("--fixed_logn", type=int, default=0); p.add_argument("--state_noise", type=float, default=0.0)
 args = p.parse_args()
 keras.utils.set_random_seed(args.seed)
 A = chains.ANSWER_LENGTH[args.task]
@@ -45,8 +52,19 @@ class FSM(keras.Model):
         apos = tf.math.top_k(tf.where((tokens >= 1) & (tokens <= 8), tf.expand_dims(T - tf.range(T), 0), 0), k=A).indices
         pos = tf.range(T); rel = tf.expand_dims(pos[None, :] - pos[:, None], 0)
         n = tf.reduce_sum(tf.cast(mask, tf.float32), 1); logn = tf.reshape(tf.math.log(tf.maximum(n, 2.0)), [B, 1, 1, 1])
+        if args.fixed_logn:  # no length-dependent softmax temperature
+            logn = tf.fill([B, 1, 1, 1], float(np.log(30.0)))
         def local(bias, w):
-            return bias if not w else bias + tf.where(tf.abs(rel) > w, -1e9, 0.0)[:, None]
+            if not w:
+                return bias
+            far = tf.abs(rel) > w
+            if args.causal:
+                far = far | (rel > 0)
+            cut = tf.where(far, -1e9, 0.0)[:, None]  # [1, 1, T, T]
+            if args.local_heads:  # only the first local_heads heads are local; the rest stay global
+                sel = tf.reshape(tf.cast(tf.range(args.heads) < args.local_heads, tf.float32), [1, args.heads, 1, 1])
+                cut = cut * sel
+            return bias + cut
         h = self.emb(tokens)
         for b in self.prelude:
             h = b(h, h, local(b.position_bias(rel), args.pwin), mask, logn, training=training)
@@ -68,6 +86,8 @@ class FSM(keras.Model):
             x = s + e
             hh = self.core(x, x, cb, mask, logn, training=training)
             s = quant(hh) if args.discrete else hh
+            if training and args.state_noise:  # perturbed states must be pulled back: an error-correcting loop
+                s = s + args.state_noise * tf.random.normal(tf.shape(s))
             q = tf.gather(s, apos, batch_dims=1)
             if self.coda is not None:
                 q = self.coda(q, s, self.coda.position_bias(rela), mask, logn, training=training)
@@ -98,12 +118,13 @@ def train_step(tokens, answers, steps):
     return loss, tf.reduce_mean(m["exact_match"])
 
 rng = np.random.default_rng(args.seed)
-def batch():
-    x, y = chains.generate_batch(args.task, rng.integers(1, args.train_max + 1, size=args.batch), rng, A, pad_train)
+def batch(i):
+    top = args.train_max if i >= args.curriculum else min(args.train_max, 1 + int(args.train_max * i / args.curriculum))
+    x, y = chains.generate_batch(args.task, rng.integers(1, top + 1, size=args.batch), rng, A, pad_train)
     return x["tokens"], y["answers"], y["steps"]
 t0 = time.time()
 for i in range(args.steps):
-    loss, em = train_step(*batch())
+    loss, em = train_step(*batch(i))
     if i % 100 == 0 or i == args.steps - 1:
         print(f"step {i} loss {float(loss):.4f} em(last loop) {float(em):.3f} {time.time()-t0:.0f}s", flush=True)
 train_time = time.time() - t0
