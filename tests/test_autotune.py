@@ -370,7 +370,10 @@ def test_a_family_that_opts_out_of_low_precision_is_kept_in_float32_by_auto(monk
 
 @pytest.mark.slow  # three short trainer runs (~45 s on 2 busy cores); the float32 ones above are not slow
 def test_auto_chosen_bfloat16_records_it_trains_like_a_run_told_it_and_resumes_bit_exact(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, isolated_registry):
+    # The tiny CNN stands in for a family that lets auto-tuning train it in bf16 (the CNN itself opts out).
+    isolated_registry._REGISTRY["cnn_classifier"] = dataclasses.replace(
+        isolated_registry.get_spec("cnn_classifier"), auto_low_precision=True)
     chosen = (True, 10, BF16)
     real = autotune.choose_step_settings
 
