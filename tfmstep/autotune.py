@@ -585,6 +585,11 @@ def jit_compile_options(config, spec, strategy: tf.distribute.Strategy) -> tuple
 AUTO = "auto"
 
 
+def _auto_low_precision(spec) -> str:
+    """The low precision "auto" may try: this machine's fast one, unless the family opts out ("": none)."""
+    return fast_low_precision() if spec is None or spec.auto_low_precision else ""
+
+
 def precision_options(config, optimizer: Optional[keras.optimizers.Optimizer] = None, spec=None) -> tuple:
     """The precisions a run may use: the one set in ``config.mixed_precision``, or for "auto" float32 and
     this machine's fast low precision (``fast_low_precision``) unless the family (``spec``) opts out
@@ -592,9 +597,7 @@ def precision_options(config, optimizer: Optional[keras.optimizers.Optimizer] = 
     (``needs_loss_scale_optimizer``); without one it is not a candidate."""
     if config.mixed_precision != AUTO:
         return (config.mixed_precision or FLOAT32,)
-    if spec is not None and not spec.auto_low_precision:
-        return (FLOAT32,)
-    low = fast_low_precision()
+    low = _auto_low_precision(spec)
     if step_lib.needs_loss_scaling(low) and optimizer is not None and not isinstance(
             optimizer, keras.optimizers.LossScaleOptimizer):
         low = ""
@@ -603,10 +606,7 @@ def precision_options(config, optimizer: Optional[keras.optimizers.Optimizer] = 
 
 def needs_loss_scale_optimizer(config, spec=None) -> bool:
     """Whether the run's optimizer must be a LossScaleOptimizer (float16 set, or a candidate here)."""
-    if config.mixed_precision == AUTO:
-        choice = fast_low_precision() if spec is None or spec.auto_low_precision else FLOAT32
-    else:
-        choice = config.mixed_precision
+    choice = _auto_low_precision(spec) if config.mixed_precision == AUTO else config.mixed_precision
     return step_lib.needs_loss_scaling(choice)
 
 

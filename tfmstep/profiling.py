@@ -99,6 +99,7 @@ def profile_training_step(name, preset: str = "default", *, batch_size: int = 64
     peak_run = training.peak_runner(precision)
     peak = stats.summary([peak_run() for _ in range(5)])["median"]
     total_steps = calls * steps_per_call
+    at_peak = flops_per_step * total_steps / peak  # seconds the profiled steps' FLOPs take at the peak
     wall_per_step = wall / total_steps
     ops = sorted(trace["op_seconds"].items(), key=lambda item: -item[1])
     op_total = sum(seconds for _, seconds in ops)
@@ -119,9 +120,8 @@ def profile_training_step(name, preset: str = "default", *, batch_size: int = 64
         "mfu": flops_per_step / wall_per_step / peak,
         # The matmul/conv ops' own rate, as a range: the wall time with one of them running is at most
         # their summed time (and the wall) and at least that sum spread over the executor threads.
-        "compute_op_efficiency": [flops_per_step / (min(compute, wall) / total_steps) / peak if compute else 0.0,
-                                  flops_per_step / (compute / total_steps / trace["threads"]) / peak
-                                  if compute else 0.0],
+        "compute_op_efficiency": ([at_peak / min(compute, wall), at_peak / (compute / trace["threads"])]
+                                  if compute else [0.0, 0.0]),
         "wall_share_outside_compute_ops": max(0.0, 1.0 - compute / wall),  # at least this much
     }
 

@@ -107,43 +107,42 @@ def served_precision_report(source: str, repeats: int = 40, batch_sizes=(1, 32),
     step.set_precision(bf16_model, "mixed_bfloat16")  # before anything is traced: its graphs compute in bf16
     validation = list(spec.dataset(config, "validation", 32))[:max_eval_batches or None]
 
+    serving = export.servable(spec, model, config)  # the TF-Lite feeds and the primary output, as exported
     scorers, timers = {}, {}  # artifact -> fn({input name: numpy}) -> {output name: array}
-    feed_names = {}
+    saved_feed_names, loaded = {}, []
     with tempfile.TemporaryDirectory() as tmp:
         for label, m in (("SavedModel float32", model), ("SavedModel mixed_bfloat16", bf16_model)):
-            servable = export.servable(spec, m, config)
+            servable = serving if m is model else export.servable(spec, m, config)
             path = export.export_saved_model(m, spec.name, config, os.path.join(tmp, label.split()[-1]),
                                              servable=servable)
-            signature = tf.saved_model.load(path).signatures["serving_default"]
-            feed_names[label] = list(signature.structured_input_signature[1])
+            loaded.append(tf.saved_model.load(path))  # held: its variables live as long as it does
+            signature = loaded[-1].signatures["serving_default"]
+            saved_feed_names[label] = list(signature.structured_input_signature[1])
             timers[label] = lambda feeds, fn=signature: fn(**{k: tf.constant(v) for k, v in feeds.items()})
             scorers[label] = lambda feeds, fn=servable.tflite_function(): fn(
                 **{k: tf.constant(v) for k, v in feeds.items()})
-            primary = servable.primary_output
-            lite_specs = servable.tflite_input_signature
         for fmt in ("fp32", "int8"):
-            lite = tflite.LiteModel(tflite.convert(model, spec.name, config, fmt))
+            lite = tflite.LiteModel(tflite.convert(model, spec.name, config, fmt, servable=serving))
             scorers[f"TF-Lite {fmt}"] = timers[f"TF-Lite {fmt}"] = lite
 
-        def feeds_for(label, inputs, scoring=False):  # a dataset's inputs as the artifact's named feeds
-            lite_feeds = scoring or label.startswith("TF-Lite")
-            names = list(lite_specs) if lite_feeds else feed_names[label]
+        def timer_feeds(label, inputs):  # what a request to the artifact carries
+            if label not in saved_feed_names:
+                return tflite.lite_feeds(inputs, serving.tflite_input_signature)
+            names = saved_feed_names[label]
             if not isinstance(inputs, dict):
                 inputs = {names[0]: inputs}
-            if lite_feeds:
-                return {n: tflite._fit_to_spec(np.asarray(inputs[n]), lite_specs[n]) for n in names}
             return {n: np.asarray(inputs[n]) for n in names}
 
         rows = []
         for label, score in scorers.items():
-            metrics = evaluation.evaluate_outputs(spec.loss, validation, lambda inputs, label=label, score=score:
-                                                  tf.constant(score(feeds_for(label, inputs, True))[primary]))
+            metrics = evaluation.evaluate_outputs(spec.loss, validation, lambda inputs, score=score: tf.constant(
+                score(tflite.lite_feeds(inputs, serving.tflite_input_signature))[serving.primary_output]))
             rows.append({"artifact": label, "metrics": {k: float(v) for k, v in metrics.items()}})
 
         timings = {}
         for batch_size in batch_sizes:
             batch = tf.nest.map_structure(lambda a: np.asarray(a)[:batch_size], validation[0][0])
-            feeds = {label: feeds_for(label, batch) for label in timers}
+            feeds = {label: timer_feeds(label, batch) for label in timers}
             for label, call in timers.items():
                 call(feeds[label])  # warm-up
             seconds = {label: [] for label in timers}

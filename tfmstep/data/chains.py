@@ -337,12 +337,6 @@ def pad_problem(ids: list, pad_to: int, answer_length: int, where: str = "input"
     return ids + [PAD] * (pad_to - len(ids))
 
 
-def encode_problem(text: str, answer_length: int, pad_to: int, where: str = "input",
-                   tokenizer=CHARS) -> list[int]:
-    """The problem's ids, then its answer slots, then PAD up to ``pad_to``."""
-    return pad_problem(problem_ids(text, answer_length, where, tokenizer), pad_to, answer_length, where)
-
-
 def make_batch(problems, answer_length: int, pad_to: int | None = None, tokenizer=CHARS) -> tuple[dict, dict]:
     """problems: [(text, answer, steps)] -> numpy ({"tokens"}, {"answers", "steps"}); ``pad_to`` None:
     padded to the longest problem, each one tokenised once."""

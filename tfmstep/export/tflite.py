@@ -51,13 +51,9 @@ def _source_saved_model(model: keras.Model, servable: signatures_lib.Servable) -
 def representative_dataset(spec: registry.ModelSpec, config, input_signature: dict, examples: int):
     """Calibration inputs for full-integer quantisation: the model's own train pipeline, one example
     per batch, the same examples every time (seed 0)."""
-    names = list(input_signature)
-
     def generate():
         for inputs, _ in spec.dataset(config, "train", 1, seed=0).take(examples):
-            if not isinstance(inputs, dict):
-                inputs = {names[0]: inputs}
-            yield {name: _fit_to_spec(np.asarray(inputs[name]), input_signature[name]) for name in names}
+            yield lite_feeds(inputs, input_signature)
 
     return generate
 
@@ -207,16 +203,13 @@ def compare_with_keras(model: keras.Model, model_name: str, config, flatbuffer: 
     spec = _spec(servable, model_name)
     lite = LiteModel(flatbuffer)
     tflite_fn = servable.tflite_function()
-    names = list(servable.tflite_input_signature)
     primary = servable.primary_output
     sums = {"keras": [], "tflite": []}
     agree = count = 0
     max_abs_diff = 0.0
     dataset = spec.dataset(config, split, batch_size)
     for inputs, labels in (dataset.take(max_batches) if max_batches else dataset):
-        if not isinstance(inputs, dict):
-            inputs = {names[0]: inputs}
-        feeds = {n: _fit_to_spec(np.asarray(inputs[n]), servable.tflite_input_signature[n]) for n in names}
+        feeds = lite_feeds(inputs, servable.tflite_input_signature)
         labels = tf.nest.map_structure(
             lambda a: _fit_labels(np.asarray(a), feeds, servable), labels)
         keras_out = {k: np.asarray(v) for k, v in tflite_fn(**feeds).items()}
@@ -237,6 +230,14 @@ def compare_with_keras(model: keras.Model, model_name: str, config, flatbuffer: 
     result.update(examples=int(sum(float(b["count"]) for b in sums["keras"])), agreement=agree / max(count, 1),
                   max_abs_diff=max_abs_diff, primary_output=primary)
     return result
+
+
+def lite_feeds(inputs, input_signature: dict) -> dict:
+    """A dataset's inputs (one tensor or a dict) as the named, fixed-shape feeds of a TF-Lite input
+    signature (a servable's ``tflite_input_signature``: its ``tflite_function`` and .tflite files)."""
+    if not isinstance(inputs, dict):
+        inputs = {next(iter(input_signature)): inputs}
+    return {name: _fit_to_spec(np.asarray(inputs[name]), spec) for name, spec in input_signature.items()}
 
 
 def _fit_labels(array: np.ndarray, feeds: dict, servable) -> np.ndarray:
