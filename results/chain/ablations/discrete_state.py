@@ -4,6 +4,7 @@ appended to --out:
   --win/--pwin N: core/prelude attention local to +-N tokens (--local_heads: only that many heads local)
   --curriculum S: the longest trained k rises from 1 to train_max over the first S steps
   --fixed_logn 1: no length-scaled softmax; --state_noise s: Gaussian noise on the state per iteration
+  --bos 1: a learned start vector before the first token (the first token's "previous" exists)
   --exact_k 1: the answer supervised only after exactly k iterations (Fan et al. 2024)"""
 import argparse, json, time, sys, os
 import numpy as np
@@ -26,7 +27,7 @@ p.add_argument("--win", type=int, default=0); p.add_argument("--pwin", type=int,
 p.add_argument("--soft_train", type=int, default=0); p.add_argument("--exact_k", type=int, default=0)
 p.add_argument("--coda", type=int, default=0); p.add_argument("--out", default="")
 p.add_argument("--curriculum", type=int, default=0); p.add_argument("--local_heads", type=int, default=0)
-p.add_argument("--causal", type=int, default=0); p.add_argument("--fixed_logn", type=int, default=0); p.add_argument("--state_noise", type=float, default=0.0)
+p.add_argument("--bos", type=int, default=0); p.add_argument("--causal", type=int, default=0); p.add_argument("--fixed_logn", type=int, default=0); p.add_argument("--state_noise", type=float, default=0.0)
 args = p.parse_args()
 keras.utils.set_random_seed(args.seed)
 A = chains.ANSWER_LENGTH[args.task]
@@ -42,11 +43,14 @@ class FSM(keras.Model):
         self.codebook = self.add_weight(shape=(args.groups, args.codes, W // args.groups), initializer=keras.initializers.RandomNormal(stddev=1.0), name="codebook")
         self.coda = Block(W, args.heads, args.mlp) if args.coda else None
         self.hnorm = keras.layers.LayerNormalization(); self.head = keras.layers.Dense(chains.VOCAB_SIZE); self.halt = keras.layers.Dense(1)
+        self.bos_vec = self.add_weight(shape=(1, 1, W), initializer=keras.initializers.RandomNormal(stddev=0.5), name="bos")
         self.amlp = keras.Sequential([keras.layers.Dense(args.mlp, activation="gelu"), keras.layers.Dense(args.width)])
         for b in self.prelude + [self.core] + ([self.coda] if self.coda else []):
             b.build()
 
     def call(self, tokens, loops=16, training=False):
+        if args.bos:  # a placeholder id (not PAD, not an answer slot); its embedding is replaced by bos_vec below
+            tokens = tf.concat([tf.fill([tf.shape(tokens)[0], 1], 9), tokens], 1)
         B, T = tf.shape(tokens)[0], tf.shape(tokens)[1]
         mask = tokens != chains.PAD
         apos = tf.math.top_k(tf.where((tokens >= 1) & (tokens <= 8), tf.expand_dims(T - tf.range(T), 0), 0), k=A).indices
@@ -66,6 +70,9 @@ class FSM(keras.Model):
                 cut = cut * sel
             return bias + cut
         h = self.emb(tokens)
+        if args.bos:
+            first = tf.reshape(tf.cast(tf.range(T) == 0, h.dtype), [1, T, 1])
+            h = h * (1 - first) + self.bos_vec * first
         for b in self.prelude:
             h = b(h, h, local(b.position_bias(rel), args.pwin), mask, logn, training=training)
         e = h; cb = local(self.core.position_bias(rel), args.win)
@@ -118,13 +125,13 @@ def train_step(tokens, answers, steps):
     return loss, tf.reduce_mean(m["exact_match"])
 
 rng = np.random.default_rng(args.seed)
-def batch(i):
+def train_batch(i):
     top = args.train_max if i >= args.curriculum else min(args.train_max, 1 + int(args.train_max * i / args.curriculum))
     x, y = chains.generate_batch(args.task, rng.integers(1, top + 1, size=args.batch), rng, A, pad_train)
     return x["tokens"], y["answers"], y["steps"]
 t0 = time.time()
 for i in range(args.steps):
-    loss, em = train_step(*batch(i))
+    loss, em = train_step(*train_batch(i))
     if i % 100 == 0 or i == args.steps - 1:
         print(f"step {i} loss {float(loss):.4f} em(last loop) {float(em):.3f} {time.time()-t0:.0f}s", flush=True)
 train_time = time.time() - t0
