@@ -43,7 +43,8 @@ class FSM(keras.Model):
         self.codebook = self.add_weight(shape=(args.groups, args.codes, W // args.groups), initializer=keras.initializers.RandomNormal(stddev=1.0), name="codebook")
         self.coda = Block(W, args.heads, args.mlp) if args.coda else None
         self.hnorm = keras.layers.LayerNormalization(); self.head = keras.layers.Dense(chains.VOCAB_SIZE); self.halt = keras.layers.Dense(1)
-        self.bos_vec = self.add_weight(shape=(1, 1, W), initializer=keras.initializers.RandomNormal(stddev=0.5), name="bos")
+        if args.bos:  # created only when used: the other runs' initial weights stay as they were
+            self.bos_vec = self.add_weight(shape=(1, 1, W), initializer=keras.initializers.RandomNormal(stddev=0.5), name="bos")
         self.amlp = keras.Sequential([keras.layers.Dense(args.mlp, activation="gelu"), keras.layers.Dense(args.width)])
         for b in self.prelude + [self.core] + ([self.coda] if self.coda else []):
             b.build()
