@@ -50,8 +50,8 @@ class FSM(keras.Model):
             b.build()
 
     def call(self, tokens, loops=16, training=False):
-        if args.bos:  # a placeholder id (not PAD, not an answer slot); its embedding is replaced by bos_vec below
-            tokens = tf.concat([tf.fill([tf.shape(tokens)[0], 1], 9), tokens], 1)
+        if args.bos:  # a placeholder (any id not PAD nor an answer slot) that the masks and positions count; its embedding is replaced by bos_vec below
+            tokens = tf.concat([tf.fill([tf.shape(tokens)[0], 1], chains.FIRST_CHAR_ID), tokens], 1)
         B, T = tf.shape(tokens)[0], tf.shape(tokens)[1]
         mask = tokens != chains.PAD
         apos = tf.math.top_k(tf.where((tokens >= 1) & (tokens <= 8), tf.expand_dims(T - tf.range(T), 0), 0), k=A).indices
