@@ -91,6 +91,27 @@ def test_padding_after_the_content_and_an_answer_mask_change_nothing():
     np.testing.assert_allclose(out, reference, atol=1e-5)
 
 
+def _slot_logits(model, text, loops):
+    tokens = tf.constant([chains.encode(text) + [1]])
+    return model({"tokens": tokens}, training=False, num_loops=loops, use_halting=False)["logits"]
+
+
+def _reads_the_change(model, loops):
+    # The two problems differ only in the digit two tokens before the answer slot.
+    return not np.allclose(_slot_logits(model, "10110?", loops), _slot_logits(model, "10111?", loops), atol=1e-6)
+
+
+def test_causal_local_heads_carry_a_token_one_position_per_iteration():
+    # No prelude, causal +-1 heads, answers read from the slot's own state: the slot sees the token d
+    # places before it only after d iterations.
+    local = tfmstep.build("chain_transformer", "tiny", task="parity", prelude_layers=0)
+    assert not _reads_the_change(local, loops=1)
+    assert _reads_the_change(local, loops=2)
+    for reaching_further in (dict(global_heads=1), dict(window=2), dict(readout="attention")):
+        model = tfmstep.build("chain_transformer", "tiny", task="parity", prelude_layers=0, **reaching_further)
+        assert _reads_the_change(model, loops=1), reaching_further
+
+
 def test_answer_reads_text_and_returns_answer_strings_and_loops():
     model = tfmstep.build("chain_transformer", "tiny", task="parity")
     answers, loops = model.answer(["10110?", "1?"], max_loops=3)
@@ -161,6 +182,9 @@ def test_model_fit_uses_the_family_loss_and_the_keras_file_round_trips(tmp_path)
     (dict(task="pointer", test_max_len=40), "chain lengths up to 34"),
     (dict(answer_length=9), "answer_length must be in 0..8"),
     (dict(modulus=11), "modulus must be in 2..10"),
+    (dict(window=-1), "window must be >= 0"),
+    (dict(global_heads=5, heads=4), "global_heads must be in 0..heads=4"),
+    (dict(readout="pool"), "unknown readout 'pool'"),
 ])
 def test_bad_config_gives_a_clear_error(overrides, message):
     with pytest.raises(UserError, match=message):
