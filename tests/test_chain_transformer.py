@@ -79,6 +79,28 @@ def test_a_halted_problem_keeps_its_answer_when_more_loops_are_allowed():
     np.testing.assert_allclose(few["logits"], many["logits"], atol=1e-6)
 
 
+def test_fixed_point_halting_stops_when_the_state_stops_moving():
+    _, inputs, _ = _batch()
+    settles_at_once = tfmstep.build("chain_transformer", "tiny", halting="fixed_point", fixed_point_tolerance=1e3)
+    assert settles_at_once(inputs, training=False)["steps_used"].numpy().tolist() == [1.0] * 4
+    never_settles = tfmstep.build("chain_transformer", "tiny", halting="fixed_point", fixed_point_tolerance=1e-12)
+    out = never_settles(inputs, training=False, num_loops=9)
+    assert out["steps_used"].numpy().tolist() == [9.0] * 4
+
+
+def test_fixed_point_cost_counts_only_the_iterations_after_k():
+    cfg, inputs, labels = _batch(k=2, fixed_point_weight=1.0)
+    model = ct.build_chain_transformer(cfg)
+    outputs = model(inputs, training=True)
+    assert outputs["step_fixed_point_cost"].shape == (4, cfg.loops_in_training)
+    with_cost, _ = ct.chain_loss(labels, outputs)
+    after_k_zeroed = dict(outputs, step_fixed_point_cost=tf.concat(
+        [outputs["step_fixed_point_cost"][:, :2], tf.zeros_like(outputs["step_fixed_point_cost"][:, 2:])], 1))
+    without_cost, _ = ct.chain_loss(labels, {k: v for k, v in outputs.items() if k != "step_fixed_point_cost"})
+    np.testing.assert_allclose(ct.chain_loss(labels, after_k_zeroed)[0], without_cost, rtol=1e-6)
+    assert (with_cost.numpy() > without_cost.numpy()).all()
+
+
 def test_padding_after_the_content_and_an_answer_mask_change_nothing():
     _, inputs, _ = _batch("registers", k=4)
     model = tfmstep.build("chain_transformer", "tiny", task="registers")
@@ -185,6 +207,8 @@ def test_model_fit_uses_the_family_loss_and_the_keras_file_round_trips(tmp_path)
     (dict(window=-1), "window must be >= 0"),
     (dict(global_heads=5, heads=4), "global_heads must be in 0..heads=4"),
     (dict(readout="pool"), "unknown readout 'pool'"),
+    (dict(halting="never"), "unknown halting 'never'"),
+    (dict(fixed_point_tolerance=0.0), "fixed_point_tolerance must be > 0"),
 ])
 def test_bad_config_gives_a_clear_error(overrides, message):
     with pytest.raises(UserError, match=message):

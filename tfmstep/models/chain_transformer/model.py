@@ -19,7 +19,9 @@ iteration k and stays put after, which is what makes extra loops harmless) and a
 where the answers are (the pooled answer-slot state), taught "t >= k". Without k (a user file that
 gives none) the answer after the last iteration, and halting taught "the answer is right by now". At
 inference each problem stops at the first iteration whose halting probability passes
-``halt_threshold`` (at most ``max_loops``) and reports it as ``steps_used``; k is never an input.
+``halt_threshold`` -- or, with ``halting="fixed_point"``, whose state stopped moving (a confidence
+rule, which ``fixed_point_weight`` trains for by pricing the state's change after k) -- at most
+``max_loops``, and reports it as ``steps_used``; k is never an input.
 
 ``looped=False`` is the baseline: the same prelude and readout around ``layers`` distinct blocks run
 once. The attention is written out (not keras-hub's TransformerEncoder) because it needs the relative
@@ -40,6 +42,7 @@ from tfmstep.errors import UserError
 
 HALT_WEIGHT = 0.5  # halting loss relative to the answer loss
 READOUTS = ("slot", "attention")
+HALTING_RULES = ("learned", "fixed_point")
 FIXED_LOG_TOKENS = float(np.log(30.0))  # the softmax scale without length scaling (its init is 1 here)
 
 
@@ -73,6 +76,13 @@ class ChainConfig:
     train_loops: int = 0  # core iterations in training (0: 2 x train_max_len, so 2x loops are trained)
     max_loops: int = 128  # inference cap; halting usually stops at about k
     halt_threshold: float = 0.5
+    # Stopping at inference: "learned" (the halting head passes halt_threshold) or "fixed_point" (the
+    # state stopped moving: no token's mean |change| over an iteration reaches fixed_point_tolerance).
+    halting: str = "learned"
+    fixed_point_tolerance: float = 0.01
+    # Training cost of the state's mean |change| per iteration after iteration k, which teaches the loop
+    # to settle once the answer is due (what the fixed-point rule reads); 0: none.
+    fixed_point_weight: float = 0.0
     relative_clip: int = 8  # relative offsets beyond +-clip share one learned bias (plus the slopes)
     # Attention reach of the prelude and core (the stack, in the baseline). All heads but `global_heads`
     # are local: they see tokens within +-window (0: any distance) and, if causal, none after their own.
@@ -139,6 +149,11 @@ class ChainConfig:
             raise UserError(f"global_heads must be in 0..heads={self.heads}, got {self.global_heads}")
         if self.readout not in READOUTS:
             raise UserError(f"unknown readout {self.readout!r}; choose one of {', '.join(READOUTS)}")
+        if self.halting not in HALTING_RULES:
+            raise UserError(f"unknown halting {self.halting!r}; choose one of {', '.join(HALTING_RULES)}")
+        if self.fixed_point_tolerance <= 0 or self.fixed_point_weight < 0:
+            raise UserError(f"fixed_point_tolerance must be > 0 and fixed_point_weight >= 0, got "
+                            f"{self.fixed_point_tolerance} and {self.fixed_point_weight}")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 < self.halt_threshold < 1.0:
@@ -409,7 +424,16 @@ class ChainTransformer(keras.Model):
             out = self.head_norm(queries + self.slot_mlp_out(self.slot_mlp_in(queries)))
             return self.head(out), self.halt_head(tf.reduce_mean(out, axis=1))[:, 0]
 
-        def halted_now(halt_logits):
+        token_count = tf.maximum(tf.reduce_sum(tf.cast(key_mask, tf.float32), axis=1), 1.0)
+
+        def state_change(old, new):
+            """[B, T] mean |change| of each token's state over one iteration (0 at PAD)."""
+            change = tf.reduce_mean(tf.abs(tf.cast(new, tf.float32) - tf.cast(old, tf.float32)), axis=-1)
+            return tf.where(key_mask, change, 0.0)
+
+        def halted_now(halt_logits, change):
+            if c.halting == "fixed_point":
+                return tf.reduce_max(change, axis=1) < c.fixed_point_tolerance
             return tf.sigmoid(tf.cast(halt_logits, tf.float32)) > c.halt_threshold
 
         if not c.looped:  # a plain stack: every block runs once, no halting
@@ -432,26 +456,34 @@ class ChainTransformer(keras.Model):
         if return_steps:
             # Unrolled: gradients through every iteration, the answers read after each one.
             state = tf.zeros_like(injected)
-            step_logits, step_halts = [], []
+            step_logits, step_halts, step_costs = [], [], []
             halted = tf.zeros([batch], tf.bool)
             steps_used = tf.zeros([batch], tf.float32)
             for _ in range(num_loops):
-                state = iterate(state)
+                new_state = iterate(state)
+                change = state_change(state, new_state)
+                state = new_state
                 logits, halt_logits = read(state)
                 step_logits.append(logits)
                 step_halts.append(halt_logits)
+                step_costs.append(c.fixed_point_weight * tf.reduce_sum(change, axis=1) / token_count)
                 steps_used += 1.0 - tf.cast(halted, tf.float32)  # where halting would stop: a metric
-                halted = halted | halted_now(halt_logits)
-            return {"logits": logits, "halt_logits": halt_logits, "steps_used": steps_used,
-                    "step_logits": tf.stack(step_logits, axis=1), "step_halt_logits": tf.stack(step_halts, 1)}
+                halted = halted | halted_now(halt_logits, change)
+            outputs = {"logits": logits, "halt_logits": halt_logits, "steps_used": steps_used,
+                       "step_logits": tf.stack(step_logits, axis=1), "step_halt_logits": tf.stack(step_halts, 1)}
+            if c.fixed_point_weight:
+                outputs["step_fixed_point_cost"] = tf.stack(step_costs, axis=1)
+            return outputs
 
         # Inference: a while loop; a problem's state freezes once it halts, the loop ends when all have.
         def body(t, state, halted, steps_used):
-            new_state = iterate(state)
-            state = tf.where(tf.reshape(halted, [batch, 1, 1]), state, new_state)
+            new_state = tf.where(tf.reshape(halted, [batch, 1, 1]), state, iterate(state))
+            change = state_change(state, new_state)
+            state = new_state
             steps_used += 1.0 - tf.cast(halted, tf.float32)
             if use_halting:
-                halted = halted | halted_now(read(state)[1])
+                halt_logits = read(state)[1] if c.halting == "learned" else None
+                halted = halted | halted_now(halt_logits, change)
             return t + 1, state, halted, steps_used
 
         def cond(t, state, halted, steps_used):
@@ -467,7 +499,8 @@ class ChainTransformer(keras.Model):
 def chain_loss(labels, outputs):
     """Per-problem loss. Training (per-iteration outputs): answer cross-entropy after every iteration
     t >= k (k = the example's steps; unknown k: the last iteration only) plus the halting loss (target
-    t >= k; unknown k: "the answer is right by now"). Inference outputs: cross-entropy of the answers."""
+    t >= k; unknown k: "the answer is right by now") and, with fixed_point_weight, the state's change
+    after iteration k. Inference outputs: cross-entropy of the answers."""
     answers = tf.cast(labels["answers"], tf.int32)
     if "step_logits" not in outputs:
         ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=answers,
@@ -488,7 +521,12 @@ def chain_loss(labels, outputs):
     halt_target = tf.where(known[:, None], iteration >= steps[:, None], right)
     halt_loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(
         labels=tf.cast(halt_target, tf.float32), logits=tf.cast(outputs["step_halt_logits"], tf.float32)), 1)
-    return answer_loss + HALT_WEIGHT * halt_loss, chain_metrics(labels, outputs)
+    loss = answer_loss + HALT_WEIGHT * halt_loss
+    if "step_fixed_point_cost" in outputs:  # the state's change after iteration k (k known only)
+        after = tf.cast((iteration > steps[:, None]) & known[:, None], tf.float32)
+        cost = tf.cast(outputs["step_fixed_point_cost"], tf.float32)
+        loss += tf.reduce_sum(cost * after, 1) / tf.maximum(tf.reduce_sum(after, 1), 1.0)
+    return loss, chain_metrics(labels, outputs)
 
 
 def chain_metrics(labels, outputs):
