@@ -71,7 +71,7 @@ def test_unrolled_and_while_loop_inference_agree():
 
 def test_a_halted_problem_keeps_its_answer_when_more_loops_are_allowed():
     _, inputs, _ = _batch()
-    model = tfmstep.build("chain_transformer", "tiny")
+    model = tfmstep.build("chain_transformer", "tiny", halting="learned")
     model.halt_head.bias.assign([5.0])  # halts after the first iteration
     few = model(inputs, training=False, num_loops=3)
     many = model(inputs, training=False, num_loops=50)

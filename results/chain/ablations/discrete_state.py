@@ -27,6 +27,8 @@ p.add_argument("--win", type=int, default=0); p.add_argument("--pwin", type=int,
 p.add_argument("--soft_train", type=int, default=0); p.add_argument("--exact_k", type=int, default=0)
 p.add_argument("--coda", type=int, default=0); p.add_argument("--out", default="")
 p.add_argument("--curriculum", type=int, default=0); p.add_argument("--local_heads", type=int, default=0)
+p.add_argument("--still", type=float, default=0.0)  # weight of the state's mean change after iteration k
+p.add_argument("--save", default=""); p.add_argument("--load", default="")
 p.add_argument("--bos", type=int, default=0); p.add_argument("--causal", type=int, default=0); p.add_argument("--fixed_logn", type=int, default=0); p.add_argument("--state_noise", type=float, default=0.0)
 args = p.parse_args()
 keras.utils.set_random_seed(args.seed)
@@ -88,12 +90,17 @@ class FSM(keras.Model):
             st = (soft if args.soft_train else hard + soft - tf.stop_gradient(soft)) if training else hard
             return tf.reshape(tf.einsum("btgk,gkd->btgd", st, self.codebook), [B, T, G * D])
         s = tf.zeros_like(e) if not args.discrete else tf.reshape(tf.tile(self.codebook[:, 0][None, None], [B, T, 1, 1]), [B, T, args.width])
-        outs, halts = [], []
+        outs, halts, deltas, moves = [], [], [], []
         rela = tf.reshape(pos, [1, 1, T]) - tf.expand_dims(apos, 2)
         for _ in range(loops):
             x = s + e
             hh = self.core(x, x, cb, mask, logn, training=training)
-            s = quant(hh) if args.discrete else hh
+            new_s = quant(hh) if args.discrete else hh
+            # largest per-token change of the state this iteration (mean |diff| over width): the fixed-point rule
+            change = tf.where(mask, tf.reduce_mean(tf.abs(new_s - s), -1), 0.0)  # [B, T]
+            deltas.append(tf.reduce_max(change, 1))
+            moves.append(tf.reduce_sum(change, 1) / tf.reduce_sum(tf.cast(mask, tf.float32), 1))
+            s = new_s
             if training and args.state_noise:  # perturbed states must be pulled back: an error-correcting loop
                 s = s + args.state_noise * tf.random.normal(tf.shape(s))
             q = tf.gather(s, apos, batch_dims=1)
@@ -101,9 +108,14 @@ class FSM(keras.Model):
                 q = self.coda(q, s, self.coda.position_bias(rela), mask, logn, training=training)
             z = self.hnorm(q + self.amlp(q))
             outs.append(self.head(z)); halts.append(self.halt(tf.reduce_mean(z, 1))[:, 0])
+        if training and args.still:
+            return tf.stack(outs, 1), tf.stack(halts, 1), tf.stack(moves, 1)
+        if self.return_deltas:
+            return tf.stack(outs, 1), tf.stack(halts, 1), tf.stack(deltas, 1)
         return tf.stack(outs, 1), tf.stack(halts, 1)
 
 model = FSM()
+model.return_deltas = False
 pad_train = chains.max_text_length(args.task, args.train_max) + A
 sched = keras.optimizers.schedules.CosineDecay(0.0, args.steps, alpha=0.05, warmup_target=args.lr, warmup_steps=min(200, args.steps // 10))
 opt = keras.optimizers.AdamW(sched, weight_decay=0.01, clipnorm=1.0)
@@ -111,7 +123,10 @@ opt = keras.optimizers.AdamW(sched, weight_decay=0.01, clipnorm=1.0)
 @tf.function(jit_compile=True)
 def train_step(tokens, answers, steps):
     with tf.GradientTape() as tape:
-        logits, halts = model(tokens, loops=args.loops, training=True)
+        if args.still:
+            logits, halts, moves = model(tokens, loops=args.loops, training=True)
+        else:
+            logits, halts = model(tokens, loops=args.loops, training=True)
         out = {"step_logits": logits, "step_halt_logits": halts, "logits": logits[:, -1], "steps_used": tf.zeros([tf.shape(tokens)[0]])}
         per, m = chain_loss({"answers": answers, "steps": steps}, out)
         if args.exact_k:  # Fan et al.: the answer after exactly k iterations only (+ halting)
@@ -120,6 +135,9 @@ def train_step(tokens, answers, steps):
             it = tf.range(1, args.loops + 1)[None]
             hl = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=tf.cast(it >= steps[:, None], tf.float32), logits=halts), 1)
             per = ce + 0.5 * hl
+        if args.still:  # the state should stop moving once the answer is due: a fixed point after k
+            after = tf.cast(tf.range(1, args.loops + 1)[None] > steps[:, None], tf.float32)
+            per = per + args.still * tf.reduce_sum(moves * after, 1) / tf.maximum(tf.reduce_sum(after, 1), 1.0)
         loss = tf.reduce_mean(per)
     g = tape.gradient(loss, model.trainable_variables)
     opt.apply_gradients(zip(g, model.trainable_variables))
@@ -131,11 +149,17 @@ def train_batch(i):
     x, y = chains.generate_batch(args.task, rng.integers(1, top + 1, size=args.batch), rng, A, pad_train)
     return x["tokens"], y["answers"], y["steps"]
 t0 = time.time()
+if args.load:
+    model(tf.constant(train_batch(0)[0]), loops=1)
+    model.load_weights(args.load); args.steps = 0
 for i in range(args.steps):
     loss, em = train_step(*train_batch(i))
     if i % 100 == 0 or i == args.steps - 1:
         print(f"step {i} loss {float(loss):.4f} em(last loop) {float(em):.3f} {time.time()-t0:.0f}s", flush=True)
 train_time = time.time() - t0
+if args.save:
+    model.save_weights(args.save)
+model.return_deltas = True
 
 @tf.function(jit_compile=True, reduce_retracing=True)
 def infer(tokens, loops):
@@ -145,7 +169,8 @@ res = {}
 for k in [int(v) for v in args.tests.split(",")]:
     (x, y), = chains.fixed_length_batches(args.task, k, args.eval_n, args.eval_n, answer_length=A, seed=1)
     L = 2 * k + 4
-    logits, halts = infer(tf.constant(x["tokens"]), L)
+    logits, halts, deltas = infer(tf.constant(x["tokens"]), L)
+    deltas = deltas.numpy()
     pred = tf.argmax(logits, -1, output_type=tf.int32).numpy()  # [B, L, A]
     right = (pred == y["answers"][:, None, :]).all(-1)  # [B, L]
     halted = tf.sigmoid(halts).numpy() > 0.5
@@ -153,6 +178,12 @@ for k in [int(v) for v in args.tests.split(",")]:
     em_halt = right[np.arange(len(stop)), stop].mean()
     res[k] = dict(halt=round(float(em_halt), 3), at_k=round(float(right[:, k - 1].mean()), 3), at_2k=round(float(right[:, 2 * k - 1].mean()), 3),
                   steps_pm1=round(float((np.abs(stop + 1 - k) <= 1).mean()), 3))
+    for eps in (0.003, 0.01, 0.03):  # fixed-point rule: stop at the first iteration whose state barely moved
+        still = deltas < eps
+        fp_stop = np.where(still.any(1), still.argmax(1), L - 1)
+        res[k][f"fp{eps}"] = round(float(right[np.arange(len(fp_stop)), fp_stop].mean()), 3)
+        res[k][f"fp{eps}_steps"] = round(float(np.mean(fp_stop + 1)), 1)
+    res[k]["delta_at_k,2k"] = [round(float(np.median(deltas[:, k - 1])), 4), round(float(np.median(deltas[:, 2 * k - 1])), 4)]
     print(k, res[k], flush=True)
 print(json.dumps({"args": vars(args), "train_s": round(train_time), "res": res}))
 if args.out:
