@@ -5,7 +5,10 @@ appended to --out:
   --curriculum S: the longest trained k rises from 1 to train_max over the first S steps
   --fixed_logn 1: no length-scaled softmax; --state_noise s: Gaussian noise on the state per iteration
   --bos 1: a learned start vector before the first token (the first token's "previous" exists)
-  --exact_k 1: the answer supervised only after exactly k iterations (Fan et al. 2024)"""
+  --exact_k 1: the answer supervised only after exactly k iterations (Fan et al. 2024)
+  --still W: a cost (weight W) on the state's mean change per iteration after iteration k
+  --save/--load F: the trained weights (--load skips training); every evaluation also reports the
+    fixed-point rule (stop when no token's state moved by eps) at three eps"""
 import argparse, json, time, sys, os
 import numpy as np
 import tensorflow as tf
