@@ -391,8 +391,8 @@ class ChainTransformer(keras.Model):
         answer_pos = self.answer_positions(tokens, answer_mask)
         positions = tf.range(length)
         relative_self = tf.expand_dims(tf.expand_dims(positions, 0) - tf.expand_dims(positions, 1), 0)  # [1, T, T]
+        tokens_count = tf.reduce_sum(tf.cast(key_mask, tf.float32), axis=1)
         if c.length_scaled_softmax:
-            tokens_count = tf.reduce_sum(tf.cast(key_mask, tf.float32), axis=1)
             log_tokens = tf.reshape(tf.math.log(tf.maximum(tokens_count, 2.0)), [batch, 1, 1, 1])
         else:
             log_tokens = tf.fill([batch, 1, 1, 1], FIXED_LOG_TOKENS)
@@ -426,16 +426,14 @@ class ChainTransformer(keras.Model):
             out = self.head_norm(queries + self.slot_mlp_out(self.slot_mlp_in(queries)))
             return self.head(out), self.halt_head(tf.reduce_mean(out, axis=1))[:, 0]
 
-        token_count = tf.maximum(tf.reduce_sum(tf.cast(key_mask, tf.float32), axis=1), 1.0)
-
         def state_change(old, new):
             """[B, T] mean |change| of each token's state over one iteration (0 at PAD)."""
             change = tf.reduce_mean(tf.abs(tf.cast(new, tf.float32) - tf.cast(old, tf.float32)), axis=-1)
             return tf.where(key_mask, change, 0.0)
 
-        def halted_now(halt_logits, change):
+        def halted_now(old_state, new_state, halt_logits):
             if c.halting == "fixed_point":
-                return tf.reduce_max(change, axis=1) < c.fixed_point_tolerance
+                return tf.reduce_max(state_change(old_state, new_state), axis=1) < c.fixed_point_tolerance
             return tf.sigmoid(tf.cast(halt_logits, tf.float32)) > c.halt_threshold
 
         if not c.looped:  # a plain stack: every block runs once, no halting
@@ -463,14 +461,15 @@ class ChainTransformer(keras.Model):
             steps_used = tf.zeros([batch], tf.float32)
             for _ in range(num_loops):
                 new_state = iterate(state)
-                change = state_change(state, new_state)
-                state = new_state
-                logits, halt_logits = read(state)
+                logits, halt_logits = read(new_state)
                 step_logits.append(logits)
                 step_halts.append(halt_logits)
-                step_costs.append(c.fixed_point_weight * tf.reduce_sum(change, axis=1) / token_count)
+                if c.fixed_point_weight:
+                    moved = tf.reduce_sum(state_change(state, new_state), axis=1) / tf.maximum(tokens_count, 1.0)
+                    step_costs.append(c.fixed_point_weight * moved)
                 steps_used += 1.0 - tf.cast(halted, tf.float32)  # where halting would stop: a metric
-                halted = halted | halted_now(halt_logits, change)
+                halted = halted | halted_now(state, new_state, halt_logits)
+                state = new_state
             outputs = {"logits": logits, "halt_logits": halt_logits, "steps_used": steps_used,
                        "step_logits": tf.stack(step_logits, axis=1), "step_halt_logits": tf.stack(step_halts, 1)}
             if c.fixed_point_weight:
@@ -480,13 +479,11 @@ class ChainTransformer(keras.Model):
         # Inference: a while loop; a problem's state freezes once it halts, the loop ends when all have.
         def body(t, state, halted, steps_used):
             new_state = tf.where(tf.reshape(halted, [batch, 1, 1]), state, iterate(state))
-            change = state_change(state, new_state)
-            state = new_state
             steps_used += 1.0 - tf.cast(halted, tf.float32)
             if use_halting:
-                halt_logits = read(state)[1] if c.halting == "learned" else None
-                halted = halted | halted_now(halt_logits, change)
-            return t + 1, state, halted, steps_used
+                halt_logits = read(new_state)[1] if c.halting == "learned" else None
+                halted = halted | halted_now(state, new_state, halt_logits)
+            return t + 1, new_state, halted, steps_used
 
         def cond(t, state, halted, steps_used):
             return (t < num_loops) & ~tf.reduce_all(halted)
