@@ -182,6 +182,64 @@ def test_tiny_preset_learns_parity_through_the_shared_step():
     assert loss[-20:].mean() < 0.5 * loss[:20].mean(), (loss[:20].mean(), loss[-20:].mean())
 
 
+def test_a_prelude_convolution_shows_each_token_its_neighbours_before_any_attention():
+    # The digit two tokens before the slot: causal +-1 heads alone need two iterations to bring it there;
+    # a causal kernel of 3 puts it in the slot's own input.
+    assert not _reads_the_change(tfmstep.build("chain_transformer", "tiny", task="parity", prelude_layers=0),
+                                 loops=1)
+    conv = tfmstep.build("chain_transformer", "tiny", task="parity", prelude_layers=0, conv_kernel=3)
+    assert _reads_the_change(conv, loops=1)
+
+
+def test_a_block_convolution_moves_what_attention_brought_further_in_the_same_iteration():
+    plain = tfmstep.build("chain_transformer", "tiny", task="parity", prelude_layers=0)
+    assert not _reads_the_change(plain, loops=1)
+    conv = tfmstep.build("chain_transformer", "tiny", task="parity", prelude_layers=0, block_conv_kernel=3)
+    assert _reads_the_change(conv, loops=1)
+
+
+def test_same_token_mask_marks_other_occurrences_only():
+    tokens = tf.constant([[chains.FIRST_CHAR_ID] + chains.encode("a0a0") + [1, 0, 0]])
+    mask = ct.model.same_token_mask(tokens, start_token=True)[0, 0].numpy()
+    a1, zero1, a2, zero2 = 1, 2, 3, 4
+    assert mask[a1, a2] == mask[a2, a1] == mask[zero1, zero2] == 1
+    assert mask[a1, a1] == 0  # not itself
+    assert mask[0, zero1] == mask[zero1, 0] == 0  # the start placeholder shares the id of "0"
+    assert mask[6, 7] == mask[7, 6] == 0  # padding
+    assert mask.sum() == 4
+
+
+def test_token_match_adds_a_learned_bonus_to_every_self_attention_block():
+    model = tfmstep.build("chain_transformer", "tiny", task="pointer", token_match=4.0, window=0, causal=False)
+    for block in model.prelude + model.core:
+        np.testing.assert_array_equal(block.match_weight.numpy(), 4.0)
+    _, inputs, _ = _batch("pointer", k=2)  # every name occurs twice or more
+    before = model(inputs, training=False, num_loops=2, use_halting=False)["logits"].numpy()
+    model.core[0].match_weight.assign(tf.zeros_like(model.core[0].match_weight))
+    after = model(inputs, training=False, num_loops=2, use_halting=False)["logits"].numpy()
+    assert not np.allclose(before, after)
+
+
+def test_answer_lag_starts_the_supervised_readouts_that_many_iterations_later():
+    cfg, inputs, _ = _batch("pointer", k=2, answer_lag=1, train_loops=6)
+    model = ct.build_chain_transformer(cfg)
+    steps = model(inputs, training=True)["step_logits"]
+    assert steps.shape[1] == 6
+    for j in (0, 5):  # output step j is the readout after iteration j + 1 + answer_lag
+        np.testing.assert_allclose(
+            steps[:, j], model(inputs, training=False, num_loops=j + 2, use_halting=False)["logits"], atol=1e-5)
+
+
+def test_matching_init_starts_every_key_projection_equal_to_its_query():
+    model = tfmstep.build("chain_transformer", "tiny", task="pointer", matching_init=True)
+    for block in model.prelude + model.core:
+        width = block.width
+        np.testing.assert_array_equal(block.key_value.kernel.numpy()[:, :width], block.query.kernel.numpy())
+    plain = tfmstep.build("chain_transformer", "tiny", task="pointer")
+    block = plain.core[0]
+    assert not np.allclose(block.key_value.kernel.numpy()[:, :block.width], block.query.kernel.numpy())
+
+
 def test_model_fit_uses_the_family_loss_and_the_keras_file_round_trips(tmp_path):
     cfg = tfmstep.get_config("chain_transformer", "tiny")
     model = ct.build_chain_transformer(cfg)
@@ -205,6 +263,10 @@ def test_model_fit_uses_the_family_loss_and_the_keras_file_round_trips(tmp_path)
     (dict(answer_length=9), "answer_length must be in 0..8"),
     (dict(modulus=11), "modulus must be in 2..10"),
     (dict(window=-1), "window must be >= 0"),
+    (dict(conv_kernel=4, causal=False), "conv_kernel must be 0 or >= 1"),
+    (dict(conv_kernel=-1), "conv_kernel must be 0 or >= 1"),
+    (dict(block_conv_kernel=2, causal=False), "block_conv_kernel must be 0 or >= 1"),
+    (dict(answer_lag=-1), "answer_lag must be >= 0"),
     (dict(global_heads=5, heads=4), "global_heads must be in 0..heads=4"),
     (dict(readout="pool"), "unknown readout 'pool'"),
     (dict(halting="never"), "unknown halting 'never'"),

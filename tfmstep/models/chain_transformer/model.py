@@ -72,6 +72,25 @@ class ChainConfig:
     heads: int = 4
     mlp_dim: int = 256
     prelude_layers: int = 2
+    # A convolution over the embeddings before the prelude (0: none): each token then holds exactly its
+    # +-conv_kernel//2 neighbours (the conv_kernel - 1 before it, when causal), so a clause such as
+    # "b>c;" is parsed into every one of its tokens at once; attention blurs positions, a kernel does not.
+    conv_kernel: int = 0
+    # Keys initialised equal to the queries, so attention starts out matching like with like (a name with
+    # the same name elsewhere): the primitive of every lookup by name, which a random start must discover.
+    matching_init: bool = False
+    # A convolution sublayer of this kernel in every self-attention block (prelude, core, stack; 0: none),
+    # so one iteration also moves what a token learnt across its clause: a lookup answered at one token
+    # of "b>c;" reaches b's own token in the same iteration.
+    block_conv_kernel: int = 0
+    # A learned per-head logit bonus for a key that is another occurrence of the query's own token: the
+    # "same name" primitive every lookup by name rests on, given rather than learnt from random weights
+    # (pointer, k = 1: random query/key weights sat at the 85% a model reaches without matching names).
+    token_match: float = 0.0  # the bonus's initial value (0: no bonus)
+    # Iterations beyond k before the answer is due (training: answers, halting and the settling cost are
+    # counted from iteration k + answer_lag): a lookup model needs one more than k hops, to bring the
+    # answer from the queried clause to its slot.
+    answer_lag: int = 0
     layers: int = 4  # distinct blocks between prelude and coda in the baseline
     train_loops: int = 0  # core iterations in training (0: 2 x train_max_len, so 2x loops are trained)
     max_loops: int = 128  # inference cap; halting usually stops at about k
@@ -140,11 +159,18 @@ class ChainConfig:
             raise UserError(f"width ({self.width}) must be divisible by heads ({self.heads})")
         if self.curriculum_steps < 0:
             raise UserError(f"curriculum_steps must be >= 0, got {self.curriculum_steps}")
+        if self.answer_lag < 0:
+            raise UserError(f"answer_lag must be >= 0, got {self.answer_lag}")
         if self.train_loops < 0:
             raise UserError(f"train_loops must be >= 0, got {self.train_loops}")
         if self.looped and self.task != chains.FILE_TASK and self.loops_in_training < self.train_max_len:
             raise UserError(f"train_loops={self.train_loops} is fewer than train_max_len={self.train_max_len}: "
                             f"one iteration resolves about one step")
+        if self.conv_kernel < 0 or (self.conv_kernel and not self.causal and self.conv_kernel % 2 == 0):
+            raise UserError(f"conv_kernel must be 0 or >= 1 (odd unless causal), got {self.conv_kernel}")
+        if self.block_conv_kernel < 0 or (self.block_conv_kernel and not self.causal
+                                          and self.block_conv_kernel % 2 == 0):
+            raise UserError(f"block_conv_kernel must be 0 or >= 1 (odd unless causal), got {self.block_conv_kernel}")
         if self.window < 0:
             raise UserError(f"window must be >= 0 (0: attention at any distance), got {self.window}")
         if not 0 <= self.global_heads <= self.heads:
@@ -197,16 +223,34 @@ def chain_tokenizer(config: ChainConfig, check_against_train_file: bool = False)
         config.vocab_file, config.vocab_size, train_text, config.train_file))
 
 
+def same_token_mask(tokens, start_token: bool):
+    """tokens [B, T] -> [B, 1, T, T] float: 1 where key j is another occurrence of query i's token (j != i,
+    neither PAD; with ``start_token``, column 0 is the start placeholder, which matches nothing)."""
+    ids = tf.where(tokens == chains.PAD, -2 - tf.range(tf.shape(tokens)[1])[None, :], tokens)  # PADs all differ
+    if start_token:  # the placeholder shares its id with a character
+        ids = tf.concat([tf.fill([tf.shape(tokens)[0], 1], -1), ids[:, 1:]], axis=1)
+    length = tf.shape(tokens)[1]
+    other = tf.expand_dims(tf.range(length), 0) != tf.expand_dims(tf.range(length), 1)
+    return tf.expand_dims(tf.cast((tf.expand_dims(ids, 2) == tf.expand_dims(ids, 1)) & other, tf.float32), 1)
+
+
 @keras.saving.register_keras_serializable("tfmstep")
 class Block(keras.layers.Layer):
     """Pre-LN Transformer block (queries attend over a context) with relative-position bias, distance
     slopes and a length-scaled softmax, ending in a LayerNorm so that many more iterations than trained
     keep the state in range."""
 
-    def __init__(self, width, heads, mlp_dim, dropout=0.0, relative_clip=8, **kwargs):
+    def __init__(self, width, heads, mlp_dim, dropout=0.0, relative_clip=8, matching_init=False,
+                 conv_kernel=0, causal=False, token_match=0.0, **kwargs):
         super().__init__(**kwargs)
         self.width, self.heads, self.mlp_dim = width, heads, mlp_dim
-        self.rate, self.clip = dropout, relative_clip
+        self.rate, self.clip, self.matching_init = dropout, relative_clip, matching_init
+        self.conv_kernel, self.causal, self.token_match = conv_kernel, causal, token_match
+        if conv_kernel:  # a convolution sublayer after the attention (self-attention blocks only)
+            self.conv_norm = keras.layers.LayerNormalization(epsilon=1e-5, name="conv_norm")
+            self.conv = keras.layers.Conv1D(mlp_dim, conv_kernel, padding="causal" if causal else "same",
+                                            activation="gelu", name="conv")
+            self.conv_out = keras.layers.Dense(width, name="conv_out")
         self.attn_norm = keras.layers.LayerNormalization(epsilon=1e-5, name="attn_norm")
         self.query = keras.layers.Dense(width, name="query")
         self.key_value = keras.layers.Dense(2 * width, name="key_value")
@@ -219,7 +263,8 @@ class Block(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "width": self.width, "heads": self.heads, "mlp_dim": self.mlp_dim,
-                "dropout": self.rate, "relative_clip": self.clip}
+                "dropout": self.rate, "relative_clip": self.clip, "matching_init": self.matching_init,
+                "conv_kernel": self.conv_kernel, "causal": self.causal, "token_match": self.token_match}
 
     def build(self, input_shape=None):
         self.relative_bias = self.add_weight(shape=(2 * self.clip + 1, self.heads), initializer="zeros",
@@ -237,6 +282,15 @@ class Block(keras.layers.Layer):
                       self.mlp_in, self.state_norm):
             layer.build((None, None, self.width))
         self.mlp_out.build((None, None, self.mlp_dim))
+        if self.conv_kernel:
+            self.conv_norm.build((None, None, self.width))
+            self.conv.build((None, None, self.width))
+            self.conv_out.build((None, None, self.mlp_dim))
+        if self.token_match:  # per-head logit bonus for a key that is another occurrence of the query's token
+            self.match_weight = self.add_weight(shape=(self.heads,), name="match_weight",
+                                                initializer=keras.initializers.Constant(self.token_match))
+        if self.matching_init:  # keys start as the queries: a token attends to tokens like itself
+            self.key_value.kernel.assign(tf.concat([self.query.kernel, self.key_value.kernel[:, self.width:]], 1))
         self.built = True
 
     def position_bias(self, relative):
@@ -247,6 +301,10 @@ class Block(keras.layers.Layer):
         slopes = tf.nn.softplus(tf.cast(self.distance_slopes, table.dtype))
         table -= tf.nn.relu(-distance) * slopes[0] + tf.nn.relu(distance) * slopes[1]
         return tf.transpose(table, [0, 3, 1, 2])
+
+    def match_bias(self, same_token):
+        """same_token [B, 1, T, T] (1 where key j holds the query i's token, j != i) -> [B, H, T, T]."""
+        return same_token * tf.reshape(tf.cast(self.match_weight, same_token.dtype), [1, self.heads, 1, 1])
 
     def call(self, queries, context, bias, key_mask, log_tokens, training=False):
         batch, q_len, k_len = tf.shape(queries)[0], tf.shape(queries)[1], tf.shape(context)[1]
@@ -262,6 +320,8 @@ class Block(keras.layers.Layer):
         weights = tf.nn.softmax(scores, axis=-1)
         attended = tf.reshape(tf.einsum("bhqk,bkhd->bqhd", weights, v), [batch, q_len, self.width])
         h = queries + self.dropout(self.attn_out(attended), training=training)
+        if self.conv_kernel:  # what a token just looked up reaches its neighbours in the same iteration
+            h = h + self.dropout(self.conv_out(self.conv(self.conv_norm(h))), training=training)
         h = h + self.dropout(self.mlp_out(self.mlp_in(self.mlp_norm(h))), training=training)
         return self.state_norm(h)
 
@@ -283,12 +343,18 @@ class ChainTransformer(keras.Model):
             embeddings_initializer=keras.initializers.RandomNormal(stddev=0.5))
 
         def block(name):
-            return Block(c.width, c.heads, c.mlp_dim, c.dropout, c.relative_clip, name=name)
+            return Block(c.width, c.heads, c.mlp_dim, c.dropout, c.relative_clip, c.matching_init,
+                         conv_kernel=c.block_conv_kernel, causal=c.causal, token_match=c.token_match, name=name)
 
+        if c.conv_kernel:
+            self.conv = keras.layers.Conv1D(c.mlp_dim, c.conv_kernel, padding="causal" if c.causal else "same",
+                                            activation="gelu", name="prelude_conv")
+            self.conv_out = keras.layers.Dense(c.width, name="prelude_conv_out")
+            self.conv_norm = keras.layers.LayerNormalization(epsilon=1e-5, name="prelude_conv_norm")
         self.prelude = [block(f"prelude{i}") for i in range(c.prelude_layers)]
         self.core = [block("core")] if c.looped else [block(f"stack{i}") for i in range(c.layers)]
         if c.readout == "attention":
-            self.coda = block("coda")
+            self.coda = Block(c.width, c.heads, c.mlp_dim, c.dropout, c.relative_clip, name="coda")
         else:
             self.slot_mlp_in = keras.layers.Dense(c.mlp_dim, activation="gelu", name="slot_mlp_in")
             self.slot_mlp_out = keras.layers.Dense(c.width, name="slot_mlp_out")
@@ -325,6 +391,10 @@ class ChainTransformer(keras.Model):
         if c.start_token:
             self.start_vector = self.add_weight(shape=(c.width,), name="start_vector",
                                                 initializer=keras.initializers.RandomNormal(stddev=0.5))
+        if c.conv_kernel:
+            self.conv.build((None, None, c.width))
+            self.conv_out.build((None, None, c.mlp_dim))
+            self.conv_norm.build((None, None, c.width))
         for layer in self.prelude + self.core:
             layer.build()
         if c.readout == "attention":
@@ -398,8 +468,15 @@ class ChainTransformer(keras.Model):
             log_tokens = tf.fill([batch, 1, 1, 1], FIXED_LOG_TOKENS)
         reach = self.reach_mask(relative_self)
 
+        if c.token_match:
+            same_token = same_token_mask(tokens, c.start_token)
+
         def self_bias(block):
             bias = block.position_bias(relative_self)
+            if c.token_match:  # the bonus grows with log(tokens) as the logits do, so a match stays as sharp
+                # among 4x the tokens (pointer, k = 24 / 32: 0.31 / 0.11 exact match with a fixed bonus, 1.0
+                # with it 1.3x larger)
+                bias += tf.cast(block.match_bias(same_token) * (log_tokens / FIXED_LOG_TOKENS), bias.dtype)
             return bias if reach is None else bias + tf.cast(reach, bias.dtype)
 
         if use_halting is None:
@@ -411,6 +488,8 @@ class ChainTransformer(keras.Model):
         if c.start_token:
             first = tf.reshape(tf.cast(positions == 0, h.dtype), [1, length, 1])
             h = h * (1 - first) + tf.cast(self.start_vector, h.dtype) * first
+        if c.conv_kernel:
+            h = self.conv_norm(h + self.conv_out(self.conv(h)))
         for block in self.prelude:
             h = block(h, h, self_bias(block), key_mask, log_tokens, training=training)
         injected = h
@@ -459,12 +538,13 @@ class ChainTransformer(keras.Model):
             step_logits, step_halts, step_costs = [], [], []
             halted = tf.zeros([batch], tf.bool)
             steps_used = tf.zeros([batch], tf.float32)
-            for _ in range(num_loops):
+            for iteration in range(c.answer_lag + num_loops):
                 new_state = iterate(state)
                 logits, halt_logits = read(new_state)
-                step_logits.append(logits)
-                step_halts.append(halt_logits)
-                if c.fixed_point_weight:
+                if iteration >= c.answer_lag:  # step j of the outputs is iteration j + answer_lag
+                    step_logits.append(logits)
+                    step_halts.append(halt_logits)
+                if c.fixed_point_weight and iteration >= c.answer_lag:
                     moved = tf.reduce_sum(state_change(state, new_state), axis=1) / tf.maximum(tokens_count, 1.0)
                     step_costs.append(c.fixed_point_weight * moved)
                 steps_used += 1.0 - tf.cast(halted, tf.float32)  # where halting would stop: a metric
