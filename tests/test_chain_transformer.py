@@ -101,9 +101,11 @@ def test_fixed_point_cost_counts_only_the_iterations_after_k():
     assert (with_cost.numpy() > without_cost.numpy()).all()
 
 
-def test_padding_after_the_content_and_an_answer_mask_change_nothing():
+@pytest.mark.parametrize("options", [{}, dict(conv_kernel=5, block_conv_kernel=3, token_match=4.0, window=0,
+                                              causal=False)], ids=["default", "lookup"])
+def test_padding_after_the_content_and_an_answer_mask_change_nothing(options):
     _, inputs, _ = _batch("registers", k=4)
-    model = tfmstep.build("chain_transformer", "tiny", task="registers")
+    model = tfmstep.build("chain_transformer", "tiny", task="registers", **options)
     reference = model(inputs, training=False, num_loops=4, use_halting=False)["logits"]
     padded = tf.pad(inputs["tokens"], [[0, 0], [0, 9]])
     out = model({"tokens": padded}, training=False, num_loops=4, use_halting=False)["logits"]
@@ -228,16 +230,6 @@ def test_answer_lag_starts_the_supervised_readouts_that_many_iterations_later():
     for j in (0, 5):  # output step j is the readout after iteration j + 1 + answer_lag
         np.testing.assert_allclose(
             steps[:, j], model(inputs, training=False, num_loops=j + 2, use_halting=False)["logits"], atol=1e-5)
-
-
-def test_matching_init_starts_every_key_projection_equal_to_its_query():
-    model = tfmstep.build("chain_transformer", "tiny", task="pointer", matching_init=True)
-    for block in model.prelude + model.core:
-        width = block.width
-        np.testing.assert_array_equal(block.key_value.kernel.numpy()[:, :width], block.query.kernel.numpy())
-    plain = tfmstep.build("chain_transformer", "tiny", task="pointer")
-    block = plain.core[0]
-    assert not np.allclose(block.key_value.kernel.numpy()[:, :block.width], block.query.kernel.numpy())
 
 
 def test_model_fit_uses_the_family_loss_and_the_keras_file_round_trips(tmp_path):

@@ -142,6 +142,17 @@ def test_a_chain_task_with_a_multi_token_answer_exports(chain_task_export):
     _check_chain_export(task, *chain_task_export(task, FAST_CHAIN_FORMATS))
 
 
+# models/chain_lookup.flags' architecture (convolutions, the same-token bonus, learned halting), tiny.
+LOOKUP_OPTIONS = dict(conv_kernel=5, block_conv_kernel=3, token_match=4.0, window=0, causal=False,
+                      prelude_layers=0, length_scaled_softmax=True, answer_lag=1, halting="learned")
+
+
+def test_the_lookup_chain_model_exports_to_a_saved_model_and_fp32_tflite(tmp_path):
+    config = tfmstep.get_config("chain_transformer", "tiny", task="pointer", **LOOKUP_OPTIONS)
+    report, info = _export_everything("chain_transformer", config, tmp_path, FAST_CHAIN_FORMATS)
+    _check_chain_export("pointer", report, info, config)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("task", chains.TASKS)
 def test_every_chain_task_exports_to_every_format(task, chain_task_export):

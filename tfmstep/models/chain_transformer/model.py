@@ -76,9 +76,6 @@ class ChainConfig:
     # +-conv_kernel//2 neighbours (the conv_kernel - 1 before it, when causal), so a clause such as
     # "b>c;" is parsed into every one of its tokens at once; attention blurs positions, a kernel does not.
     conv_kernel: int = 0
-    # Keys initialised equal to the queries, so attention starts out matching like with like (a name with
-    # the same name elsewhere): the primitive of every lookup by name, which a random start must discover.
-    matching_init: bool = False
     # A convolution sublayer of this kernel in every self-attention block (prelude, core, stack; 0: none),
     # so one iteration also moves what a token learnt across its clause: a lookup answered at one token
     # of "b>c;" reaches b's own token in the same iteration.
@@ -223,6 +220,12 @@ def chain_tokenizer(config: ChainConfig, check_against_train_file: bool = False)
         config.vocab_file, config.vocab_size, train_text, config.train_file))
 
 
+def zero_padding(h, key_mask):
+    """h [B, T, W] with PAD positions zeroed: what a convolution sees past a problem's end is then the same
+    whether the batch pads it or the sequence simply ends (zeros either way)."""
+    return h * tf.expand_dims(tf.cast(key_mask, h.dtype), -1)
+
+
 def same_token_mask(tokens, start_token: bool):
     """tokens [B, T] -> [B, 1, T, T] float: 1 where key j is another occurrence of query i's token (j != i,
     neither PAD; with ``start_token``, column 0 is the start placeholder, which matches nothing)."""
@@ -240,11 +243,11 @@ class Block(keras.layers.Layer):
     slopes and a length-scaled softmax, ending in a LayerNorm so that many more iterations than trained
     keep the state in range."""
 
-    def __init__(self, width, heads, mlp_dim, dropout=0.0, relative_clip=8, matching_init=False,
-                 conv_kernel=0, causal=False, token_match=0.0, **kwargs):
+    def __init__(self, width, heads, mlp_dim, dropout=0.0, relative_clip=8, conv_kernel=0, causal=False,
+                 token_match=0.0, **kwargs):
         super().__init__(**kwargs)
         self.width, self.heads, self.mlp_dim = width, heads, mlp_dim
-        self.rate, self.clip, self.matching_init = dropout, relative_clip, matching_init
+        self.rate, self.clip = dropout, relative_clip
         self.conv_kernel, self.causal, self.token_match = conv_kernel, causal, token_match
         if conv_kernel:  # a convolution sublayer after the attention (self-attention blocks only)
             self.conv_norm = keras.layers.LayerNormalization(epsilon=1e-5, name="conv_norm")
@@ -263,7 +266,7 @@ class Block(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "width": self.width, "heads": self.heads, "mlp_dim": self.mlp_dim,
-                "dropout": self.rate, "relative_clip": self.clip, "matching_init": self.matching_init,
+                "dropout": self.rate, "relative_clip": self.clip,
                 "conv_kernel": self.conv_kernel, "causal": self.causal, "token_match": self.token_match}
 
     def build(self, input_shape=None):
@@ -289,8 +292,6 @@ class Block(keras.layers.Layer):
         if self.token_match:  # per-head logit bonus for a key that is another occurrence of the query's token
             self.match_weight = self.add_weight(shape=(self.heads,), name="match_weight",
                                                 initializer=keras.initializers.Constant(self.token_match))
-        if self.matching_init:  # keys start as the queries: a token attends to tokens like itself
-            self.key_value.kernel.assign(tf.concat([self.query.kernel, self.key_value.kernel[:, self.width:]], 1))
         self.built = True
 
     def position_bias(self, relative):
@@ -321,7 +322,8 @@ class Block(keras.layers.Layer):
         attended = tf.reshape(tf.einsum("bhqk,bkhd->bqhd", weights, v), [batch, q_len, self.width])
         h = queries + self.dropout(self.attn_out(attended), training=training)
         if self.conv_kernel:  # what a token just looked up reaches its neighbours in the same iteration
-            h = h + self.dropout(self.conv_out(self.conv(self.conv_norm(h))), training=training)
+            h = h + self.dropout(self.conv_out(self.conv(zero_padding(self.conv_norm(h), key_mask))),
+                                 training=training)
         h = h + self.dropout(self.mlp_out(self.mlp_in(self.mlp_norm(h))), training=training)
         return self.state_norm(h)
 
@@ -343,7 +345,7 @@ class ChainTransformer(keras.Model):
             embeddings_initializer=keras.initializers.RandomNormal(stddev=0.5))
 
         def block(name):
-            return Block(c.width, c.heads, c.mlp_dim, c.dropout, c.relative_clip, c.matching_init,
+            return Block(c.width, c.heads, c.mlp_dim, c.dropout, c.relative_clip,
                          conv_kernel=c.block_conv_kernel, causal=c.causal, token_match=c.token_match, name=name)
 
         if c.conv_kernel:
@@ -489,7 +491,7 @@ class ChainTransformer(keras.Model):
             first = tf.reshape(tf.cast(positions == 0, h.dtype), [1, length, 1])
             h = h * (1 - first) + tf.cast(self.start_vector, h.dtype) * first
         if c.conv_kernel:
-            h = self.conv_norm(h + self.conv_out(self.conv(h)))
+            h = self.conv_norm(h + self.conv_out(self.conv(zero_padding(h, key_mask))))
         for block in self.prelude:
             h = block(h, h, self_bias(block), key_mask, log_tokens, training=training)
         injected = h
