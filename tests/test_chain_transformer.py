@@ -88,6 +88,14 @@ def test_fixed_point_halting_stops_when_the_state_stops_moving():
     assert out["steps_used"].numpy().tolist() == [9.0] * 4
 
 
+def test_no_problem_halts_before_its_answer_lag_has_passed():
+    _, inputs, _ = _batch()
+    for lag in (1, 2):
+        model = tfmstep.build("chain_transformer", "tiny", halting="fixed_point", fixed_point_tolerance=1e3,
+                              answer_lag=lag)
+        assert model(inputs, training=False)["steps_used"].numpy().tolist() == [lag + 1.0] * 4
+
+
 def test_fixed_point_cost_counts_only_the_iterations_after_k():
     cfg, inputs, labels = _batch(k=2, fixed_point_weight=1.0)
     model = ct.build_chain_transformer(cfg)

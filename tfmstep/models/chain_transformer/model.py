@@ -550,7 +550,8 @@ class ChainTransformer(keras.Model):
                     moved = tf.reduce_sum(state_change(state, new_state), axis=1) / tf.maximum(tokens_count, 1.0)
                     step_costs.append(c.fixed_point_weight * moved)
                 steps_used += 1.0 - tf.cast(halted, tf.float32)  # where halting would stop: a metric
-                halted = halted | halted_now(state, new_state, halt_logits)
+                if iteration >= c.answer_lag:
+                    halted = halted | halted_now(state, new_state, halt_logits)
                 state = new_state
             outputs = {"logits": logits, "halt_logits": halt_logits, "steps_used": steps_used,
                        "step_logits": tf.stack(step_logits, axis=1), "step_halt_logits": tf.stack(step_halts, 1)}
@@ -564,7 +565,8 @@ class ChainTransformer(keras.Model):
             steps_used += 1.0 - tf.cast(halted, tf.float32)
             if use_halting:
                 halt_logits = read(new_state)[1] if c.halting == "learned" else None
-                halted = halted | halted_now(state, new_state, halt_logits)
+                # Never before iteration answer_lag + 1: no answer is due earlier, and training reads none.
+                halted = halted | (halted_now(state, new_state, halt_logits) & (t >= c.answer_lag))
             return t + 1, new_state, halted, steps_used
 
         def cond(t, state, halted, steps_used):
