@@ -13,6 +13,12 @@ gives every head. Every attention also has a clipped learned relative-position b
 per-head distance slopes in each direction (ALiBi-like; they let a global head prefer "the most recent
 match before me"), and, with ``length_scaled_softmax``, logits that grow with log(tokens).
 
+For lookups by name (clauses shuffled, so a parent is found by matching its name), ``token_match`` gives
+every attention a learned bonus for another occurrence of the query's own token, and convolutions
+(``conv_kernel`` over the embeddings, ``block_conv_kernel`` inside each block after the attention) carry
+what a name looked up across its clause within the iteration: one iteration per step, with no positions
+at all (models/chain_lookup.flags).
+
 Training runs ``train_loops`` iterations and supervises only the answers: with the chain length k of an
 example known (a generator knows it), the answer after every iteration t >= k (so it is found by
 iteration k and stays put after, which is what makes extra loops harmless) and a halting head, read
