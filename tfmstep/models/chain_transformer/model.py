@@ -169,11 +169,10 @@ class ChainConfig:
         if self.looped and self.task != chains.FILE_TASK and self.loops_in_training < self.train_max_len:
             raise UserError(f"train_loops={self.train_loops} is fewer than train_max_len={self.train_max_len}: "
                             f"one iteration resolves about one step")
-        if self.conv_kernel < 0 or (self.conv_kernel and not self.causal and self.conv_kernel % 2 == 0):
-            raise UserError(f"conv_kernel must be 0 or >= 1 (odd unless causal), got {self.conv_kernel}")
-        if self.block_conv_kernel < 0 or (self.block_conv_kernel and not self.causal
-                                          and self.block_conv_kernel % 2 == 0):
-            raise UserError(f"block_conv_kernel must be 0 or >= 1 (odd unless causal), got {self.block_conv_kernel}")
+        for name in ("conv_kernel", "block_conv_kernel"):
+            kernel = getattr(self, name)
+            if kernel < 0 or (kernel and not self.causal and kernel % 2 == 0):
+                raise UserError(f"{name} must be 0 or >= 1 (odd unless causal), got {kernel}")
         if self.window < 0:
             raise UserError(f"window must be >= 0 (0: attention at any distance), got {self.window}")
         if not 0 <= self.global_heads <= self.heads:
@@ -226,6 +225,20 @@ def chain_tokenizer(config: ChainConfig, check_against_train_file: bool = False)
         config.vocab_file, config.vocab_size, train_text, config.train_file))
 
 
+def conv_layers(width, mlp_dim, kernel, causal, prefix=""):
+    """(norm, conv, out) of a convolution sublayer: LayerNorm, Conv1D width -> mlp_dim (GELU), Dense back."""
+    return (keras.layers.LayerNormalization(epsilon=1e-5, name=f"{prefix}conv_norm"),
+            keras.layers.Conv1D(mlp_dim, kernel, padding="causal" if causal else "same", activation="gelu",
+                                name=f"{prefix}conv"),
+            keras.layers.Dense(width, name=f"{prefix}conv_out"))
+
+
+def build_conv_layers(norm, conv, out, width, mlp_dim):
+    norm.build((None, None, width))
+    conv.build((None, None, width))
+    out.build((None, None, mlp_dim))
+
+
 def zero_padding(h, key_mask):
     """h [B, T, W] with PAD positions zeroed: what a convolution sees past a problem's end is then the same
     whether the batch pads it or the sequence simply ends (zeros either way)."""
@@ -256,10 +269,7 @@ class Block(keras.layers.Layer):
         self.rate, self.clip = dropout, relative_clip
         self.conv_kernel, self.causal, self.token_match = conv_kernel, causal, token_match
         if conv_kernel:  # a convolution sublayer after the attention (self-attention blocks only)
-            self.conv_norm = keras.layers.LayerNormalization(epsilon=1e-5, name="conv_norm")
-            self.conv = keras.layers.Conv1D(mlp_dim, conv_kernel, padding="causal" if causal else "same",
-                                            activation="gelu", name="conv")
-            self.conv_out = keras.layers.Dense(width, name="conv_out")
+            self.conv_norm, self.conv, self.conv_out = conv_layers(width, mlp_dim, conv_kernel, causal)
         self.attn_norm = keras.layers.LayerNormalization(epsilon=1e-5, name="attn_norm")
         self.query = keras.layers.Dense(width, name="query")
         self.key_value = keras.layers.Dense(2 * width, name="key_value")
@@ -292,9 +302,7 @@ class Block(keras.layers.Layer):
             layer.build((None, None, self.width))
         self.mlp_out.build((None, None, self.mlp_dim))
         if self.conv_kernel:
-            self.conv_norm.build((None, None, self.width))
-            self.conv.build((None, None, self.width))
-            self.conv_out.build((None, None, self.mlp_dim))
+            build_conv_layers(self.conv_norm, self.conv, self.conv_out, self.width, self.mlp_dim)
         if self.token_match:  # per-head logit bonus for a key that is another occurrence of the query's token
             self.match_weight = self.add_weight(shape=(self.heads,), name="match_weight",
                                                 initializer=keras.initializers.Constant(self.token_match))
@@ -354,11 +362,9 @@ class ChainTransformer(keras.Model):
             return Block(c.width, c.heads, c.mlp_dim, c.dropout, c.relative_clip,
                          conv_kernel=c.block_conv_kernel, causal=c.causal, token_match=c.token_match, name=name)
 
-        if c.conv_kernel:
-            self.conv = keras.layers.Conv1D(c.mlp_dim, c.conv_kernel, padding="causal" if c.causal else "same",
-                                            activation="gelu", name="prelude_conv")
-            self.conv_out = keras.layers.Dense(c.width, name="prelude_conv_out")
-            self.conv_norm = keras.layers.LayerNormalization(epsilon=1e-5, name="prelude_conv_norm")
+        if c.conv_kernel:  # post-norm (after the residual), unlike the blocks' pre-norm sublayer
+            self.conv_norm, self.conv, self.conv_out = conv_layers(c.width, c.mlp_dim, c.conv_kernel, c.causal,
+                                                                   prefix="prelude_")
         self.prelude = [block(f"prelude{i}") for i in range(c.prelude_layers)]
         self.core = [block("core")] if c.looped else [block(f"stack{i}") for i in range(c.layers)]
         if c.readout == "attention":
@@ -400,9 +406,7 @@ class ChainTransformer(keras.Model):
             self.start_vector = self.add_weight(shape=(c.width,), name="start_vector",
                                                 initializer=keras.initializers.RandomNormal(stddev=0.5))
         if c.conv_kernel:
-            self.conv.build((None, None, c.width))
-            self.conv_out.build((None, None, c.mlp_dim))
-            self.conv_norm.build((None, None, c.width))
+            build_conv_layers(self.conv_norm, self.conv, self.conv_out, c.width, c.mlp_dim)
         for layer in self.prelude + self.core:
             layer.build()
         if c.readout == "attention":
@@ -548,15 +552,14 @@ class ChainTransformer(keras.Model):
             steps_used = tf.zeros([batch], tf.float32)
             for iteration in range(c.answer_lag + num_loops):
                 new_state = iterate(state)
-                logits, halt_logits = read(new_state)
+                steps_used += 1.0 - tf.cast(halted, tf.float32)  # where halting would stop: a metric
                 if iteration >= c.answer_lag:  # step j of the outputs is iteration j + answer_lag
+                    logits, halt_logits = read(new_state)
                     step_logits.append(logits)
                     step_halts.append(halt_logits)
-                if c.fixed_point_weight and iteration >= c.answer_lag:
-                    moved = tf.reduce_sum(state_change(state, new_state), axis=1) / tf.maximum(tokens_count, 1.0)
-                    step_costs.append(c.fixed_point_weight * moved)
-                steps_used += 1.0 - tf.cast(halted, tf.float32)  # where halting would stop: a metric
-                if iteration >= c.answer_lag:
+                    if c.fixed_point_weight:
+                        moved = tf.reduce_sum(state_change(state, new_state), axis=1) / tf.maximum(tokens_count, 1.0)
+                        step_costs.append(c.fixed_point_weight * moved)
                     halted = halted | halted_now(state, new_state, halt_logits)
                 state = new_state
             outputs = {"logits": logits, "halt_logits": halt_logits, "steps_used": steps_used,
