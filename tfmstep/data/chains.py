@@ -8,8 +8,8 @@ know it, and training may use it, but nothing at inference does. Six task famili
 - ``lego``: shuffled clauses of a group chain mod ``modulus``: ``b=-a+2;a=3;c=+b+0;?c`` -> ``4``
   (x = sign * parent + addend). Clauses are shuffled, so the order must be found by name.
 - ``parity``: running parity of a bit string: ``10110?`` -> ``1`` (k = number of bits).
-- ``pointer``: pointer chasing with distractors: ``a>b;b=3;c>a;d=1;?c`` -> ``3``: the label of the sink the
-  queried node reaches in k hops; distractor nodes start other chains or hang off this one.
+- ``pointer``: pointer chasing against a decoy: ``a>b;d>e;b=3;e=1;?a`` -> ``3``: the label of the sink the
+  queried node reaches in k hops; a second chain, as long while the 52 names last, ends in another label.
 - ``kinship``: relation composition in a family tree: ``b=4(a);a=0;c=2(b);?c`` -> the relation of c to
   the root a, where the six relations compose like the (non-commutative) group S3, so path order matters.
 - ``registers`` (a state of several tokens): three registers run a program of k instructions in order:
@@ -142,19 +142,22 @@ def _distractors(k):
     return math.ceil(k / 2)
 
 
+def _pointer_decoy_length(k):
+    # As long as the real chain while names last (k <= 25), then whatever the 52 names leave.
+    return min(k, len(NAMES) - k - 2)
+
+
 def _pointer(k, rng, modulus):
-    extra = _distractors(k)
-    names = _names(rng, k + 1 + extra)
-    label = int(rng.integers(modulus))
-    clauses = [f"{names[j]}>{names[j + 1]};" for j in range(k)] + [f"{names[k]}={label};"]
-    other_labels = [c for c in range(modulus) if c != label]
-    known = list(range(1, k + 1))  # nodes a distractor may point to (not the start: keep it a root)
-    for i in range(k + 1, k + 1 + extra):
-        if rng.random() < 0.3:  # a sink of its own, with a label the query must not read
-            clauses.append(f"{names[i]}={other_labels[rng.integers(len(other_labels))]};")
-        else:
-            clauses.append(f"{names[i]}>{names[known[rng.integers(len(known))]]};")
-        known.append(i)
+    # Two chains, each ending in its own labelled sink and, while names last, equally long: which sink is the
+    # answer depends only on which chain the query starts, so nothing short of following it gets above 1/2.
+    # (An earlier version hung short distractors off the chain; "the first sink any clause points to" then
+    # scored 0.93 at k = 8, and a model that learned that was at chance against an equal decoy.)
+    decoy = _pointer_decoy_length(k)
+    names = _names(rng, k + decoy + 2)
+    label, decoy_label = (int(v) for v in rng.choice(modulus, size=2, replace=False))
+    clauses = []
+    for chain, value in ((names[:k + 1], label), (names[k + 1:], decoy_label)):
+        clauses += [f"{a}>{b};" for a, b in zip(chain, chain[1:])] + [f"{chain[-1]}={value};"]
     rng.shuffle(clauses)
     return "".join(clauses) + f"?{names[0]}", str(label)
 
@@ -238,10 +241,16 @@ def generate_problem(task: str, k: int, rng: np.random.Generator, modulus: int =
     return _GENERATORS[task](int(k), rng, modulus)
 
 
+def max_chain_length(task: str) -> int | None:
+    """The longest chain a generator can name (52 single-letter names), or None if unbounded."""
+    return {"lego": len(NAMES) - 1, "pointer": len(NAMES) - 2,
+            "kinship": max(k for k in range(len(NAMES)) if k + 1 + _distractors(k) <= len(NAMES))}.get(task)
+
+
 def max_text_length(task: str, k: int) -> int:
     """An upper bound on the characters of a problem of ``k`` steps (the padded length of a batch)."""
     extra = _distractors(k)
-    return {"lego": 7 * k + 6, "parity": k + 1, "pointer": 4 * (k + 1 + extra) + 2,
+    return {"lego": 7 * k + 6, "parity": k + 1, "pointer": 4 * (k + _pointer_decoy_length(k) + 2) + 2,
             "kinship": 4 + 7 * (k + extra) + 2, "registers": 5 + 4 * k,
             "reassign": 2 * k * 6 + 2}[task]
 

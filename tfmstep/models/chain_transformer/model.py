@@ -150,12 +150,10 @@ class ChainConfig:
             raise UserError(f"answer_length must be in 0..{chains.MAX_ANSWER_LENGTH}, got {self.answer_length}")
         if self.task in chains.TASKS:
             longest = max(self.train_max_len, self.test_max_len)
-            if self.task in ("pointer", "kinship") and longest + 1 + -(-longest // 2) > len(chains.NAMES):
-                raise UserError(f"task {self.task!r} names at most {len(chains.NAMES)} nodes: chain lengths "
-                                f"up to 34 (got {longest})")
-            if self.task == "lego" and longest + 1 > len(chains.NAMES):
-                raise UserError(f"task 'lego' has {len(chains.NAMES)} names: chain lengths up to "
-                                f"{len(chains.NAMES) - 1} (got {longest})")
+            limit = chains.max_chain_length(self.task)
+            if limit is not None and longest > limit:
+                raise UserError(f"task {self.task!r} has {len(chains.NAMES)} names: chain lengths up to "
+                                f"{limit} (got {longest})")
         if min(self.width, self.heads, self.mlp_dim, self.layers, self.max_loops) < 1 or self.prelude_layers < 0:
             raise UserError("width, heads, mlp_dim, layers and max_loops must be >= 1, prelude_layers >= 0")
         if self.width % self.heads:
