@@ -12,8 +12,10 @@ from tfmstep.errors import UserError
 
 
 @pytest.mark.parametrize("task", chains.TASKS)
-@pytest.mark.parametrize("k", [1, 2, 5, 8, 16, 32])
+@pytest.mark.parametrize("k", [0, 1, 2, 5, 8, 16, 32])
 def test_generated_answers_and_step_counts_match_the_reference_solver(task, k):
+    if k == 0 and task == "reassign":
+        pytest.skip("reassign has no zero-step problems (its config refuses train_min_len=0)")
     rng = np.random.default_rng(k)
     for _ in range(20):
         text, answer = chains.generate_problem(task, k, rng)
@@ -67,6 +69,28 @@ def test_train_split_has_static_shapes_trained_lengths_and_answer_slots():
     for row, answer in zip(tokens, labels["answers"].numpy()):
         assert (row == 1).sum() == 1  # one answer slot (id 1), right after the text
         assert chains.solve("lego", chains.decode(row))[0] == chains.decode(answer)
+
+
+def test_zero_step_problems_are_trained_on_but_never_validated():
+    train = chains.generated_dataset("pointer", "train", 64, train_min_len=0, train_max_len=2)
+    steps = np.concatenate([labels["steps"].numpy() for _, labels in train.take(2)])
+    assert set(steps) == {0, 1, 2}
+    validation = chains.generated_dataset("pointer", "validation", 64, train_min_len=0, train_max_len=2,
+                                          eval_examples=128)
+    steps = np.concatenate([labels["steps"].numpy() for _, labels in validation])
+    assert set(steps) == {1, 2}
+
+
+def test_pointer_decoy_chain_is_as_long_as_the_real_one_while_names_last():
+    """Two labelled sinks, both reached by a chain of k hops: only following the query's chain answers."""
+    rng = np.random.default_rng(0)
+    for k in (1, 8, 25, 32):
+        text, answer = chains.generate_problem("pointer", k, rng)
+        clauses = text.split("?")[0].split(";")[:-1]
+        sinks = [c for c in clauses if "=" in c]
+        assert len(sinks) == 2 and len({c[-1] for c in sinks}) == 2
+        edges = len(clauses) - 2
+        assert edges == k + min(k, len(chains.NAMES) - k - 2)
 
 
 def test_test_split_is_finite_and_reaches_the_test_lengths():

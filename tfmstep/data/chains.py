@@ -388,6 +388,8 @@ def generated_dataset(task: str, split: str, batch_size: int, *, seed: int = 0, 
     if split not in _SPLIT_CODE:
         raise UserError(f"unknown split {split!r}; choose train, validation or test")
     low, high = (1, test_max_len) if split == "test" else (train_min_len, train_max_len)
+    if split == "validation":
+        low = max(1, low)  # zero-step problems only help training; what is reported starts at k = 1
     pad_to = max_text_length(task, high) + answer_length
 
     def make(batch_index):

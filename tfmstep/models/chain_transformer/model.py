@@ -64,6 +64,8 @@ class ChainConfig:
     tokenizer: str = "char"
     vocab_file: str = ""
     vocab_size: int = 512  # sentencepiece pieces (256 byte pieces + specials + every character, then merges)
+    # 0 adds zero-step problems (the lookup alone: pointer "a=3;b=1;?a"), which is how a model first learns
+    # to read an answer when no shortcut leads there; validation and the card still count k >= 1.
     train_min_len: int = 1
     train_max_len: int = 8
     test_max_len: int = 32  # longest chain of the generated "test" split
@@ -139,8 +141,10 @@ class ChainConfig:
                                 "--config=vocab_file=<workdir>/vocab.spm (trained there if missing)")
             if self.vocab_size < 260:
                 raise UserError(f"tokenizer=sentencepiece needs vocab_size >= 260, got {self.vocab_size}")
-        if self.train_min_len < 1 or self.test_max_len < 1:
-            raise UserError("chain lengths must be >= 1")
+        if self.train_min_len < 0 or self.test_max_len < 1:
+            raise UserError("train_min_len must be >= 0 and test_max_len >= 1")
+        if self.train_min_len == 0 and self.task == "reassign":
+            raise UserError("task 'reassign' has no zero-step problems: train_min_len must be >= 1")
         if self.train_max_len < self.train_min_len:
             raise UserError(f"train_max_len ({self.train_max_len}) must be >= train_min_len "
                             f"({self.train_min_len})")
