@@ -2,6 +2,7 @@
 answer-mask invariance, the loss's supervision window, Keras conventions (fit, .keras save/load), the
 serving signatures' input checks, and the evaluation tool on a tiny trained run (generated and JSONL)."""
 
+import dataclasses
 import json
 import os
 
@@ -77,6 +78,19 @@ def test_a_halted_problem_keeps_its_answer_when_more_loops_are_allowed():
     many = model(inputs, training=False, num_loops=50)
     assert few["steps_used"].numpy().tolist() == [1.0] * 4
     np.testing.assert_allclose(few["logits"], many["logits"], atol=1e-6)
+
+
+def test_halt_confidence_keeps_looping_until_every_answer_is_confident():
+    _, inputs, _ = _batch()
+    for halting, options in (("learned", {}), ("fixed_point", dict(fixed_point_tolerance=1e3))):
+        model = tfmstep.build("chain_transformer", "tiny", halting=halting, **options)
+        if halting == "learned":
+            model.halt_head.bias.assign([5.0])  # the rule alone would stop after the first iteration
+        assert model(inputs, training=False)["steps_used"].numpy().tolist() == [1.0] * 4
+        model.config = dataclasses.replace(model.config, halt_confidence=0.999)  # untrained: never that sure
+        assert model(inputs, training=False, num_loops=6)["steps_used"].numpy().tolist() == [6.0] * 4
+        model.head.bias.assign(tf.one_hot(0, model.head.bias.shape[0]) * 50.0)  # certain from the start
+        assert model(inputs, training=False, num_loops=6)["steps_used"].numpy().tolist() == [1.0] * 4
 
 
 def test_fixed_point_halting_stops_when_the_state_stops_moving():
@@ -271,6 +285,7 @@ def test_model_fit_uses_the_family_loss_and_the_keras_file_round_trips(tmp_path)
     (dict(conv_kernel=-1), "conv_kernel must be 0 or >= 1"),
     (dict(block_conv_kernel=2, causal=False), "block_conv_kernel must be 0 or >= 1"),
     (dict(answer_lag=-1), "answer_lag must be >= 0"),
+    (dict(halt_confidence=1.0), r"halt_confidence must be in \[0, 1\)"),
     (dict(global_heads=5, heads=4), "global_heads must be in 0..heads=4"),
     (dict(readout="pool"), "unknown readout 'pool'"),
     (dict(halting="never"), "unknown halting 'never'"),

@@ -27,7 +27,8 @@ gives none) the answer after the last iteration, and halting taught "the answer 
 inference each problem stops at the first iteration whose halting probability passes
 ``halt_threshold`` -- or, with ``halting="fixed_point"``, whose state stopped moving (a confidence
 rule, which ``fixed_point_weight`` trains for by pricing the state's change after k) -- at most
-``max_loops``, and reports it as ``steps_used``; k is never an input.
+``max_loops``, and reports it as ``steps_used``; k is never an input. ``halt_confidence`` adds a
+confidence rule to either: wait until every answer slot's top class is that probable.
 
 ``looped=False`` is the baseline: the same prelude and readout around ``layers`` distinct blocks run
 once. The attention is written out (not keras-hub's TransformerEncoder) because it needs the relative
@@ -106,6 +107,10 @@ class ChainConfig:
     # k = 16 / 32, learned 0.46 / 0.57.
     halting: str = "fixed_point"
     fixed_point_tolerance: float = 0.01
+    # A confidence rule on top of either: also wait until every answer slot's top class has at least this
+    # probability (0: off). Pointer at k = 16 (trained k <= 8): the learned head stopped at k + 1 on
+    # problems whose answer was still arriving (top probability ~0.8, right two iterations later).
+    halt_confidence: float = 0.0
     # Training cost of the state's mean |change| per iteration after iteration k, which teaches the loop
     # to settle once the answer is due (what the fixed-point rule reads); 0: none.
     fixed_point_weight: float = 0.5
@@ -188,6 +193,8 @@ class ChainConfig:
                             f"{self.fixed_point_tolerance} and {self.fixed_point_weight}")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.halt_confidence < 1.0:
+            raise UserError(f"halt_confidence must be in [0, 1), got {self.halt_confidence}")
         if not 0.0 < self.halt_threshold < 1.0:
             raise UserError(f"halt_threshold must be in (0, 1), got {self.halt_threshold}")
 
@@ -524,10 +531,15 @@ class ChainTransformer(keras.Model):
             change = tf.reduce_mean(tf.abs(tf.cast(new, tf.float32) - tf.cast(old, tf.float32)), axis=-1)
             return tf.where(key_mask, change, 0.0)
 
-        def halted_now(old_state, new_state, halt_logits):
+        def halted_now(old_state, new_state, logits, halt_logits):
             if c.halting == "fixed_point":
-                return tf.reduce_max(state_change(old_state, new_state), axis=1) < c.fixed_point_tolerance
-            return tf.sigmoid(tf.cast(halt_logits, tf.float32)) > c.halt_threshold
+                halted = tf.reduce_max(state_change(old_state, new_state), axis=1) < c.fixed_point_tolerance
+            else:
+                halted = tf.sigmoid(tf.cast(halt_logits, tf.float32)) > c.halt_threshold
+            if c.halt_confidence:
+                top = tf.reduce_max(tf.nn.softmax(tf.cast(logits, tf.float32)), axis=-1)  # [B, A]
+                halted &= tf.reduce_all(top >= c.halt_confidence, axis=1)
+            return halted
 
         if not c.looped:  # a plain stack: every block runs once, no halting
             state = injected
@@ -562,7 +574,7 @@ class ChainTransformer(keras.Model):
                     if c.fixed_point_weight:
                         moved = tf.reduce_sum(state_change(state, new_state), axis=1) / tf.maximum(tokens_count, 1.0)
                         step_costs.append(c.fixed_point_weight * moved)
-                    halted = halted | halted_now(state, new_state, halt_logits)
+                    halted = halted | halted_now(state, new_state, logits, halt_logits)
                 state = new_state
             outputs = {"logits": logits, "halt_logits": halt_logits, "steps_used": steps_used,
                        "step_logits": tf.stack(step_logits, axis=1), "step_halt_logits": tf.stack(step_halts, 1)}
@@ -575,9 +587,10 @@ class ChainTransformer(keras.Model):
             new_state = tf.where(tf.reshape(halted, [batch, 1, 1]), state, iterate(state))
             steps_used += 1.0 - tf.cast(halted, tf.float32)
             if use_halting:
-                halt_logits = read(new_state)[1] if c.halting == "learned" else None
+                needs_readout = c.halting == "learned" or c.halt_confidence
+                logits, halt_logits = read(new_state) if needs_readout else (None, None)
                 # Never before iteration answer_lag + 1: no answer is due earlier, and training reads none.
-                halted = halted | (halted_now(state, new_state, halt_logits) & (t >= c.answer_lag))
+                halted = halted | (halted_now(state, new_state, logits, halt_logits) & (t >= c.answer_lag))
             return t + 1, new_state, halted, steps_used
 
         def cond(t, state, halted, steps_used):
