@@ -14,9 +14,11 @@ from tfmstep.errors import UserError
 @pytest.mark.parametrize("task", chains.TASKS)
 @pytest.mark.parametrize("k", [0, 1, 2, 5, 8, 16, 32])
 def test_generated_answers_and_step_counts_match_the_reference_solver(task, k):
-    if k == 0 and task == "reassign":
-        pytest.skip("reassign has no zero-step problems (its config refuses train_min_len=0)")
     rng = np.random.default_rng(k)
+    if k < chains.min_chain_length(task):  # reassign: no zero-step problems, and one clear error for them
+        with pytest.raises(UserError, match=f"task {task!r} has no problems of {k} steps"):
+            chains.generate_problem(task, k, rng)
+        return
     for _ in range(20):
         text, answer = chains.generate_problem(task, k, rng)
         assert chains.solve(task, text) == (answer, k), text

@@ -238,7 +238,15 @@ _GENERATORS = {"lego": _lego, "parity": _parity, "pointer": _pointer, "kinship":
 
 def generate_problem(task: str, k: int, rng: np.random.Generator, modulus: int = 5) -> tuple[str, str]:
     """(text, answer) of one problem of exactly ``k`` steps."""
+    if k < min_chain_length(task):
+        raise UserError(f"task {task!r} has no problems of {k} steps (fewest: {min_chain_length(task)})")
     return _GENERATORS[task](int(k), rng, modulus)
+
+
+def min_chain_length(task: str) -> int:
+    """The fewest steps a generator can pose: 0 (the lookup or the start state alone) except for reassign,
+    whose query reads a statement the chain itself made."""
+    return 1 if task == "reassign" else 0
 
 
 def max_chain_length(task: str) -> int | None:

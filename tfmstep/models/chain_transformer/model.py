@@ -148,8 +148,9 @@ class ChainConfig:
                 raise UserError(f"tokenizer=sentencepiece needs vocab_size >= 260, got {self.vocab_size}")
         if self.train_min_len < 0 or self.test_max_len < 1:
             raise UserError("train_min_len must be >= 0 and test_max_len >= 1")
-        if self.train_min_len == 0 and self.task == "reassign":
-            raise UserError("task 'reassign' has no zero-step problems: train_min_len must be >= 1")
+        if self.task in chains.TASKS and self.train_min_len < chains.min_chain_length(self.task):
+            raise UserError(f"task {self.task!r} has no zero-step problems: train_min_len must be >= "
+                            f"{chains.min_chain_length(self.task)}")
         if self.train_max_len < self.train_min_len:
             raise UserError(f"train_max_len ({self.train_max_len}) must be >= train_min_len "
                             f"({self.train_min_len})")
