@@ -93,6 +93,20 @@ def test_halt_confidence_keeps_looping_until_every_answer_is_confident():
         assert model(inputs, training=False, num_loops=6)["steps_used"].numpy().tolist() == [1.0] * 4
 
 
+
+def test_ready_halting_stops_when_the_answers_outweigh_not_yet_at_every_slot():
+    _, inputs, _ = _batch("registers", k=2)  # three answer slots
+    model = tfmstep.build("chain_transformer", "tiny", task="registers", halting="ready")
+    out = model(inputs, training=True)
+    # The halt logit is the least ready slot's log P(some answer) - log P(not yet): it moves with the answers.
+    model.head.bias.assign(model.head.bias + 3.0)
+    shifted = model(inputs, training=True)
+    np.testing.assert_allclose(shifted["step_halt_logits"], out["step_halt_logits"] + 3.0, atol=1e-4)
+    model.halt_head.bias.assign([-50.0])  # "not yet" never wins: stop after the first iteration
+    assert model(inputs, training=False, num_loops=6)["steps_used"].numpy().tolist() == [1.0] * 4
+    model.halt_head.bias.assign([50.0])  # "not yet" always wins: run to the cap
+    assert model(inputs, training=False, num_loops=6)["steps_used"].numpy().tolist() == [6.0] * 4
+
 def test_fixed_point_halting_stops_when_the_state_stops_moving():
     _, inputs, _ = _batch()
     settles_at_once = tfmstep.build("chain_transformer", "tiny", halting="fixed_point", fixed_point_tolerance=1e3)

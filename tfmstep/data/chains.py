@@ -122,7 +122,7 @@ def _names(rng, count):
 
 
 def _lego(k, rng, modulus):
-    names = _names(rng, k + 1)
+    names = _names(rng, names_needed("lego", k))
     value = int(rng.integers(modulus))
     clauses = [f"{names[0]}={value};"]
     for j in range(1, k + 1):
@@ -144,7 +144,7 @@ def _distractors(k):
 
 def _pointer_decoy_length(k):
     # As long as the real chain while names last (k <= 25), then whatever the 52 names leave.
-    return min(k, len(NAMES) - k - 2)
+    return max(0, min(k, len(NAMES) - k - 2))
 
 
 def _pointer(k, rng, modulus):
@@ -153,7 +153,7 @@ def _pointer(k, rng, modulus):
     # (An earlier version hung short distractors off the chain; "the first sink any clause points to" then
     # scored 0.93 at k = 8, and a model that learned that was at chance against an equal decoy.)
     decoy = _pointer_decoy_length(k)
-    names = _names(rng, k + decoy + 2)
+    names = _names(rng, names_needed("pointer", k))
     label, decoy_label = (int(v) for v in rng.choice(modulus, size=2, replace=False))
     clauses = []
     for chain, value in ((names[:k + 1], label), (names[k + 1:], decoy_label)):
@@ -164,7 +164,7 @@ def _pointer(k, rng, modulus):
 
 def _kinship(k, rng, modulus):
     extra = _distractors(k)
-    names = _names(rng, k + 1 + extra)
+    names = _names(rng, names_needed("kinship", k))
     relation_to_root = [0]
     clauses = [f"{names[0]}=0;"]
     parents = [-1]
@@ -249,10 +249,17 @@ def min_chain_length(task: str) -> int:
     return 1 if task == "reassign" else 0
 
 
+def names_needed(task: str, k: int) -> int | None:
+    """Distinct names a problem of ``k`` steps uses (None: the task has no named clauses)."""
+    return {"lego": k + 1, "pointer": k + _pointer_decoy_length(k) + 2,
+            "kinship": k + 1 + _distractors(k)}.get(task)
+
+
 def max_chain_length(task: str) -> int | None:
     """The longest chain a generator can name (52 single-letter names), or None if unbounded."""
-    return {"lego": len(NAMES) - 1, "pointer": len(NAMES) - 2,
-            "kinship": max(k for k in range(len(NAMES)) if k + 1 + _distractors(k) <= len(NAMES))}.get(task)
+    if names_needed(task, 0) is None:
+        return None
+    return max(k for k in range(len(NAMES)) if names_needed(task, k) <= len(NAMES))
 
 
 def max_text_length(task: str, k: int) -> int:
