@@ -93,7 +93,6 @@ def test_halt_confidence_keeps_looping_until_every_answer_is_confident():
         assert model(inputs, training=False, num_loops=6)["steps_used"].numpy().tolist() == [1.0] * 4
 
 
-
 def test_ready_halting_stops_when_the_answers_outweigh_not_yet_at_every_slot():
     _, inputs, _ = _batch("registers", k=2)  # three answer slots
     model = tfmstep.build("chain_transformer", "tiny", task="registers", halting="ready")
@@ -106,6 +105,7 @@ def test_ready_halting_stops_when_the_answers_outweigh_not_yet_at_every_slot():
     assert model(inputs, training=False, num_loops=6)["steps_used"].numpy().tolist() == [1.0] * 4
     model.halt_head.bias.assign([50.0])  # "not yet" always wins: run to the cap
     assert model(inputs, training=False, num_loops=6)["steps_used"].numpy().tolist() == [6.0] * 4
+
 
 def test_fixed_point_halting_stops_when_the_state_stops_moving():
     _, inputs, _ = _batch()
