@@ -152,7 +152,6 @@ def _pointer(k, rng, modulus):
     # answer depends only on which chain the query starts, so nothing short of following it gets above 1/2.
     # (An earlier version hung short distractors off the chain; "the first sink any clause points to" then
     # scored 0.93 at k = 8, and a model that learned that was at chance against an equal decoy.)
-    decoy = _pointer_decoy_length(k)
     names = _names(rng, names_needed("pointer", k))
     label, decoy_label = (int(v) for v in rng.choice(modulus, size=2, replace=False))
     clauses = []
@@ -163,17 +162,14 @@ def _pointer(k, rng, modulus):
 
 
 def _kinship(k, rng, modulus):
-    extra = _distractors(k)
     names = _names(rng, names_needed("kinship", k))
     relation_to_root = [0]
     clauses = [f"{names[0]}=0;"]
-    parents = [-1]
-    for i in range(1, k + 1 + extra):
+    for i in range(1, len(names)):
         # The main line 0..k, then distractor relatives hanging off any earlier person.
         parent = i - 1 if i <= k else int(rng.integers(i))
         relation = int(rng.integers(KINSHIP_RELATIONS))
         relation_to_root.append(int(S3_TABLE[relation, relation_to_root[parent]]))
-        parents.append(parent)
         clauses.append(f"{names[i]}={relation}({names[parent]});")
     rng.shuffle(clauses)
     return "".join(clauses) + f"?{names[k]}", str(relation_to_root[k])
