@@ -268,6 +268,34 @@ def test_answer_lag_starts_the_supervised_readouts_that_many_iterations_later():
             steps[:, j], model(inputs, training=False, num_loops=j + 2, use_halting=False)["logits"], atol=1e-5)
 
 
+def test_recomputing_iterations_replace_the_state_instead_of_adding_to_it():
+    # With the core's attention values zeroed, nothing of the previous state reaches a recomputing
+    # iteration, so every iteration gives the same state; a residual iteration still adds to its own.
+    _, inputs, _ = _batch("lego", k=2)
+    for residual_state, settles in ((False, True), (True, False)):
+        model = tfmstep.build("chain_transformer", "tiny", residual_state=residual_state)
+        values = model.core[0].key_value
+        kernel = values.kernel.numpy()
+        kernel[:, model.config.width:] = 0.0
+        values.kernel.assign(kernel)
+        values.bias.assign(np.zeros_like(values.bias.numpy()))
+        logits = [model(inputs, training=False, num_loops=n, use_halting=False)["logits"].numpy() for n in (1, 3)]
+        assert np.allclose(*logits, atol=1e-5) == settles, residual_state
+
+
+def test_gated_mlp_multiplies_a_gelu_projection_by_a_linear_one(tmp_path):
+    model = tfmstep.build("chain_transformer", "tiny", gated_mlp=True)
+    block = model.core[0]
+    x = tf.random.normal([2, 3, model.config.width])
+    gate, linear = np.split(x.numpy() @ block.mlp_in.kernel.numpy() + block.mlp_in.bias.numpy(), 2, axis=-1)
+    np.testing.assert_allclose(block.mlp_hidden(x), tf.nn.gelu(gate) * linear, atol=1e-5)
+    path = str(tmp_path / "gated.keras")
+    model.save(path)
+    _, inputs, _ = _batch()
+    np.testing.assert_allclose(keras.saving.load_model(path)(inputs, training=False)["logits"],
+                               model(inputs, training=False)["logits"], atol=1e-6)
+
+
 def test_model_fit_uses_the_family_loss_and_the_keras_file_round_trips(tmp_path):
     cfg = tfmstep.get_config("chain_transformer", "tiny")
     model = ct.build_chain_transformer(cfg)
