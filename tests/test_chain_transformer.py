@@ -283,19 +283,6 @@ def test_recomputing_iterations_replace_the_state_instead_of_adding_to_it():
         assert np.allclose(*logits, atol=1e-5) == settles, residual_state
 
 
-def test_gated_mlp_multiplies_a_gelu_projection_by_a_linear_one(tmp_path):
-    model = tfmstep.build("chain_transformer", "tiny", gated_mlp=True)
-    block = model.core[0]
-    x = tf.random.normal([2, 3, model.config.width])
-    gate, linear = np.split(x.numpy() @ block.mlp_in.kernel.numpy() + block.mlp_in.bias.numpy(), 2, axis=-1)
-    np.testing.assert_allclose(block.mlp_hidden(x), tf.nn.gelu(gate) * linear, atol=1e-5)
-    path = str(tmp_path / "gated.keras")
-    model.save(path)
-    _, inputs, _ = _batch()
-    np.testing.assert_allclose(keras.saving.load_model(path)(inputs, training=False)["logits"],
-                               model(inputs, training=False)["logits"], atol=1e-6)
-
-
 def test_model_fit_uses_the_family_loss_and_the_keras_file_round_trips(tmp_path):
     cfg = tfmstep.get_config("chain_transformer", "tiny")
     model = ct.build_chain_transformer(cfg)

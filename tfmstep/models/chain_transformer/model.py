@@ -2,6 +2,7 @@
 
     tokens [B, T] -> [start vector] + prelude (a few blocks: parses the text locally) -> e
     state_0 = 0;  state_t = core(state_{t-1} + e)        (one weight-shared block, input injection)
+    (residual_state=False: state_t = core(queries e, context state_{t-1} + e), each token recomputed)
     answers_t, halt_t = readout(state_t at the answer slots)
 
 A problem of k steps needs about k iterations of the core. By default every head is causal and local
@@ -99,13 +100,10 @@ class ChainConfig:
     answer_lag: int = 0
     # True: an iteration adds to each token's state (state_t = core(state_{t-1} + e)). False: it recomputes
     # each token from its input alone plus what it attends to in the previous state (queries e, context
-    # state_{t-1} + e), so a value computed from a stale parent is replaced once the parent is right, not
-    # added to -- a synchronous fixed-point iteration, where a step that transforms a value (lego, kinship)
-    # needs no "not computed yet" marker to keep stale values out.
+    # state_{t-1} + e): a synchronous fixed-point update, where a value computed from a stale parent is
+    # replaced once the parent is right and, once every value is, another iteration changes nothing
+    # (pointer: 2x loops forced keep k = 24 exact; kinship learned slower with it -- README).
     residual_state: bool = True
-    # GEGLU MLPs in the blocks (gelu(x W) * (x V)): a step that combines an operation with a looked-up value
-    # (lego: sign x value x addend) is a product, which a gated unit forms directly.
-    gated_mlp: bool = False
     layers: int = 4  # distinct blocks between prelude and coda in the baseline
     train_loops: int = 0  # core iterations in training (0: 2 x train_max_len, so 2x loops are trained)
     max_loops: int = 128  # inference cap; halting usually stops at about k
@@ -285,12 +283,11 @@ class Block(keras.layers.Layer):
     keep the state in range."""
 
     def __init__(self, width, heads, mlp_dim, dropout=0.0, relative_clip=8, conv_kernel=0, causal=False,
-                 token_match=0.0, gated_mlp=False, **kwargs):
+                 token_match=0.0, **kwargs):
         super().__init__(**kwargs)
         self.width, self.heads, self.mlp_dim = width, heads, mlp_dim
         self.rate, self.clip = dropout, relative_clip
         self.conv_kernel, self.causal, self.token_match = conv_kernel, causal, token_match
-        self.gated_mlp = gated_mlp
         if conv_kernel:  # a convolution sublayer after the attention (self-attention blocks only)
             self.conv_norm, self.conv, self.conv_out = conv_layers(width, mlp_dim, conv_kernel, causal)
         self.attn_norm = keras.layers.LayerNormalization(epsilon=1e-5, name="attn_norm")
@@ -298,10 +295,7 @@ class Block(keras.layers.Layer):
         self.key_value = keras.layers.Dense(2 * width, name="key_value")
         self.attn_out = keras.layers.Dense(width, name="attn_out")
         self.mlp_norm = keras.layers.LayerNormalization(epsilon=1e-5, name="mlp_norm")
-        if gated_mlp:  # GEGLU: gelu(x W) * (x V), a product of two projections
-            self.mlp_in = keras.layers.Dense(2 * mlp_dim, name="mlp_in")
-        else:
-            self.mlp_in = keras.layers.Dense(mlp_dim, activation="gelu", name="mlp_in")
+        self.mlp_in = keras.layers.Dense(mlp_dim, activation="gelu", name="mlp_in")
         self.mlp_out = keras.layers.Dense(width, name="mlp_out")
         self.state_norm = keras.layers.LayerNormalization(epsilon=1e-5, name="state_norm")
         self.dropout = keras.layers.Dropout(dropout)
@@ -309,8 +303,7 @@ class Block(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "width": self.width, "heads": self.heads, "mlp_dim": self.mlp_dim,
                 "dropout": self.rate, "relative_clip": self.clip,
-                "conv_kernel": self.conv_kernel, "causal": self.causal, "token_match": self.token_match,
-                "gated_mlp": self.gated_mlp}
+                "conv_kernel": self.conv_kernel, "causal": self.causal, "token_match": self.token_match}
 
     def build(self, input_shape=None):
         self.relative_bias = self.add_weight(shape=(2 * self.clip + 1, self.heads), initializer="zeros",
@@ -348,12 +341,6 @@ class Block(keras.layers.Layer):
         """same_token [B, 1, T, T] (1 where key j holds the query i's token, j != i) -> [B, H, T, T]."""
         return same_token * tf.reshape(tf.cast(self.match_weight, same_token.dtype), [1, self.heads, 1, 1])
 
-    def mlp_hidden(self, x):
-        if not self.gated_mlp:
-            return self.mlp_in(x)
-        gate, linear = tf.split(self.mlp_in(x), 2, axis=-1)
-        return tf.nn.gelu(gate) * linear
-
     def call(self, queries, context, bias, key_mask, log_tokens, training=False):
         batch, q_len, k_len = tf.shape(queries)[0], tf.shape(queries)[1], tf.shape(context)[1]
         head_dim = self.width // self.heads
@@ -371,7 +358,7 @@ class Block(keras.layers.Layer):
         if self.conv_kernel:  # what a token just looked up reaches its neighbours in the same iteration
             h = h + self.dropout(self.conv_out(self.conv(zero_padding(self.conv_norm(h), key_mask))),
                                  training=training)
-        h = h + self.dropout(self.mlp_out(self.mlp_hidden(self.mlp_norm(h))), training=training)
+        h = h + self.dropout(self.mlp_out(self.mlp_in(self.mlp_norm(h))), training=training)
         return self.state_norm(h)
 
 
@@ -393,7 +380,7 @@ class ChainTransformer(keras.Model):
 
         def block(name):
             return Block(c.width, c.heads, c.mlp_dim, c.dropout, c.relative_clip,
-                         conv_kernel=c.block_conv_kernel, causal=c.causal, token_match=c.token_match, gated_mlp=c.gated_mlp, name=name)
+                         conv_kernel=c.block_conv_kernel, causal=c.causal, token_match=c.token_match, name=name)
 
         if c.conv_kernel:  # post-norm (after the residual), unlike the blocks' pre-norm sublayer
             self.conv_norm, self.conv, self.conv_out = conv_layers(c.width, c.mlp_dim, c.conv_kernel, c.causal,
