@@ -86,11 +86,12 @@ def test_halt_confidence_keeps_looping_until_every_answer_is_confident():
         model = tfmstep.build("chain_transformer", "tiny", halting=halting, **options)
         if halting == "learned":
             model.halt_head.bias.assign([5.0])  # the rule alone would stop after the first iteration
-        assert model(inputs, training=False)["steps_used"].numpy().tolist() == [1.0] * 4
+        first = 1.0 if halting == "learned" else 0.0  # fixed point: settled before the iteration that saw it
+        assert model(inputs, training=False)["steps_used"].numpy().tolist() == [first] * 4
         model.config = dataclasses.replace(model.config, halt_confidence=0.999)  # untrained: never that sure
         assert model(inputs, training=False, num_loops=6)["steps_used"].numpy().tolist() == [6.0] * 4
         model.head.bias.assign(tf.one_hot(0, model.head.bias.shape[0]) * 50.0)  # certain from the start
-        assert model(inputs, training=False, num_loops=6)["steps_used"].numpy().tolist() == [1.0] * 4
+        assert model(inputs, training=False, num_loops=6)["steps_used"].numpy().tolist() == [first] * 4
 
 
 def test_ready_halting_stops_when_the_answers_outweigh_not_yet_at_every_slot():
@@ -110,10 +111,12 @@ def test_ready_halting_stops_when_the_answers_outweigh_not_yet_at_every_slot():
 def test_fixed_point_halting_stops_when_the_state_stops_moving():
     _, inputs, _ = _batch()
     settles_at_once = tfmstep.build("chain_transformer", "tiny", halting="fixed_point", fixed_point_tolerance=1e3)
-    assert settles_at_once(inputs, training=False)["steps_used"].numpy().tolist() == [1.0] * 4
+    # One iteration ran and changed nothing: the state needed none.
+    assert settles_at_once(inputs, training=False)["steps_used"].numpy().tolist() == [0.0] * 4
+    assert settles_at_once(inputs, training=True)["steps_used"].numpy().tolist() == [0.0] * 4
     never_settles = tfmstep.build("chain_transformer", "tiny", halting="fixed_point", fixed_point_tolerance=1e-12)
     out = never_settles(inputs, training=False, num_loops=9)
-    assert out["steps_used"].numpy().tolist() == [9.0] * 4
+    assert out["steps_used"].numpy().tolist() == [9.0] * 4  # stopped by the cap, every iteration counted
 
 
 def test_no_problem_halts_before_its_answer_lag_has_passed():
@@ -121,7 +124,8 @@ def test_no_problem_halts_before_its_answer_lag_has_passed():
     for lag in (1, 2):
         model = tfmstep.build("chain_transformer", "tiny", halting="fixed_point", fixed_point_tolerance=1e3,
                               answer_lag=lag)
-        assert model(inputs, training=False)["steps_used"].numpy().tolist() == [lag + 1.0] * 4
+        # It halts at iteration lag + 1 at the earliest, which shows the state settled after lag.
+        assert model(inputs, training=False)["steps_used"].numpy().tolist() == [float(lag)] * 4
 
 
 def test_fixed_point_cost_counts_only_the_iterations_after_k():

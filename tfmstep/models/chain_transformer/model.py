@@ -28,7 +28,8 @@ gives none) the answer after the last iteration, and halting taught "the answer 
 inference each problem stops at the first iteration whose halting probability passes
 ``halt_threshold`` -- or, with ``halting="fixed_point"``, whose state stopped moving (a confidence
 rule, which ``fixed_point_weight`` trains for by pricing the state's change after k) -- at most
-``max_loops``, and reports it as ``steps_used``; k is never an input. ``halt_confidence`` adds a
+``max_loops``, and reports it as ``steps_used`` (fixed point: the iterations until the state settled,
+not the one more that saw it settle); k is never an input. ``halt_confidence`` adds a
 confidence rule to either: wait until every answer slot's top class is that probable.
 
 ``looped=False`` is the baseline: the same prelude and readout around ``layers`` distinct blocks run
@@ -556,6 +557,13 @@ class ChainTransformer(keras.Model):
                 halted &= tf.reduce_all(top >= c.halt_confidence, axis=1)
             return halted
 
+        def settled_steps(iterations_run, halted):
+            # The fixed-point rule sees a state settled only by running one iteration that changes
+            # nothing; steps_used counts the iterations the state needed, not that check.
+            if c.halting == "fixed_point":
+                return iterations_run - tf.cast(halted, tf.float32)
+            return iterations_run
+
         if not c.looped:  # a plain stack: every block runs once, no halting
             state = injected
             for block in self.core:
@@ -592,6 +600,7 @@ class ChainTransformer(keras.Model):
                         step_costs.append(c.fixed_point_weight * moved)
                     halted = halted | halted_now(state, new_state, logits, halt_logits)
                 state = new_state
+            steps_used = settled_steps(steps_used, halted)
             outputs = {"logits": logits, "halt_logits": halt_logits, "steps_used": steps_used,
                        "step_logits": tf.stack(step_logits, axis=1), "step_halt_logits": tf.stack(step_halts, 1)}
             if c.fixed_point_weight:
@@ -612,11 +621,11 @@ class ChainTransformer(keras.Model):
         def cond(t, state, halted, steps_used):
             return (t < num_loops) & ~tf.reduce_all(halted)
 
-        _, state, _, steps_used = tf.while_loop(
+        _, state, halted, steps_used = tf.while_loop(
             cond, body, (tf.constant(0), tf.zeros_like(injected), tf.zeros([batch], tf.bool),
                          tf.zeros([batch], tf.float32)), maximum_iterations=num_loops)
         logits, halt_logits = read(state)
-        return {"logits": logits, "halt_logits": halt_logits, "steps_used": steps_used}
+        return {"logits": logits, "halt_logits": halt_logits, "steps_used": settled_steps(steps_used, halted)}
 
 
 def chain_loss(labels, outputs):
