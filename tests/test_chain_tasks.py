@@ -83,6 +83,23 @@ def test_zero_step_problems_are_trained_on_but_never_validated():
     assert set(steps) == {1, 2}
 
 
+def test_lego_negation_curriculum_starts_without_negations_and_ends_at_the_usual_half():
+    def negated_share(start_batch):
+        ds = chains.generated_dataset("lego", "train", 64, train_min_len=4, train_max_len=4,
+                                      start_batch=start_batch, negation_curriculum_batches=100)
+        texts = [chains.decode(row) for row in next(iter(ds))[0]["tokens"].numpy()]
+        for text in texts:  # still valid problems
+            assert chains.solve("lego", text)[1] == 4
+        ops = [clause.split("=")[1][0] for text in texts for clause in text.split("?")[0].split(";") if clause]
+        return sum(op == "-" for op in ops) / sum(op in "+-" for op in ops)
+
+    assert negated_share(0) == negated_share(49) == 0.0
+    assert 0.15 < negated_share(75) < 0.35
+    assert 0.4 < negated_share(100) < 0.6  # past the curriculum: the generator's own mix
+    with pytest.raises(UserError, match="applies to task 'lego' only"):
+        chains.generate_problem("pointer", 2, np.random.default_rng(0), negation_rate=0.0)
+
+
 def test_pointer_decoy_chain_is_as_long_as_the_real_one_while_names_last():
     """Two labelled sinks, both reached by a chain of k hops: only following the query's chain answers."""
     rng = np.random.default_rng(0)

@@ -121,12 +121,13 @@ def _names(rng, count):
     return [NAMES[i] for i in rng.choice(len(NAMES), size=count, replace=False)]
 
 
-def _lego(k, rng, modulus):
+def _lego(k, rng, modulus, negation_rate=None):
     names = _names(rng, names_needed("lego", k))
     value = int(rng.integers(modulus))
     clauses = [f"{names[0]}={value};"]
     for j in range(1, k + 1):
-        sign, add = int(rng.integers(2)), int(rng.integers(modulus))
+        sign = int(rng.integers(2)) if negation_rate is None else int(rng.random() < negation_rate)
+        add = int(rng.integers(modulus))
         value = ((-value if sign else value) + add) % modulus
         clauses.append(f"{names[j]}={'+-'[sign]}{names[j - 1]}+{add};")
     rng.shuffle(clauses)
@@ -232,11 +233,17 @@ _GENERATORS = {"lego": _lego, "parity": _parity, "pointer": _pointer, "kinship":
                "registers": _registers_problem, "reassign": _reassign}
 
 
-def generate_problem(task: str, k: int, rng: np.random.Generator, modulus: int = 5) -> tuple[str, str]:
-    """(text, answer) of one problem of exactly ``k`` steps."""
+def generate_problem(task: str, k: int, rng: np.random.Generator, modulus: int = 5,
+                     negation_rate: float | None = None) -> tuple[str, str]:
+    """(text, answer) of one problem of exactly ``k`` steps. ``negation_rate`` (lego only): the share of
+    negated clauses (None: the generator's own, one half)."""
     if k < min_chain_length(task):
         raise UserError(f"task {task!r} has no problems of {k} steps (fewest: {min_chain_length(task)})")
-    return _GENERATORS[task](int(k), rng, modulus)
+    if negation_rate is None:
+        return _GENERATORS[task](int(k), rng, modulus)
+    if task != "lego":
+        raise UserError(f"negation_rate applies to task 'lego' only, not {task!r}")
+    return _lego(int(k), rng, modulus, negation_rate)
 
 
 def min_chain_length(task: str) -> int:
@@ -369,8 +376,8 @@ def make_batch(problems, answer_length: int, pad_to: int | None = None, tokenize
     return {"tokens": tokens}, {"answers": answers, "steps": steps}
 
 
-def generate_batch(task, lengths, rng, answer_length, pad_to, modulus=5):
-    return make_batch([(*generate_problem(task, k, rng, modulus), int(k)) for k in lengths],
+def generate_batch(task, lengths, rng, answer_length, pad_to, modulus=5, negation_rate=None):
+    return make_batch([(*generate_problem(task, k, rng, modulus, negation_rate), int(k)) for k in lengths],
                       answer_length, pad_to)
 
 
@@ -390,10 +397,12 @@ _SPLIT_CODE = {"train": 0, "validation": 1, "test": 2}
 def generated_dataset(task: str, split: str, batch_size: int, *, seed: int = 0, start_batch: int = 0,
                       train_min_len: int = 1, train_max_len: int = 8, test_max_len: int = 32,
                       modulus: int = 5, answer_length: int = 1, eval_examples: int = 512,
-                      curriculum_batches: int = 0) -> tf.data.Dataset:
+                      curriculum_batches: int = 0, negation_curriculum_batches: int = 0) -> tf.data.Dataset:
     """"train": infinite, k uniform in [train_min_len, train_max_len] -- over the first
     ``curriculum_batches`` batches the upper end rises linearly from train_min_len, so the one-step
-    lookup is learned on short chains first --, batch b generated from the seed (seed, 0, b) alone
+    lookup is learned on short chains first; lego with ``negation_curriculum_batches`` N: no negated
+    clauses in the first N/2 batches, then their share rises linearly to the usual half by batch N --,
+    batch b generated from the seed (seed, 0, b) alone
     (exact resume). "validation": the train range, finite. "test": k uniform in
     [1, test_max_len], finite. Every batch of a split is padded to one length (static shapes for XLA)."""
     if split not in _SPLIT_CODE:
@@ -408,8 +417,12 @@ def generated_dataset(task: str, split: str, batch_size: int, *, seed: int = 0, 
         top = high
         if split == "train" and batch_index < curriculum_batches:
             top = min(high, low + int((high - low + 1) * batch_index / curriculum_batches))
+        negation_rate = None
+        if split == "train" and batch_index < negation_curriculum_batches:
+            half = negation_curriculum_batches / 2
+            negation_rate = 0.5 * max(0.0, (batch_index - half) / half)
         inputs, labels = generate_batch(task, rng.integers(low, top + 1, size=batch_size), rng,
-                                        answer_length, pad_to, modulus)
+                                        answer_length, pad_to, modulus, negation_rate)
         return inputs["tokens"], labels["answers"], labels["steps"]
 
     if split == "train":
