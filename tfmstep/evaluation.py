@@ -30,9 +30,11 @@ def evaluate_model(model, loss_fn: Callable, batches: Iterable, max_batches: int
                             empty_message)
 
 
-def evaluate(workdirs, labels=None, output_dir="", name="eval", **options) -> tuple[dict, str]:
+def evaluate(workdirs, labels=None, output_dir="", name="eval", config_overrides=None,
+             **options) -> tuple[dict, str]:
     """Load each workdir's latest checkpoint and run its family's ``evaluate`` hook, which returns a
-    report with a printable ``table``; -> (report, table)."""
+    report with a printable ``table``; -> (report, table). ``config_overrides``: {field: value} of the
+    family's ``inference_fields`` (a halting rule, a loop cap) to evaluate the trained weights under."""
     from tfmstep import saving  # imported late: loading a run pulls in the trainer and the families
 
     if not workdirs:
@@ -45,5 +47,15 @@ def evaluate(workdirs, labels=None, output_dir="", name="eval", **options) -> tu
     if spec.evaluate is None:
         raise UserError(f"model {spec.name!r} registers no evaluation (its training run's metrics.json has "
                         f"its eval metrics)")
+    if config_overrides:
+        runs = [(workdir, _with_inference_config(model, spec.inference_config(config, config_overrides), spec))
+                for workdir, (model, config, spec) in runs]
     report = spec.evaluate(runs, labels or None, output_dir, name, **options)
     return report, report["table"]
+
+
+def _with_inference_config(model, config, spec):
+    """(model, config, spec) with the trained weights in a model built from ``config``."""
+    rebuilt = spec.build(config)
+    rebuilt.set_weights(model.get_weights())
+    return rebuilt, config, spec

@@ -74,6 +74,9 @@ class ModelSpec:
     # Config fields naming files the trained model needs (a vocabulary): copied into a saved model
     # (tfmstep.save) and pointed at from its config
     assets: tuple = ()
+    # Config fields that change only how a trained model runs, not its weights (a halting rule, a loop
+    # cap): what tfmstep-evaluate --config may override
+    inference_fields: tuple = ()
 
     def config(self, preset: str = "default", **overrides: Any):
         """The family's config dataclass with ``preset`` applied, then ``overrides``."""
@@ -81,6 +84,16 @@ class ModelSpec:
             raise UserError(f"unknown preset {preset!r} for model {self.name!r}; "
                             f"presets: {', '.join(sorted(self.presets))}")
         config = _apply_overrides(self.config_class(), self.presets[preset], f"preset {preset!r}")
+        return _apply_overrides(config, overrides, f"model {self.name!r}")
+
+    def inference_config(self, config, overrides: Mapping[str, Any]):
+        """A trained model's ``config`` with ``overrides`` of its ``inference_fields`` only (one UserError
+        naming a field that would change what the weights mean)."""
+        fixed = sorted(set(overrides) - set(self.inference_fields))
+        if fixed:
+            allowed = ", ".join(self.inference_fields) or "none"
+            raise UserError(f"--config={fixed[0]} cannot change at evaluation (the model was trained with it); "
+                            f"fields {self.name!r} lets evaluation override: {allowed}")
         return _apply_overrides(config, overrides, f"model {self.name!r}")
 
     def headline_numbers(self, config, eval_metrics: dict) -> dict:

@@ -5,6 +5,7 @@ longest trained (looped vs baseline), halting loops vs the true k, accuracy with
   python tools/evaluate.py --workdirs=workdirs/chain_lego,workdirs/chain_lego_baseline \\
       --labels=looped,baseline --name=lego --output_dir=/tmp/eval
   python tools/evaluate.py --workdirs=workdirs/my_task --test_file=my_test.jsonl --name=my_task
+  python tools/evaluate.py --workdirs=workdirs/chain_lego --config=halting=learned --name=lego_learned
 
 Prints the table; with --output_dir, writes <name>.json, .txt and .png there.
 """
@@ -23,17 +24,23 @@ flags.DEFINE_integer("batch_size", 128, "Problems per forward pass.", lower_boun
 flags.DEFINE_integer("seed", 1234, "Seed of the generated evaluation problems.")
 flags.DEFINE_string("test_file", "", "A JSONL test file ({\"input\", \"answer\", \"steps\"?} per line) to "
                     "evaluate on instead of generated problems (task=file runs default to their test_file).")
+flags.DEFINE_multi_string("config", [], "field=value: evaluate under another value of a config field that "
+                          "changes only how the trained model runs (one of its family's inference fields, "
+                          "e.g. a halting rule; a wrong field's error lists them); repeatable.")
 FLAGS = flags.FLAGS
 
 
 def main(argv):
     del argv
     from tfmstep import evaluation
+    from tfmstep.registry import parse_overrides
 
     with exit_on_user_error():
         report, table = evaluation.evaluate(FLAGS.workdirs, FLAGS.labels, FLAGS.output_dir, FLAGS.name,
-                                 max_length_factor=FLAGS.max_length_factor, examples=FLAGS.examples,
-                                 batch_size=FLAGS.batch_size, seed=FLAGS.seed, test_file=FLAGS.test_file)
+                                            config_overrides=parse_overrides(FLAGS.config),
+                                            max_length_factor=FLAGS.max_length_factor, examples=FLAGS.examples,
+                                            batch_size=FLAGS.batch_size, seed=FLAGS.seed,
+                                            test_file=FLAGS.test_file)
     print(table)
     if FLAGS.output_dir:
         print(f"wrote {FLAGS.output_dir}/{FLAGS.name}.json, .txt and .png")

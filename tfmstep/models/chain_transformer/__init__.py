@@ -1,9 +1,9 @@
 """The chain reasoner family: model (``model.py``), serving signatures (``serving.py``), the
 accuracy-vs-chain-length evaluation (``evaluate.py``) and its inference timer, registered together."""
 
-from tfmstep.models.chain_transformer.model import (ChainConfig, ChainTransformer, build_chain_transformer,
-                                                    chain_dataset, chain_loss, chain_metrics,
-                                                    validate_chain_data)
+from tfmstep.models.chain_transformer.model import (INFERENCE_FIELDS, ChainConfig, ChainTransformer,
+                                                    build_chain_transformer, chain_dataset, chain_loss,
+                                                    chain_metrics, validate_chain_data)
 from tfmstep.models.chain_transformer import evaluate, serving
 from tfmstep.registry import register
 
@@ -20,6 +20,7 @@ register(
     servable=serving.chain_servable, evaluate=evaluate.evaluate_runs,
     inference_timer=evaluate.per_loop_times, validate_data=validate_chain_data,
     assets=("vocab_file",),  # a file task's SentencePiece vocabulary travels with a saved model
+    inference_fields=INFERENCE_FIELDS,
 )(build_chain_transformer)
 
 __all__ = ["ChainConfig", "ChainTransformer", "build_chain_transformer", "chain_loss", "chain_metrics",

@@ -14,6 +14,7 @@ import tensorflow as tf
 from tfmstep import fileio
 from tfmstep.data import chains
 from tfmstep.errors import UserError
+from tfmstep.models.chain_transformer.model import INFERENCE_FIELDS
 
 
 def _predict_fn(model):
@@ -101,6 +102,11 @@ def summarise(rows, train_max_len: int) -> dict:
     return out
 
 
+def inference_settings(config) -> dict:
+    """The stopping rule a looped run was evaluated under (tfmstep-evaluate --config may change it)."""
+    return {key: getattr(config, key) for key in INFERENCE_FIELDS}
+
+
 def evaluate_runs(runs, labels=None, output_dir: str = "", name: str = "chain", *, max_length_factor: int = 4,
                   examples: int = 256, batch_size: int = 128, seed: int = 1234, test_file: str = "") -> dict:
     """Evaluate trained runs [(workdir, (model, config, spec))]; with ``output_dir``, write
@@ -128,6 +134,7 @@ def evaluate_runs(runs, labels=None, output_dir: str = "", name: str = "chain", 
             "parameters": int(model.count_params()), "train_steps": train_info.get("step"),
             "train_seconds": train_info.get("train_seconds_this_run"),
             "per_length": rows, "summary": summarise(rows, config.train_max_len),
+            "inference": inference_settings(config) if config.looped else {},
         }
     report["table"] = format_table(report)
     if output_dir:
@@ -143,7 +150,8 @@ def format_table(report: dict) -> str:
     lines = []
     for label, run in report["runs"].items():
         lines.append(f"{label}: task={run['task']} looped={run['looped']} params={run['parameters']} "
-                     f"trained on lengths {run['train_lengths'][0]}..{run['train_lengths'][1]}")
+                     f"trained on lengths {run['train_lengths'][0]}..{run['train_lengths'][1]}"
+                     + "".join(f" {key}={value}" for key, value in run.get("inference", {}).items()))
         lines.append(f"{'k':>4} {'exact':>7} {'token':>7} {'loops':>6} {'halt+-1':>7} {'2x-loops exact':>15}")
         for r in run["per_length"]:
             forced = f"{r['forced_exact_match']:.4f}" if "forced_exact_match" in r else "-"
