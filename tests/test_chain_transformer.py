@@ -287,36 +287,6 @@ def test_recomputing_iterations_replace_the_state_instead_of_adding_to_it():
         assert np.allclose(*logits, atol=1e-5) == settles, residual_state
 
 
-def test_glu_blocks_multiply_two_projections_in_their_mlp_and_convolution():
-    # Zeroing the value half of each gated layer (and the output layers' biases) silences the MLP and
-    # the convolution exactly as zeroing their output layers does: the hidden layer is a product.
-    _, inputs, _ = _batch("lego", k=2)
-
-    def logits_with(zero):
-        keras.utils.set_random_seed(0)  # the same initial weights in every model
-        model = tfmstep.build("chain_transformer", "tiny", glu=True, block_conv_kernel=3)
-        block = model.core[0]
-        assert block.mlp_in.kernel.shape[-1] == block.conv.kernel.shape[-1] == 2 * block.mlp_dim
-        for weight, part in zero(block):
-            value = weight.numpy()
-            value[part] = 0.0
-            weight.assign(value)
-        return model(inputs, training=False, num_loops=2, use_halting=False)["logits"].numpy()
-
-    def value_halves_off(block):
-        half = (Ellipsis, slice(block.mlp_dim, None))  # gelu(gate) * 0
-        return [(block.mlp_in.kernel, half), (block.mlp_in.bias, half), (block.conv.kernel, half),
-                (block.conv.bias, half), (block.mlp_out.bias, Ellipsis), (block.conv_out.bias, Ellipsis)]
-
-    def outputs_off(block):
-        return [(w, Ellipsis) for w in (block.mlp_out.kernel, block.mlp_out.bias, block.conv_out.kernel,
-                                        block.conv_out.bias)]
-
-    silenced = logits_with(outputs_off)
-    np.testing.assert_allclose(logits_with(value_halves_off), silenced, atol=1e-5)
-    assert not np.allclose(logits_with(lambda block: []), silenced, atol=1e-4)
-
-
 def test_model_fit_uses_the_family_loss_and_the_keras_file_round_trips(tmp_path):
     cfg = tfmstep.get_config("chain_transformer", "tiny")
     model = ct.build_chain_transformer(cfg)

@@ -145,10 +145,6 @@ class ChainConfig:
     # Answers read by "slot": an MLP on each answer slot's own state (what causal local heads carry there),
     # or "attention": a coda block whose answer-slot queries attend over the whole state.
     readout: str = "slot"
-    # Gated (GEGLU) hidden layers in the blocks' MLP and convolution: gelu(xW) * (xV), a product of two
-    # projections, where GELU alone must approximate the composition of a value with an operator piece by
-    # piece (README: lego).
-    glu: bool = False
     dropout: float = 0.0
 
     def __post_init__(self):
@@ -258,20 +254,12 @@ def chain_tokenizer(config: ChainConfig, check_against_train_file: bool = False)
         config.vocab_file, config.vocab_size, train_text, config.train_file))
 
 
-def conv_layers(width, mlp_dim, kernel, causal, prefix="", glu=False):
-    """(norm, conv, out) of a convolution sublayer: LayerNorm, Conv1D width -> mlp_dim (GELU; with ``glu``
-    2 x mlp_dim, gated by ``gated``), Dense back."""
+def conv_layers(width, mlp_dim, kernel, causal, prefix=""):
+    """(norm, conv, out) of a convolution sublayer: LayerNorm, Conv1D width -> mlp_dim (GELU), Dense back."""
     return (keras.layers.LayerNormalization(epsilon=1e-5, name=f"{prefix}conv_norm"),
-            keras.layers.Conv1D(2 * mlp_dim if glu else mlp_dim, kernel, padding="causal" if causal else "same",
-                                activation=None if glu else "gelu", name=f"{prefix}conv"),
+            keras.layers.Conv1D(mlp_dim, kernel, padding="causal" if causal else "same", activation="gelu",
+                                name=f"{prefix}conv"),
             keras.layers.Dense(width, name=f"{prefix}conv_out"))
-
-
-def gated(h):
-    """GEGLU (Shazeer 2020): [..., 2n] -> gelu(first half) * second half, a product of two projections of
-    the input -- the bilinear form that composes a looked-up value with a clause's operator."""
-    gate, value = tf.split(h, 2, axis=-1)
-    return keras.activations.gelu(gate) * value
 
 
 def build_conv_layers(norm, conv, out, width, mlp_dim):
@@ -304,21 +292,19 @@ class Block(keras.layers.Layer):
     keep the state in range."""
 
     def __init__(self, width, heads, mlp_dim, dropout=0.0, relative_clip=8, conv_kernel=0, causal=False,
-                 token_match=0.0, glu=False, **kwargs):
+                 token_match=0.0, **kwargs):
         super().__init__(**kwargs)
-        self.glu = glu
         self.width, self.heads, self.mlp_dim = width, heads, mlp_dim
         self.rate, self.clip = dropout, relative_clip
         self.conv_kernel, self.causal, self.token_match = conv_kernel, causal, token_match
         if conv_kernel:  # a convolution sublayer after the attention (self-attention blocks only)
-            self.conv_norm, self.conv, self.conv_out = conv_layers(width, mlp_dim, conv_kernel, causal, glu=glu)
+            self.conv_norm, self.conv, self.conv_out = conv_layers(width, mlp_dim, conv_kernel, causal)
         self.attn_norm = keras.layers.LayerNormalization(epsilon=1e-5, name="attn_norm")
         self.query = keras.layers.Dense(width, name="query")
         self.key_value = keras.layers.Dense(2 * width, name="key_value")
         self.attn_out = keras.layers.Dense(width, name="attn_out")
         self.mlp_norm = keras.layers.LayerNormalization(epsilon=1e-5, name="mlp_norm")
-        self.mlp_in = keras.layers.Dense(2 * mlp_dim if glu else mlp_dim, activation=None if glu else "gelu",
-                                         name="mlp_in")
+        self.mlp_in = keras.layers.Dense(mlp_dim, activation="gelu", name="mlp_in")
         self.mlp_out = keras.layers.Dense(width, name="mlp_out")
         self.state_norm = keras.layers.LayerNormalization(epsilon=1e-5, name="state_norm")
         self.dropout = keras.layers.Dropout(dropout)
@@ -326,8 +312,7 @@ class Block(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "width": self.width, "heads": self.heads, "mlp_dim": self.mlp_dim,
                 "dropout": self.rate, "relative_clip": self.clip,
-                "conv_kernel": self.conv_kernel, "causal": self.causal, "token_match": self.token_match,
-                "glu": self.glu}
+                "conv_kernel": self.conv_kernel, "causal": self.causal, "token_match": self.token_match}
 
     def build(self, input_shape=None):
         self.relative_bias = self.add_weight(shape=(2 * self.clip + 1, self.heads), initializer="zeros",
@@ -379,11 +364,10 @@ class Block(keras.layers.Layer):
         weights = tf.nn.softmax(scores, axis=-1)
         attended = tf.reshape(tf.einsum("bhqk,bkhd->bqhd", weights, v), [batch, q_len, self.width])
         h = queries + self.dropout(self.attn_out(attended), training=training)
-        activate = gated if self.glu else (lambda hidden: hidden)  # without glu the layers apply GELU
         if self.conv_kernel:  # what a token just looked up reaches its neighbours in the same iteration
-            hidden = activate(self.conv(zero_padding(self.conv_norm(h), key_mask)))
-            h = h + self.dropout(self.conv_out(hidden), training=training)
-        h = h + self.dropout(self.mlp_out(activate(self.mlp_in(self.mlp_norm(h)))), training=training)
+            h = h + self.dropout(self.conv_out(self.conv(zero_padding(self.conv_norm(h), key_mask))),
+                                 training=training)
+        h = h + self.dropout(self.mlp_out(self.mlp_in(self.mlp_norm(h))), training=training)
         return self.state_norm(h)
 
 
@@ -405,8 +389,7 @@ class ChainTransformer(keras.Model):
 
         def block(name):
             return Block(c.width, c.heads, c.mlp_dim, c.dropout, c.relative_clip,
-                         conv_kernel=c.block_conv_kernel, causal=c.causal, token_match=c.token_match, glu=c.glu,
-                         name=name)
+                         conv_kernel=c.block_conv_kernel, causal=c.causal, token_match=c.token_match, name=name)
 
         if c.conv_kernel:  # post-norm (after the residual), unlike the blocks' pre-norm sublayer
             self.conv_norm, self.conv, self.conv_out = conv_layers(c.width, c.mlp_dim, c.conv_kernel, c.causal,
