@@ -59,6 +59,8 @@ def _run(module, *args):
     ("tfmstep.cli.ngram_baseline", ["--preset=nope"], "error: unknown preset 'nope'"),
     ("tfmstep.cli.export", ["--model=nope"], "error: unknown model 'nope'"),
     ("tfmstep.cli.evaluate", [], "error: give at least one --workdirs entry"),
+    ("tfmstep.cli.evaluate", ["--workdirs=chain_parity", "--config=width=32"],
+     "error: --config=width cannot change at evaluation"),
     ("tfmstep.cli.generate", ["--workdir=cnn_digits"],
      "error: cnn_digits holds a cnn_classifier model, which does not generate text"),
     ("tfmstep.cli.generate", ["--workdir=lstm_stdlib_subword", "--decoder=nucleus"], "error: unknown decoder"),
