@@ -34,6 +34,18 @@ def test_clauses_are_shuffled_and_names_random(task):
     assert len({p[-1] for p in problems}) > 10  # queried name varies
 
 
+def test_lego_answer_is_not_the_sum_of_every_number_without_following_the_chain():
+    """Without negated clauses a chain's end is the sum of its numbers mod 5; distractor clauses off the
+    chain must keep "sum everything in the text" near chance (1/5), so only following the chain answers."""
+    rng = np.random.default_rng(0)
+    hits = 0
+    for _ in range(200):
+        text, answer = chains.generate_problem("lego", 4, rng, negation_rate=0.0)
+        numbers = [int(c) for c in text if c.isdigit()]
+        hits += sum(numbers) % 5 == int(answer)
+    assert hits / 200 < 0.35
+
+
 def test_reassign_reads_a_name_that_was_assigned_more_than_once():
     """The dependency is computed: the answer depends on which earlier assignment is the latest."""
     rng = np.random.default_rng(0)

@@ -308,7 +308,7 @@ def test_model_fit_uses_the_family_loss_and_the_keras_file_round_trips(tmp_path)
     (dict(train_loops=3, train_max_len=8), "fewer than train_max_len"),
     (dict(task="pointer", test_max_len=51), "chain lengths up to 50"),
     (dict(task="kinship", test_max_len=40), "chain lengths up to 34"),
-    (dict(task="lego", test_max_len=52), "chain lengths up to 51"),
+    (dict(task="lego", test_max_len=35), "chain lengths up to 34"),
     (dict(task="reassign", train_min_len=0), "reassign' has no zero-step problems"),
     (dict(train_min_len=-1), "train_min_len must be >= 0"),
     (dict(answer_length=9), "answer_length must be in 0..8"),

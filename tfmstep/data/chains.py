@@ -5,8 +5,9 @@ character tokenizer and has to find the structure itself. ``k`` is the number of
 solver needs (each one applies a rule to the result of the step before: y_n = f(y_{n-1})); generators
 know it, and training may use it, but nothing at inference does. Six task families:
 
-- ``lego``: shuffled clauses of a group chain mod ``modulus``: ``b=-a+2;a=3;c=+b+0;?c`` -> ``4``
-  (x = sign * parent + addend). Clauses are shuffled, so the order must be found by name.
+- ``lego``: shuffled clauses of a group chain mod ``modulus``: ``b=-a+2;a=3;d=+a+1;c=+b+0;?c`` -> ``4``
+  (x = sign * parent + addend), plus k/2 distractor clauses (``d``) off the chain. Clauses are shuffled,
+  so the order must be found by name.
 - ``parity``: running parity of a bit string: ``10110?`` -> ``1`` (k = number of bits).
 - ``pointer``: pointer chasing against a decoy: ``a>b;d>e;b=3;e=1;?a`` -> ``3``: the label of the sink the
   queried node reaches in k hops; a second chain, as long while the 52 names last, ends in another label.
@@ -122,16 +123,21 @@ def _names(rng, count):
 
 
 def _lego(k, rng, modulus, negation_rate=None):
+    # The chain 0..k, then distractor clauses hanging off any earlier name (as kinship's relatives): without
+    # them every clause is on the queried chain, and with no negated clause the answer is the sum of every
+    # number in the text mod 5 -- a model trained so answered an inner node's query with the chain end's
+    # value (0.19 right, 0.96 "the end's value" at k = 4), having learned no lookup at all.
     names = _names(rng, names_needed("lego", k))
-    value = int(rng.integers(modulus))
-    clauses = [f"{names[0]}={value};"]
-    for j in range(1, k + 1):
+    values = [int(rng.integers(modulus))]
+    clauses = [f"{names[0]}={values[0]};"]
+    for i in range(1, len(names)):
+        parent = i - 1 if i <= k else int(rng.integers(i))
         sign = int(rng.integers(2)) if negation_rate is None else int(rng.random() < negation_rate)
         add = int(rng.integers(modulus))
-        value = ((-value if sign else value) + add) % modulus
-        clauses.append(f"{names[j]}={'+-'[sign]}{names[j - 1]}+{add};")
+        values.append(((-values[parent] if sign else values[parent]) + add) % modulus)
+        clauses.append(f"{names[i]}={'+-'[sign]}{names[parent]}+{add};")
     rng.shuffle(clauses)
-    return "".join(clauses) + f"?{names[k]}", str(value)
+    return "".join(clauses) + f"?{names[k]}", str(values[k])
 
 
 def _parity(k, rng, modulus):
@@ -254,7 +260,7 @@ def min_chain_length(task: str) -> int:
 
 def names_needed(task: str, k: int) -> int | None:
     """Distinct names a problem of ``k`` steps uses (None: the task has no named clauses)."""
-    return {"lego": k + 1, "pointer": k + _pointer_decoy_length(k) + 2,
+    return {"lego": k + 1 + _distractors(k), "pointer": k + _pointer_decoy_length(k) + 2,
             "kinship": k + 1 + _distractors(k)}.get(task)
 
 
@@ -268,7 +274,7 @@ def max_chain_length(task: str) -> int | None:
 def max_text_length(task: str, k: int) -> int:
     """An upper bound on the characters of a problem of ``k`` steps (the padded length of a batch)."""
     extra = _distractors(k)
-    return {"lego": 7 * k + 6, "parity": k + 1, "pointer": 4 * (k + _pointer_decoy_length(k) + 2) + 2,
+    return {"lego": 4 + 7 * (k + extra) + 2, "parity": k + 1, "pointer": 4 * (k + _pointer_decoy_length(k) + 2) + 2,
             "kinship": 4 + 7 * (k + extra) + 2, "registers": 5 + 4 * k,
             "reassign": 2 * k * 6 + 2}[task]
 
