@@ -1,5 +1,6 @@
 """The trainer and tools/train.py: exact resume after SIGKILL, NaN guard, bad input handling."""
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -11,9 +12,11 @@ import time
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import tfmstep
-from tfmstep import saving, trainer
+from tfmstep import registry, saving, trainer
+from tfmstep.errors import UserError
 
 # A small CNN with BatchNorm *and* dropout, so moving statistics and the dropout RNG are part of what
 # must resume exactly.
@@ -149,3 +152,29 @@ def test_mixed_bfloat16_training_runs_and_restores_the_global_policy(tmp_path):
 def test_unknown_precision_is_refused_naming_the_choices():
     with pytest.raises(tfmstep.UserError, match="mixed_bfloat16"):
         trainer.TrainConfig(mixed_precision="float8")
+
+
+def test_init_from_starts_a_new_run_from_another_runs_weights_and_refuses_a_mismatch(tmp_path):
+    config = trainer.TrainConfig(steps=2, batch_size=8, eval_batches=1, jit_compile=False, steps_per_call=1,
+                                 mixed_precision="float32")
+    first = str(tmp_path / "first")
+    trainer.train("cnn_classifier", first, preset="tiny", config=config)
+    trained, _, _ = trainer.restore(first)
+    spec = registry.get_spec("cnn_classifier")
+    fresh = trainer._Run(spec, spec.config("tiny"), config, str(tmp_path / "second"), tf.distribute.get_strategy())
+    assert not all(np.array_equal(a, b) for a, b in zip(fresh.model.get_weights(), trained.get_weights()))
+    fresh.init_weights(first)
+    for a, b in zip(fresh.model.get_weights(), trained.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert int(fresh.optimizer.iterations.numpy()) == 0 and int(fresh.step.numpy()) == 0
+    # A run started so trains on from those weights; a model of another shape is one clear error.
+    second = trainer.train("cnn_classifier", str(tmp_path / "second"), preset="tiny",
+                           config=dataclasses.replace(config, init_from=first))
+    assert second["step"] == 2
+    with pytest.raises(UserError, match="does not hold this model's weights"):
+        trainer.train("cnn_classifier", str(tmp_path / "wider"), preset="tiny", overrides={"filters": (4, 8)},
+                      config=dataclasses.replace(config, init_from=first))
+    assert not os.path.exists(tmp_path / "wider" / "config.json")  # refused before anything was written
+    with pytest.raises(UserError, match="neither a workdir nor a checkpoint"):
+        trainer.train("cnn_classifier", str(tmp_path / "third"), preset="tiny",
+                      config=dataclasses.replace(config, init_from=str(tmp_path / "nothing_here")))

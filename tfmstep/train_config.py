@@ -43,6 +43,9 @@ class TrainConfig:
     distribute: str = "default"
     # A requested dataset that is not prepared locally is an error unless this allows the offline one
     allow_fallback: bool = False
+    # A new run starts from the model weights of this run's latest checkpoint (a workdir) or of one
+    # checkpoint (a path to ckpt-N); the optimizer and step start afresh. A resumed run ignores it.
+    init_from: str = ""
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):

@@ -314,6 +314,26 @@ class _Run:
                             f"{way_out}") from None
         return path
 
+    def init_weights(self, init_from: str) -> str:
+        """The model's weights from another run (``init_from``: its workdir, whose latest checkpoint is
+        read, or a checkpoint prefix); the optimizer, step and data position stay fresh. Returns the path."""
+        path = init_from
+        if os.path.isdir(init_from):
+            path = tf.train.latest_checkpoint(os.path.join(init_from, "checkpoints")) or ""
+            if not path:
+                raise UserError(f"--init_from={init_from}: no checkpoint in {os.path.join(init_from, 'checkpoints')}")
+        elif not os.path.exists(path + ".index"):
+            raise UserError(f"--init_from={init_from}: neither a workdir nor a checkpoint (no {path}.index)")
+        try:
+            status = tf.train.Checkpoint(model=self.model).read(path)
+            status.expect_partial()  # the other run's optimizer and counters are not wanted
+            status.assert_existing_objects_matched()
+        except Exception as e:  # shape mismatch, missing variables, unreadable files
+            raise UserError(f"--init_from={init_from}: {path} does not hold this model's weights "
+                            f"({type(e).__name__}: {_first_line(e)}); the config must build the same "
+                            f"layers and shapes") from None
+        return path
+
     def save(self, manager: tf.train.CheckpointManager, number: int) -> str:
         """``manager.save`` at ``number``; a failed write (disk full, read-only) is one UserError line,
         after the partial files of that write are removed (complete checkpoints are never touched)."""
@@ -593,6 +613,8 @@ def _train(spec, model_config, workdir, preset, config: TrainConfig, record: dic
         return {**finished, "already_complete": True}
     if restored:
         logging.info("Resumed from %s at step %d.", restored, start)
+    elif config.init_from:
+        logging.info("Starting from the model weights of %s.", run.init_weights(config.init_from))
 
     with _StopSignals(enabled=autotune.single_process(strategy)) as stop:
         settings = autotune.settings_for_run(

@@ -65,6 +65,10 @@ flags.DEFINE_enum("distribute", _DEFAULTS.distribute, list(train_config_lib.STRA
                   "tf.distribute strategy.")
 flags.DEFINE_string("restore_from", "", "Start from this checkpoint instead of the latest: ckpt-N, N, best "
                     "or a path (the way out when the latest checkpoint cannot be read).")
+flags.DEFINE_string("init_from", _DEFAULTS.init_from,
+                    "Start a new run from the model weights of another run: its workdir (latest checkpoint) "
+                    "or a checkpoint path (.../checkpoints/ckpt-N). Optimizer and step start afresh; a "
+                    "resumed run ignores it. The model's config must build the same weights.")
 flags.DEFINE_float("checkpoint_every_secs", train_config_lib.DEFAULT_CHECKPOINT_EVERY_SECS,
                    "Also checkpoint when this many seconds passed since the last checkpoint (0: by steps only).",
                    lower_bound=0.0)
