@@ -141,8 +141,11 @@ def test_fixed_point_cost_counts_only_the_iterations_after_k():
     assert (with_cost.numpy() > without_cost.numpy()).all()
 
 
-@pytest.mark.parametrize("options", [{}, dict(conv_kernel=5, block_conv_kernel=3, token_match=4.0, window=0,
-                                              causal=False)], ids=["default", "lookup"])
+_LOOKUP = dict(conv_kernel=5, block_conv_kernel=3, token_match=4.0, window=0, causal=False)
+
+
+@pytest.mark.parametrize("options", [{}, _LOOKUP, dict(_LOOKUP, residual_state=False, value_feedback=True)],
+                         ids=["default", "lookup", "lookup_feedback"])
 def test_padding_after_the_content_and_an_answer_mask_change_nothing(options):
     _, inputs, _ = _batch("registers", k=4)
     model = tfmstep.build("chain_transformer", "tiny", task="registers", **options)
@@ -153,6 +156,18 @@ def test_padding_after_the_content_and_an_answer_mask_change_nothing(options):
     mask = (padded >= 1) & (padded <= chains.MAX_ANSWER_LENGTH)
     out = model({"tokens": padded, "answer_mask": mask}, training=False, num_loops=4, use_halting=False)["logits"]
     np.testing.assert_allclose(out, reference, atol=1e-5)
+
+
+def test_value_feedback_makes_each_iteration_read_the_answer_heads_distribution():
+    _, inputs, _ = _batch()
+    shift = tf.one_hot(chains.FIRST_CHAR_ID + 3, chains.VOCAB_SIZE) * 4.0
+    for feedback in (False, True):
+        model = tfmstep.build("chain_transformer", "tiny", residual_state=False, value_feedback=feedback)
+        before = model(inputs, training=False, num_loops=3, use_halting=False)["logits"]
+        model.head.bias.assign(model.head.bias + shift)
+        after = model(inputs, training=False, num_loops=3, use_halting=False)["logits"]
+        # Without feedback the head only reads the last state: its bias shifts the logits and nothing else.
+        assert np.allclose(after - before, shift, atol=1e-4) != feedback
 
 
 def _slot_logits(model, text, loops):

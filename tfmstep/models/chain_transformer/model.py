@@ -145,6 +145,10 @@ class ChainConfig:
     # Answers read by "slot": an MLP on each answer slot's own state (what causal local heads carry there),
     # or "attention": a coda block whose answer-slot queries attend over the whole state.
     readout: str = "slot"
+    # Each iteration also reads every token's answer-head distribution from the last one, embedded as the
+    # input embeds those characters, so a value the loop computed reaches the next step in the form a
+    # written digit has (lego, no negation, k <= 2 after 1500 steps: k = 2 at 0.94 exact, 0.73 without).
+    value_feedback: bool = False
     dropout: float = 0.0
 
     def __post_init__(self):
@@ -585,6 +589,9 @@ class ChainTransformer(keras.Model):
 
         def iterate(state):
             x = state + injected
+            if c.value_feedback:  # each token's answer-head distribution, embedded as the characters are
+                probs = tf.nn.softmax(self.head(self.head_norm(state)))
+                x += tf.einsum("btc,cw->btw", probs, tf.cast(self.embedding.embeddings[:c.num_classes], probs.dtype))
             return core(x if c.residual_state else injected, x, core_bias, key_mask, log_tokens,
                         training=training)
 
