@@ -158,6 +158,19 @@ def test_padding_after_the_content_and_an_answer_mask_change_nothing(options):
     np.testing.assert_allclose(out, reference, atol=1e-5)
 
 
+def test_lego_negation_rate_sets_the_share_of_negated_clauses_in_every_split():
+    def negated_share(negation_rate):
+        cfg = tfmstep.get_config("chain_transformer", "tiny", task="lego", negation_rate=negation_rate)
+        rows = [next(iter(ct.chain_dataset(cfg, split, 32)))[0]["tokens"].numpy() for split in ("train", "validation")]
+        (inputs, _), = chains.fixed_length_batches("lego", 4, 32, 32, answer_length=1, **cfg.generator_options)
+        texts = [chains.decode(row) for batch in rows + [inputs["tokens"]] for row in batch]
+        ops = [clause.split("=")[1][0] for text in texts for clause in text.split("?")[0].split(";") if clause]
+        return sum(op == "-" for op in ops) / sum(op in "+-" for op in ops)
+
+    assert negated_share(0.0) == 0.0 and negated_share(1.0) == 1.0
+    assert 0.4 < negated_share(0.5) < 0.6
+
+
 def test_value_feedback_makes_each_iteration_read_the_answer_heads_distribution():
     _, inputs, _ = _batch()
     shift = tf.one_hot(chains.FIRST_CHAR_ID + 3, chains.VOCAB_SIZE) * 4.0
@@ -333,6 +346,8 @@ def test_model_fit_uses_the_family_loss_and_the_keras_file_round_trips(tmp_path)
     (dict(conv_kernel=-1), "conv_kernel must be 0 or >= 1"),
     (dict(block_conv_kernel=2, causal=False), "block_conv_kernel must be 0 or >= 1"),
     (dict(answer_lag=-1), "answer_lag must be >= 0"),
+    (dict(task="pointer", negation_rate=0.0), "applies to task 'lego' only"),
+    (dict(negation_rate=1.5), "negation_rate must be in"),
     (dict(halt_confidence=1.0), r"halt_confidence must be in \[0, 1\)"),
     (dict(global_heads=5, heads=4), "global_heads must be in 0..heads=4"),
     (dict(readout="pool"), "unknown readout 'pool'"),

@@ -43,6 +43,7 @@ NAMES = string.ascii_lowercase + string.ascii_uppercase  # 52 single-character n
 ANSWER_LENGTH = {"lego": 1, "parity": 1, "pointer": 1, "kinship": 1, "registers": 3, "reassign": 1}
 KINSHIP_RELATIONS = 6  # elements of S3, written 0..5; 0 is "self" (the identity)
 REGISTERS = "ABC"
+LEGO_NEGATION_RATE = 0.5  # lego's default share of negated clauses ("b=-a+1")
 REASSIGN_VARIABLES = 4  # names per reassign problem: each is reassigned ~k/2 times
 
 # ---------------------------------------------------------------------------------------------------------
@@ -122,7 +123,7 @@ def _names(rng, count):
     return [NAMES[i] for i in rng.choice(len(NAMES), size=count, replace=False)]
 
 
-def _lego(k, rng, modulus, negation_rate=None):
+def _lego(k, rng, modulus, negation_rate=LEGO_NEGATION_RATE):
     # The chain 0..k, then distractor clauses hanging off any earlier name (as kinship's relatives): without
     # them every clause is on the queried chain, and with no negated clause the answer is the sum of every
     # number in the text mod 5 -- a model trained so answered an inner node's query with the chain end's
@@ -132,7 +133,7 @@ def _lego(k, rng, modulus, negation_rate=None):
     clauses = [f"{names[0]}={values[0]};"]
     for i in range(1, len(names)):
         parent = i - 1 if i <= k else int(rng.integers(i))
-        sign = int(rng.integers(2)) if negation_rate is None else int(rng.random() < negation_rate)
+        sign = int(rng.random() < negation_rate)
         add = int(rng.integers(modulus))
         values.append(((-values[parent] if sign else values[parent]) + add) % modulus)
         clauses.append(f"{names[i]}={'+-'[sign]}{names[parent]}+{add};")
@@ -388,12 +389,12 @@ def generate_batch(task, lengths, rng, answer_length, pad_to, modulus=5, negatio
 
 
 def fixed_length_batches(task: str, k: int, num_examples: int, batch_size: int, *, answer_length: int,
-                         seed: int = 0, modulus: int = 5):
+                         seed: int = 0, modulus: int = 5, negation_rate: float | None = None):
     """Numpy (inputs, labels) batches of problems of exactly ``k`` steps (for evaluation)."""
     rng = np.random.default_rng([seed, 3, k])
     pad_to = max_text_length(task, k) + answer_length
     return [generate_batch(task, [k] * min(batch_size, num_examples - start), rng, answer_length, pad_to,
-                           modulus)
+                           modulus, negation_rate)
             for start in range(0, num_examples, batch_size)]
 
 
@@ -403,11 +404,13 @@ _SPLIT_CODE = {"train": 0, "validation": 1, "test": 2}
 def generated_dataset(task: str, split: str, batch_size: int, *, seed: int = 0, start_batch: int = 0,
                       train_min_len: int = 1, train_max_len: int = 8, test_max_len: int = 32,
                       modulus: int = 5, answer_length: int = 1, eval_examples: int = 512,
-                      curriculum_batches: int = 0, negation_curriculum_batches: int = 0) -> tf.data.Dataset:
+                      curriculum_batches: int = 0, negation_curriculum_batches: int = 0,
+                      negation_rate: float | None = None) -> tf.data.Dataset:
     """"train": infinite, k uniform in [train_min_len, train_max_len] -- over the first
     ``curriculum_batches`` batches the upper end rises linearly from train_min_len, so the one-step
     lookup is learned on short chains first; lego with ``negation_curriculum_batches`` N: no negated
-    clauses in the first N/2 batches, then their share rises linearly to the usual half by batch N --,
+    clauses in the first N/2 batches, then their share rises linearly to ``negation_rate`` (None: the
+    generator's own) by batch N --,
     batch b generated from the seed (seed, 0, b) alone
     (exact resume). "validation": the train range, finite. "test": k uniform in
     [1, test_max_len], finite. Every batch of a split is padded to one length (static shapes for XLA)."""
@@ -423,12 +426,13 @@ def generated_dataset(task: str, split: str, batch_size: int, *, seed: int = 0, 
         top = high
         if split == "train" and batch_index < curriculum_batches:
             top = min(high, low + int((high - low + 1) * batch_index / curriculum_batches))
-        negation_rate = None
+        rate = negation_rate
         if split == "train" and batch_index < negation_curriculum_batches:
             half = negation_curriculum_batches / 2
-            negation_rate = 0.5 * max(0.0, (batch_index - half) / half)
+            full = LEGO_NEGATION_RATE if negation_rate is None else negation_rate
+            rate = full * max(0.0, (batch_index - half) / half)
         inputs, labels = generate_batch(task, rng.integers(low, top + 1, size=batch_size), rng,
-                                        answer_length, pad_to, modulus, negation_rate)
+                                        answer_length, pad_to, modulus, rate)
         return inputs["tokens"], labels["answers"], labels["steps"]
 
     if split == "train":

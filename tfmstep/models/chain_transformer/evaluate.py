@@ -54,7 +54,7 @@ def evaluate_model(model, config, lengths, examples: int = 256, batch_size: int 
     rows, predict = [], _predict_fn(model)
     for k in lengths:
         batches = chains.fixed_length_batches(config.task, k, examples, batch_size, seed=seed,
-                                              answer_length=config.answers, modulus=config.modulus)
+                                              answer_length=config.answers, **config.generator_options)
         rows.append({"length": int(k), **_score(batches, predict, config, forced_loop_factor)})
     return rows
 
@@ -202,7 +202,7 @@ def per_loop_times(model, config, *, batch_size: int = 32, repeats: int = 30, ma
 
     k = (config.train_min_len + config.train_max_len) // 2
     inputs, _ = chains.fixed_length_batches(config.task, k, batch_size, batch_size, answer_length=config.answers,
-                                            modulus=config.modulus)[0]
+                                            **config.generator_options)[0]
     tokens = {"tokens": tf.constant(inputs["tokens"])}
     one = time_in_loop(lambda x: model(x, training=False, num_loops=1, use_halting=False), tokens, repeats)
     full = time_in_loop(lambda x: model(x, training=False, num_loops=many, use_halting=False), tokens, repeats)

@@ -82,6 +82,8 @@ class ChainConfig:
     # lego: no negated clauses ("b=-a+1") in the first half of these training steps, then their share rises
     # to the usual half (k <= 2, 1200 steps: k = 2 at 0.88 with 600, 0.73 without -- README).
     negation_curriculum_steps: int = 0
+    # lego: the share of negated clauses in every split (0: x = parent + c only, the cyclic group Z5).
+    negation_rate: float = chains.LEGO_NEGATION_RATE
     # Model.
     looped: bool = True  # False: the stacked baseline
     width: int = 64
@@ -193,6 +195,10 @@ class ChainConfig:
         if self.negation_curriculum_steps < 0 or (self.negation_curriculum_steps and self.task != "lego"):
             raise UserError(f"negation_curriculum_steps must be >= 0 and applies to task 'lego' only, got "
                             f"{self.negation_curriculum_steps} for task {self.task!r}")
+        if not 0.0 <= self.negation_rate <= 1.0 or (self.negation_rate != chains.LEGO_NEGATION_RATE
+                                                    and self.task != "lego"):
+            raise UserError(f"negation_rate must be in [0, 1] and applies to task 'lego' only, got "
+                            f"{self.negation_rate} for task {self.task!r}")
         if self.answer_lag < 0:
             raise UserError(f"answer_lag must be >= 0, got {self.answer_lag}")
         if self.train_loops < 0:
@@ -228,6 +234,11 @@ class ChainConfig:
         if self.answer_length:
             return self.answer_length
         return chains.ANSWER_LENGTH.get(self.task, chains.MAX_ANSWER_LENGTH)
+
+    @property
+    def generator_options(self) -> dict:
+        """What the task's generator is given besides k (the modulus; lego also its negation rate)."""
+        return {"modulus": self.modulus, **({"negation_rate": self.negation_rate} if self.task == "lego" else {})}
 
     @property
     def loops_in_training(self) -> int:
@@ -703,10 +714,10 @@ def chain_dataset(config: ChainConfig, split: str, batch_size: int, seed: int = 
                                    start_batch=start_batch, **_file_limits(config))
     return chains.generated_dataset(config.task, split, batch_size, seed=seed, start_batch=start_batch,
                                     train_min_len=config.train_min_len, train_max_len=config.train_max_len,
-                                    test_max_len=config.test_max_len, modulus=config.modulus,
-                                    answer_length=config.answers, eval_examples=config.eval_examples,
-                                    curriculum_batches=config.curriculum_steps,
-                                    negation_curriculum_batches=config.negation_curriculum_steps)
+                                    test_max_len=config.test_max_len, answer_length=config.answers,
+                                    eval_examples=config.eval_examples, curriculum_batches=config.curriculum_steps,
+                                    negation_curriculum_batches=config.negation_curriculum_steps,
+                                    **config.generator_options)
 
 
 def validate_chain_data(config: ChainConfig) -> None:
