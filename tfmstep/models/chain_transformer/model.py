@@ -599,11 +599,14 @@ class ChainTransformer(keras.Model):
         core = self.core[0]
         core_bias = self_bias(core)
 
+        if c.value_feedback:  # the answer classes' input embeddings, read by every iteration
+            answer_embeddings = tf.cast(self.embedding.embeddings[:c.num_classes], injected.dtype)
+
         def iterate(state):
             x = state + injected
             if c.value_feedback:  # each token's answer-head distribution, embedded as the characters are
-                probs = tf.nn.softmax(self.head(self.head_norm(state)))
-                x += tf.einsum("btc,cw->btw", probs, tf.cast(self.embedding.embeddings[:c.num_classes], probs.dtype))
+                probs = tf.cast(tf.nn.softmax(self.head(self.head_norm(state))), injected.dtype)
+                x += tf.einsum("btc,cw->btw", probs, answer_embeddings)
             return core(x if c.residual_state else injected, x, core_bias, key_mask, log_tokens,
                         training=training)
 
