@@ -112,6 +112,27 @@ def test_lego_negation_curriculum_starts_without_negations_and_ends_at_the_usual
         chains.generate_problem("pointer", 2, np.random.default_rng(0), negation_rate=0.0)
 
 
+def test_curriculum_stages_train_each_stage_top_padded_to_its_own_length_and_resume_mid_stage():
+    stages = ((1, 2), (3, 2))  # k <= 1 for batches 0-1, k <= 3 for 2-3, then k <= 5
+
+    def batch(start_batch):
+        ds = chains.generated_dataset("lego", "train", 64, train_min_len=0, train_max_len=5,
+                                      start_batch=start_batch, curriculum_stages=stages)
+        inputs, labels = next(iter(ds))
+        return inputs["tokens"].numpy(), labels["steps"].numpy()
+
+    for start_batch, top in [(0, 1), (1, 1), (2, 3), (3, 3), (4, 5), (9, 5)]:
+        tokens, steps = batch(start_batch)
+        assert tokens.shape == (64, chains.max_text_length("lego", top) + 1)
+        assert steps.max() == top and steps.min() == 0
+        for row in tokens:
+            assert chains.solve("lego", chains.decode(row))[1] <= top
+    resumed = chains.generated_dataset("lego", "train", 64, train_min_len=0, train_max_len=5,
+                                       start_batch=1, curriculum_stages=stages)
+    for index, (inputs, _) in enumerate(resumed.take(3), start=1):  # a resumed run sees the same batches
+        np.testing.assert_array_equal(inputs["tokens"].numpy(), batch(index)[0])
+
+
 def test_pointer_decoy_chain_is_as_long_as_the_real_one_while_names_last():
     """Two labelled sinks, both reached by a chain of k hops: only following the query's chain answers."""
     rng = np.random.default_rng(0)

@@ -252,6 +252,21 @@ def test_tiny_preset_learns_parity_through_the_shared_step():
     assert loss[-20:].mean() < 0.5 * loss[:20].mean(), (loss[:20].mean(), loss[-20:].mean())
 
 
+def test_the_jitted_step_trains_through_curriculum_stages_of_different_lengths_in_one_call():
+    keras.utils.set_random_seed(0)
+    cfg = tfmstep.get_config("chain_transformer", "tiny", task="lego", train_min_len=0, train_max_len=3,
+                             curriculum_stages="1:2,2:2")
+    model = ct.build_chain_transformer(cfg)
+    optimizer = step_lib.make_optimizer(step_lib.OptimizerConfig(learning_rate=1e-3, warmup_steps=1,
+                                                                 total_steps=6, weight_decay=0.0))
+    optimizer.build(model.trainable_variables)
+    steps = step_lib.make_steps(model, optimizer, ct.chain_loss, global_batch_size=8, jit_compile=True)
+    iterator = iter(ct.chain_dataset(cfg, "train", 8, seed=0))
+    history = steps.train(iterator, tf.constant(6))  # three problem lengths within one call
+    assert history["loss"].shape == (6,) and np.isfinite(history["loss"].numpy()).all()
+    assert int(optimizer.iterations) == 6
+
+
 def test_a_prelude_convolution_shows_each_token_its_neighbours_before_any_attention():
     # The digit two tokens before the slot: causal +-1 heads alone need two iterations to bring it there;
     # a causal kernel of 3 puts it in the slot's own input.
@@ -353,6 +368,11 @@ def test_model_fit_uses_the_family_loss_and_the_keras_file_round_trips(tmp_path)
     (dict(readout="pool"), "unknown readout 'pool'"),
     (dict(halting="never"), "unknown halting 'never'"),
     (dict(fixed_point_tolerance=0.0), "fixed_point_tolerance must be > 0"),
+    (dict(curriculum_stages="1-600"), "curriculum_stages is 'top:steps,...'"),
+    (dict(curriculum_stages="1:0"), "each stage needs >= 1 step"),
+    (dict(curriculum_stages="2:10,1:10"), "tops must rise within train_min_len..train_max_len"),
+    (dict(curriculum_stages="9:10", train_max_len=8), "tops must rise within"),
+    (dict(curriculum_stages="1:10", curriculum_steps=5), "without curriculum_steps"),
 ])
 def test_bad_config_gives_a_clear_error(overrides, message):
     with pytest.raises(UserError, match=message):

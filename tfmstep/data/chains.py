@@ -404,27 +404,37 @@ _SPLIT_CODE = {"train": 0, "validation": 1, "test": 2}
 def generated_dataset(task: str, split: str, batch_size: int, *, seed: int = 0, start_batch: int = 0,
                       train_min_len: int = 1, train_max_len: int = 8, test_max_len: int = 32,
                       modulus: int = 5, answer_length: int = 1, eval_examples: int = 512,
-                      curriculum_batches: int = 0, negation_curriculum_batches: int = 0,
+                      curriculum_batches: int = 0, curriculum_stages: tuple = (),
+                      negation_curriculum_batches: int = 0,
                       negation_rate: float | None = None) -> tf.data.Dataset:
     """"train": infinite, k uniform in [train_min_len, train_max_len] -- over the first
     ``curriculum_batches`` batches the upper end rises linearly from train_min_len, so the one-step
-    lookup is learned on short chains first; lego with ``negation_curriculum_batches`` N: no negated
+    lookup is learned on short chains first; or, with ``curriculum_stages`` ((top, batches), ...), it is
+    each stage's top for that stage's batches, and a stage's batches are padded to its own top (a few
+    shapes, short early problems cost little); lego with ``negation_curriculum_batches`` N: no negated
     clauses in the first N/2 batches, then their share rises linearly to ``negation_rate`` (None: the
     generator's own) by batch N --,
     batch b generated from the seed (seed, 0, b) alone
     (exact resume). "validation": the train range, finite. "test": k uniform in
-    [1, test_max_len], finite. Every batch of a split is padded to one length (static shapes for XLA)."""
+    [1, test_max_len], finite. Every other batch of a split is padded to one length (static shapes)."""
     if split not in _SPLIT_CODE:
         raise UserError(f"unknown split {split!r}; choose train, validation or test")
     low, high = (1, test_max_len) if split == "test" else (train_min_len, train_max_len)
     if split == "validation":
         low = max(1, low)  # zero-step problems only help training; what is reported starts at k = 1
     pad_to = max_text_length(task, high) + answer_length
+    staged = split == "train" and bool(curriculum_stages)
+    stage_ends = np.cumsum([batches for _, batches in curriculum_stages], dtype=np.int64)
 
     def make(batch_index):
         rng = np.random.default_rng([seed, _SPLIT_CODE[split], int(batch_index)])
-        top = high
-        if split == "train" and batch_index < curriculum_batches:
+        top, padded = high, pad_to
+        if staged:
+            stage = int(np.searchsorted(stage_ends, batch_index, side="right"))
+            if stage < len(curriculum_stages):
+                top = curriculum_stages[stage][0]
+                padded = max_text_length(task, top) + answer_length
+        elif split == "train" and batch_index < curriculum_batches:
             top = min(high, low + int((high - low + 1) * batch_index / curriculum_batches))
         rate = negation_rate
         if split == "train" and batch_index < negation_curriculum_batches:
@@ -432,13 +442,13 @@ def generated_dataset(task: str, split: str, batch_size: int, *, seed: int = 0, 
             full = LEGO_NEGATION_RATE if negation_rate is None else negation_rate
             rate = full * max(0.0, (batch_index - half) / half)
         inputs, labels = generate_batch(task, rng.integers(low, top + 1, size=batch_size), rng,
-                                        answer_length, pad_to, modulus, rate)
+                                        answer_length, padded, modulus, rate)
         return inputs["tokens"], labels["answers"], labels["steps"]
 
     if split == "train":
         def to_tensors(b):
             tokens, answers, steps = tf.numpy_function(make, [b], [tf.int32] * 3, stateful=False)
-            tokens.set_shape((batch_size, pad_to))
+            tokens.set_shape((batch_size, None if staged else pad_to))
             answers.set_shape((batch_size, answer_length))
             steps.set_shape((batch_size,))
             return {"tokens": tokens}, {"answers": answers, "steps": steps}

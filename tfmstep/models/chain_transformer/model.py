@@ -79,6 +79,11 @@ class ChainConfig:
     max_tokens: int = 1024  # longest tokenised problem (text + answer slots) accepted
     eval_examples: int = 512
     curriculum_steps: int = 0  # training steps over which the longest trained k rises to train_max_len
+    # Or the curriculum in stages, "top:steps,...": k up to each top for that many steps (then up to
+    # train_max_len), each stage's problems padded to its top. A fixed schedule rather than "move on
+    # once training is exact" keeps batch b a function of (seed, b), which exact resume rests on.
+    # Lego without negation (README): "1:600,2:2400,3:1200,5:1200" then k <= 8 gave 0.75 at k = 16.
+    curriculum_stages: str = ""
     # lego: no negated clauses ("b=-a+1") in the first half of these training steps, then their share rises
     # to negation_rate (measured on the generator before its distractor clauses -- README).
     negation_curriculum_steps: int = 0
@@ -193,6 +198,14 @@ class ChainConfig:
             raise UserError(f"width ({self.width}) must be divisible by heads ({self.heads})")
         if self.curriculum_steps < 0:
             raise UserError(f"curriculum_steps must be >= 0, got {self.curriculum_steps}")
+        stages = self.stages  # parsed here so a malformed schedule is refused before anything runs
+        if stages and (self.curriculum_steps or self.task == chains.FILE_TASK):
+            raise UserError("curriculum_stages is for generated tasks, without curriculum_steps")
+        tops = [top for top, _ in stages]
+        if any(b <= a for a, b in zip(tops, tops[1:])) or any(
+                not self.train_min_len <= top <= self.train_max_len for top in tops):
+            raise UserError(f"curriculum_stages tops must rise within train_min_len..train_max_len "
+                            f"({self.train_min_len}..{self.train_max_len}), got {self.curriculum_stages!r}")
         if self.negation_curriculum_steps < 0 or (self.negation_curriculum_steps and self.task != "lego"):
             raise UserError(f"negation_curriculum_steps must be >= 0 and applies to task 'lego' only, got "
                             f"{self.negation_curriculum_steps} for task {self.task!r}")
@@ -240,6 +253,23 @@ class ChainConfig:
     def generator_options(self) -> dict:
         """What the task's generator is given besides k (the modulus; lego also its negation rate)."""
         return {"modulus": self.modulus, **({"negation_rate": self.negation_rate} if self.task == "lego" else {})}
+
+    @property
+    def stages(self) -> tuple:
+        """curriculum_stages as ((top, steps), ...)."""
+        if not self.curriculum_stages.strip():
+            return ()
+        stages = []
+        for part in self.curriculum_stages.split(","):
+            try:
+                top, steps = (int(x) for x in part.split(":"))
+            except ValueError:
+                raise UserError(f"curriculum_stages is 'top:steps,...' (e.g. '1:600,2:2400'), got "
+                                f"{self.curriculum_stages!r}") from None
+            if steps < 1:
+                raise UserError(f"curriculum_stages: each stage needs >= 1 step, got {part!r}")
+            stages.append((top, steps))
+        return tuple(stages)
 
     @property
     def loops_in_training(self) -> int:
@@ -720,6 +750,7 @@ def chain_dataset(config: ChainConfig, split: str, batch_size: int, seed: int = 
                                     train_min_len=config.train_min_len, train_max_len=config.train_max_len,
                                     test_max_len=config.test_max_len, answer_length=config.answers,
                                     eval_examples=config.eval_examples, curriculum_batches=config.curriculum_steps,
+                                    curriculum_stages=config.stages,
                                     negation_curriculum_batches=config.negation_curriculum_steps,
                                     **config.generator_options)
 
