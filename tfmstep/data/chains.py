@@ -416,7 +416,7 @@ def generated_dataset(task: str, split: str, batch_size: int, *, seed: int = 0, 
     generator's own) by batch N --,
     batch b generated from the seed (seed, 0, b) alone
     (exact resume). "validation": the train range, finite. "test": k uniform in
-    [1, test_max_len], finite. Every other batch of a split is padded to one length (static shapes)."""
+    [1, test_max_len], finite. Without stages, every batch of a split is padded to one length."""
     if split not in _SPLIT_CODE:
         raise UserError(f"unknown split {split!r}; choose train, validation or test")
     low, high = (1, test_max_len) if split == "test" else (train_min_len, train_max_len)

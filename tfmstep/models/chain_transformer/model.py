@@ -82,7 +82,8 @@ class ChainConfig:
     # Or the curriculum in stages, "top:steps,...": k up to each top for that many steps (then up to
     # train_max_len), each stage's problems padded to its top. A fixed schedule rather than "move on
     # once training is exact" keeps batch b a function of (seed, b), which exact resume rests on.
-    # Lego without negation (README): "1:600,2:2400,3:1200,5:1200" then k <= 8 gave 0.75 at k = 16.
+    # Lego without negation, the same schedule in separate runs ("1:600,2:2400,3:1200,5:1200", then
+    # k <= 8 for 1200): 0.75 at k = 16 (README).
     curriculum_stages: str = ""
     # lego: no negated clauses ("b=-a+1") in the first half of these training steps, then their share rises
     # to negation_rate (measured on the generator before its distractor clauses -- README).
