@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import numpy as np
+from absl import logging
 import tensorflow as tf
 
 from tfmstep import fileio
@@ -50,12 +52,19 @@ def _score(batches, predict, config, forced_loop_factor: int = 2) -> dict:
 
 def evaluate_model(model, config, lengths, examples: int = 256, batch_size: int = 128, seed: int = 1234,
                    forced_loop_factor: int = 2) -> list[dict]:
-    """One row per chain length k of the model's generated task."""
+    """One row per chain length k of the model's generated task, with a progress line per length."""
     rows, predict = [], _predict_fn(model)
-    for k in lengths:
+    # A length's cost grows about as k^2 (tokens and loops both grow with k): the ETA weighs lengths so.
+    weights = np.square(np.asarray(lengths, np.float64))
+    start = time.monotonic()
+    for index, k in enumerate(lengths):
         batches = chains.fixed_length_batches(config.task, k, examples, batch_size, seed=seed,
                                               answer_length=config.answers, **config.generator_options)
         rows.append({"length": int(k), **_score(batches, predict, config, forced_loop_factor)})
+        elapsed = time.monotonic() - start
+        done = weights[:index + 1].sum()
+        logging.info("k = %d: exact match %.3f (%d/%d lengths, %.0f s, ETA %.0f s)", k, rows[-1]["exact_match"],
+                     index + 1, len(lengths), elapsed, elapsed * (weights.sum() - done) / done)
     return rows
 
 
