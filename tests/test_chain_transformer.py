@@ -239,15 +239,22 @@ def test_loss_supervises_the_answers_only_from_iteration_k_on():
     assert loss[0] > 10 and loss[1] < 1e-6
 
 
+def _shared_step_on(cfg, batch_size, learning_rate, warmup_steps, total_steps, jit_compile):
+    """(steps, train iterator, optimizer) of a fresh model of ``cfg`` on the shared training step."""
+    model = ct.build_chain_transformer(cfg)
+    optimizer = step_lib.make_optimizer(step_lib.OptimizerConfig(
+        learning_rate=learning_rate, warmup_steps=warmup_steps, total_steps=total_steps, weight_decay=0.0))
+    optimizer.build(model.trainable_variables)
+    steps = step_lib.make_steps(model, optimizer, ct.chain_loss, global_batch_size=batch_size,
+                                jit_compile=jit_compile)
+    return steps, iter(ct.chain_dataset(cfg, "train", batch_size, seed=0)), optimizer
+
+
 def test_tiny_preset_learns_parity_through_the_shared_step():
     keras.utils.set_random_seed(0)
     cfg = tfmstep.get_config("chain_transformer", "tiny", task="parity")
-    model = ct.build_chain_transformer(cfg)
-    optimizer = step_lib.make_optimizer(step_lib.OptimizerConfig(learning_rate=3e-3, warmup_steps=20,
-                                                                 total_steps=200, weight_decay=0.0))
-    optimizer.build(model.trainable_variables)
-    steps = step_lib.make_steps(model, optimizer, ct.chain_loss, global_batch_size=32, jit_compile=False)
-    iterator = iter(ct.chain_dataset(cfg, "train", 32, seed=0))
+    steps, iterator, _ = _shared_step_on(cfg, 32, learning_rate=3e-3, warmup_steps=20, total_steps=200,
+                                         jit_compile=False)
     loss = steps.train(iterator, tf.constant(200))["loss"].numpy()
     assert loss[-20:].mean() < 0.5 * loss[:20].mean(), (loss[:20].mean(), loss[-20:].mean())
 
@@ -256,12 +263,8 @@ def test_the_jitted_step_trains_through_curriculum_stages_of_different_lengths_i
     keras.utils.set_random_seed(0)
     cfg = tfmstep.get_config("chain_transformer", "tiny", task="lego", train_min_len=0, train_max_len=3,
                              curriculum_stages="1:2,2:2")
-    model = ct.build_chain_transformer(cfg)
-    optimizer = step_lib.make_optimizer(step_lib.OptimizerConfig(learning_rate=1e-3, warmup_steps=1,
-                                                                 total_steps=6, weight_decay=0.0))
-    optimizer.build(model.trainable_variables)
-    steps = step_lib.make_steps(model, optimizer, ct.chain_loss, global_batch_size=8, jit_compile=True)
-    iterator = iter(ct.chain_dataset(cfg, "train", 8, seed=0))
+    steps, iterator, optimizer = _shared_step_on(cfg, 8, learning_rate=1e-3, warmup_steps=1, total_steps=6,
+                                                 jit_compile=True)
     history = steps.train(iterator, tf.constant(6))  # three problem lengths within one call
     assert history["loss"].shape == (6,) and np.isfinite(history["loss"].numpy()).all()
     assert int(optimizer.iterations) == 6
