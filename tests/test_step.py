@@ -66,6 +66,14 @@ def test_warmup_then_cosine_schedule():
     assert float(schedule(110)) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_cosine_decays_to_the_minimum_learning_rate_ratio():
+    schedule = step_lib.make_optimizer(step_lib.OptimizerConfig(
+        learning_rate=2.0, warmup_steps=10, total_steps=110, min_lr_ratio=0.25))._learning_rate
+    assert float(schedule(10)) == pytest.approx(2.0)
+    assert float(schedule(60)) == pytest.approx(2.0 * (0.25 + 0.75 * 0.5), abs=1e-3)
+    assert float(schedule(110)) == pytest.approx(0.5, abs=1e-6)
+
+
 class _NotXlaCompilable(keras.layers.Layer):
     def call(self, x):
         # String ops have no XLA kernel.

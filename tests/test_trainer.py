@@ -154,6 +154,15 @@ def test_unknown_precision_is_refused_naming_the_choices():
         trainer.TrainConfig(mixed_precision="float8")
 
 
+def test_min_lr_ratio_reaches_the_optimizer_and_is_checked(tmp_path):
+    config = trainer.TrainConfig(steps=50, warmup_steps=0, learning_rate=1e-2, min_lr_ratio=1.0)
+    spec = registry.get_spec("cnn_classifier")
+    run = trainer._Run(spec, spec.config("tiny"), config, str(tmp_path), tf.distribute.get_strategy())
+    assert float(run.optimizer._learning_rate(50)) == pytest.approx(1e-2)  # constant: no decay
+    with pytest.raises(UserError, match="min_lr_ratio must be in"):
+        trainer.TrainConfig(min_lr_ratio=1.5)
+
+
 def test_init_from_starts_a_new_run_from_another_runs_weights_and_refuses_a_mismatch(tmp_path):
     config = trainer.TrainConfig(steps=2, batch_size=8, eval_batches=1, jit_compile=False, steps_per_call=1,
                                  mixed_precision="float32")

@@ -28,6 +28,9 @@ class TrainConfig:
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
     warmup_steps: int = 100
+    # The cosine decays to learning_rate * min_lr_ratio (1.0: constant after warmup), so the late stages
+    # of a curriculum still train at a useful rate.
+    min_lr_ratio: float = 0.0
     clip_norm: float = 1.0
     jit_compile: Optional[bool] = None  # None: measured on this run (see tfmstep/autotune.py)
     steps_per_call: int = 0  # optimizer steps per compiled call (fewer Python round trips); 0: measured
@@ -56,6 +59,8 @@ class TrainConfig:
                             f"{self.steps_per_call}")
         if self.learning_rate <= 0 or not math.isfinite(self.learning_rate):
             raise UserError(f"learning_rate must be a positive number, got {self.learning_rate}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise UserError(f"min_lr_ratio must be in [0, 1] (a fraction of learning_rate), got {self.min_lr_ratio}")
         if self.keep_best not in KEEP_BEST:
             raise UserError(f"keep_best must be one of {', '.join(KEEP_BEST)}, got {self.keep_best!r}")
         if self.early_stop_evals < 0 or (self.early_stop_evals and (self.keep_best != "eval_loss"

@@ -242,7 +242,7 @@ class _Run:
             self.model = self.spec.build(self.model_config)
             self.optimizer = step_lib.make_optimizer(step_lib.OptimizerConfig(
                 learning_rate=config.learning_rate, weight_decay=config.weight_decay,
-                warmup_steps=config.warmup_steps, total_steps=config.steps))
+                warmup_steps=config.warmup_steps, total_steps=config.steps, min_lr_ratio=config.min_lr_ratio))
             if autotune.needs_loss_scale_optimizer(config, self.spec):  # float16 (the step scales its clipping too)
                 self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
             self.optimizer.build(self.model.trainable_variables)

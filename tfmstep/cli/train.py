@@ -35,6 +35,8 @@ flags.DEFINE_float("learning_rate", _DEFAULTS.learning_rate, "Peak learning rate
 flags.DEFINE_float("weight_decay", _DEFAULTS.weight_decay, "AdamW decoupled weight decay.")
 flags.DEFINE_integer("warmup_steps", _DEFAULTS.warmup_steps, "Linear warmup steps before cosine decay.",
                      lower_bound=0)
+flags.DEFINE_float("min_lr_ratio", _DEFAULTS.min_lr_ratio,
+                   "The cosine decays to learning_rate * this (1: constant after warmup).")
 flags.DEFINE_float("clip_norm", _DEFAULTS.clip_norm, "Global gradient-norm clip (0 disables).",
                    lower_bound=0.0)
 flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"],
