@@ -437,6 +437,16 @@ def test_evaluation_writes_json_png_and_table_for_a_trained_run(tiny_run, tmp_pa
     assert "exact" in table
 
 
+def test_evaluation_reports_halting_and_forced_loops_only_for_the_looped_model():
+    from tfmstep.models.chain_transformer import evaluate as chain_evaluate
+
+    spec = tfmstep.registry.get_spec("chain_transformer")
+    for looped in (True, False):
+        config = spec.config("tiny", task="parity", looped=looped, layers=3)
+        rows = chain_evaluate.evaluate_model(spec.build(config), config, [2, 3], examples=4, batch_size=4)
+        assert all(("halting_within_1" in r) == looped and ("forced_exact_match" in r) == looped for r in rows)
+
+
 def test_evaluation_overrides_only_how_the_trained_model_runs(tiny_run):
     from tfmstep import evaluation as evaluate
 
