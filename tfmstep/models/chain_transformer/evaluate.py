@@ -39,10 +39,10 @@ def _score(batches, predict, config, forced_loop_factor: int = 2) -> dict:
         steps_used = outputs["steps_used"].numpy()
         totals["steps_used"].extend(steps_used.tolist())
         known = labels["steps"] >= 1
-        if config.looped:  # a stack runs all its blocks: "within 1 of k" would only say k is near its depth
-            totals["halting_within_1"].extend(
-                (np.abs(steps_used - labels["steps"]) <= 1)[known].astype(float).tolist())
-        if config.looped and known.all():
+        if not config.looped:  # a stack runs all its blocks: "within 1 of k" would only say k is near its depth
+            continue
+        totals["halting_within_1"].extend((np.abs(steps_used - labels["steps"]) <= 1)[known].astype(float).tolist())
+        if known.all():
             forced = predict({"tokens": tf.constant(inputs["tokens"])},
                              forced_loop_factor * int(labels["steps"].max()), False)
             forced_right = np.argmax(forced["logits"].numpy(), -1) == labels["answers"]
