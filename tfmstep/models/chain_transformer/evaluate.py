@@ -38,9 +38,9 @@ def _score(batches, predict, config, forced_loop_factor: int = 2) -> dict:
         totals["token_accuracy"].extend(right.mean(1).tolist())
         steps_used = outputs["steps_used"].numpy()
         totals["steps_used"].extend(steps_used.tolist())
-        known = labels["steps"] >= 1
         if not config.looped:  # a stack runs all its blocks: "within 1 of k" would only say k is near its depth
             continue
+        known = labels["steps"] >= 1
         totals["halting_within_1"].extend((np.abs(steps_used - labels["steps"]) <= 1)[known].astype(float).tolist())
         if known.all():
             forced = predict({"tokens": tf.constant(inputs["tokens"])},
