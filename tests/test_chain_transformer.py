@@ -239,33 +239,6 @@ def test_loss_supervises_the_answers_only_from_iteration_k_on():
     assert loss[0] > 10 and loss[1] < 1e-6
 
 
-def test_loss_counts_iterations_run_without_gradients_before_the_first_readout():
-    classes = chains.VOCAB_SIZE
-    answers = np.array([[20]], np.int32)
-    right, wrong = tf.one_hot(answers, classes) * 50.0, tf.one_hot(answers + 1, classes) * 50.0
-    step_logits = tf.stack([tf.stack([wrong[0], right[0], right[0]])])  # wrong at the first readout only
-    outputs = {"logits": step_logits[:, -1], "steps_used": tf.constant([3.0]), "step_logits": step_logits,
-               "step_halt_logits": tf.constant([[50.0, 50.0, 50.0]])}
-    labels = {"answers": answers, "steps": np.array([2], np.int32)}
-    # k = 2: the first readout is iteration 1 and not yet due, unless one iteration ran before it.
-    assert ct.chain_loss(labels, outputs)[0][0] < 1e-6
-    assert ct.chain_loss(labels, {**outputs, "warm_loops": tf.constant([1])})[0][0] > 10
-
-
-def test_warm_loops_start_training_readouts_from_a_later_iteration():
-    cfg, inputs, _ = _batch("lego", k=2, train_loops=4, warm_loops=3)
-    model = ct.build_chain_transformer(cfg)
-    out = model(inputs, training=True)
-    warm = out["warm_loops"].numpy()
-    assert out["step_logits"].shape[1] == 4 and len(set(warm)) == 1 and 0 <= warm[0] <= 3
-    assert (model(inputs, training=True)["warm_loops"].numpy() == warm).all()  # same batch, same draw
-    for j in (0, 3):  # readout j comes after warm + j + 1 iterations
-        np.testing.assert_allclose(out["step_logits"][:, j], model(
-            inputs, training=False, num_loops=int(warm[0]) + j + 1, use_halting=False)["logits"], atol=1e-4)
-    draws = {int(model(_batch("lego", k=k)[1], training=True)["warm_loops"][0]) for k in range(1, 9)}
-    assert len(draws) > 1, "the warm iterations should vary from batch to batch"
-
-
 def _shared_step_on(cfg, batch_size, learning_rate, warmup_steps, total_steps, jit_compile):
     """(steps, train iterator, optimizer) of a fresh model of ``cfg`` on the shared training step."""
     model = ct.build_chain_transformer(cfg)

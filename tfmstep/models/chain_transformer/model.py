@@ -120,10 +120,6 @@ class ChainConfig:
     residual_state: bool = True
     layers: int = 4  # distinct blocks between prelude and coda in the baseline
     train_loops: int = 0  # core iterations in training (0: 2 x train_max_len, so 2x loops are trained)
-    # Training starts each batch from the state after 0..warm_loops iterations run without gradients (drawn
-    # per batch), then runs train_loops more: the block learns to carry on from the states later iterations
-    # reach, not only from zero (Bansal et al. 2022's incremental-progress training). 0: off.
-    warm_loops: int = 0
     max_loops: int = 128  # inference cap; halting usually stops at about k
     halt_threshold: float = 0.5
     # Stopping at inference: "fixed_point" (the state stopped moving: no token's mean |change| over an
@@ -220,8 +216,8 @@ class ChainConfig:
                             f"{self.negation_rate} for task {self.task!r}")
         if self.answer_lag < 0:
             raise UserError(f"answer_lag must be >= 0, got {self.answer_lag}")
-        if self.train_loops < 0 or self.warm_loops < 0:
-            raise UserError(f"train_loops and warm_loops must be >= 0, got {self.train_loops} and {self.warm_loops}")
+        if self.train_loops < 0:
+            raise UserError(f"train_loops must be >= 0, got {self.train_loops}")
         if self.looped and self.task != chains.FILE_TASK and self.loops_in_training < self.train_max_len:
             raise UserError(f"train_loops={self.train_loops} is fewer than train_max_len={self.train_max_len}: "
                             f"one iteration resolves about one step")
@@ -650,14 +646,6 @@ class ChainTransformer(keras.Model):
         if return_steps:
             # Unrolled: gradients through every iteration, the answers read after each one.
             state = tf.zeros_like(injected)
-            warm = tf.constant(0)
-            if training and c.warm_loops:
-                # Drawn from the batch's tokens, not a stateful generator, so a resumed run replays it.
-                seed = tf.stack([tf.reduce_sum(tokens), tf.constant(0)])
-                warm = tf.random.stateless_uniform([], seed, minval=0, maxval=c.warm_loops + 1, dtype=tf.int32)
-                _, state = tf.while_loop(lambda t, s: t < warm, lambda t, s: (t + 1, iterate(s)),
-                                         (tf.constant(0), state), maximum_iterations=c.warm_loops)
-                state = tf.stop_gradient(state)
             step_logits, step_halts, step_costs = [], [], []
             halted = tf.zeros([batch], tf.bool)
             steps_used = tf.zeros([batch], tf.float32)
@@ -675,8 +663,7 @@ class ChainTransformer(keras.Model):
                 state = new_state
             steps_used = settled_steps(steps_used, halted)
             outputs = {"logits": logits, "halt_logits": halt_logits, "steps_used": steps_used,
-                       "step_logits": tf.stack(step_logits, axis=1), "step_halt_logits": tf.stack(step_halts, 1),
-                       "warm_loops": tf.fill([batch], warm)}
+                       "step_logits": tf.stack(step_logits, axis=1), "step_halt_logits": tf.stack(step_halts, 1)}
             if c.fixed_point_weight:
                 outputs["step_fixed_point_cost"] = tf.stack(step_costs, axis=1)
             return outputs
@@ -706,8 +693,7 @@ def chain_loss(labels, outputs):
     """Per-problem loss. Training (per-iteration outputs): answer cross-entropy after every iteration
     t >= k (k = the example's steps; unknown k: the last iteration only) plus the halting loss (target
     t >= k; unknown k: "the answer is right by now") and, with fixed_point_weight, the state's change
-    after iteration k (unknown k: at every iteration whose answer is right). Iterations are counted from
-    the first, including any ``warm_loops`` run before the first readout. Inference outputs:
+    after iteration k (unknown k: at every iteration whose answer is right). Inference outputs:
     cross-entropy of the answers."""
     answers = tf.cast(labels["answers"], tf.int32)
     if "step_logits" not in outputs:
@@ -718,9 +704,8 @@ def chain_loss(labels, outputs):
     loops = tf.shape(step_logits)[1]
     steps = tf.cast(labels["steps"], tf.int32)
     known = steps >= 1
-    warm = tf.cast(outputs.get("warm_loops", tf.zeros_like(steps)), tf.int32)[:, None]  # iterations run before
-    iteration = tf.range(1, loops + 1)[None, :] + warm  # [B, L]
-    first_supervised = tf.where(known, tf.minimum(steps, loops + warm[:, 0]), loops + warm[:, 0])
+    iteration = tf.range(1, loops + 1)[None, :]  # [1, L]
+    first_supervised = tf.where(known, tf.minimum(steps, loops), loops)
     supervised = tf.cast(iteration >= first_supervised[:, None], tf.float32)  # [B, L]
     step_answers = tf.broadcast_to(answers[:, None, :], tf.shape(step_logits)[:3])
     ce = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=step_answers,
