@@ -1,0 +1,62 @@
+"""Where a trained registers model goes wrong: every prefix of a program is run as its own problem (the
+model's registers after each instruction), and the first instruction after which they are wrong is counted
+by its kind (op and source: a digit, another register, the same register) and by its position.
+  python registers_errors.py <workdir> <k> <programs>     (README: 17,500-step model, k = 12, 400 programs)"""
+import collections
+import sys
+
+import numpy as np
+
+from tfmstep import saving
+from tfmstep.data import chains
+
+
+def kind(instruction: str) -> str:
+    """'A+B' -> '+reg', 'A-4' -> '-digit', 'A+A' -> '+self'."""
+    target, op, source = instruction[0], instruction[1], instruction[2]
+    if not source.isalpha():
+        return op + "digit"
+    return op + ("self" if source == target else "reg")
+
+
+def states_after_each(start: str, instructions: list[str]) -> list[str]:
+    registers = [int(c) for c in start]
+    states = []
+    for instruction in instructions:
+        target, op, source = chains.REGISTERS.index(instruction[0]), instruction[1], instruction[2]
+        value = registers[chains.REGISTERS.index(source)] if source.isalpha() else int(source)
+        registers[target] = {"+": (registers[target] + value) % 10, "-": (registers[target] - value) % 10,
+                             "=": value}[op]
+        states.append("".join(map(str, registers)))
+    return states
+
+
+def main(workdir: str, k: int, programs: int) -> None:
+    model, _, _ = saving.load_trained(workdir)
+    rng = np.random.default_rng(7)
+    wrong_by_kind, seen_by_kind = collections.Counter(), collections.Counter()
+    wrong_at, seen_at = collections.Counter(), collections.Counter()
+    for _ in range(programs):
+        text, answer = chains.generate_problem("registers", k, rng)
+        start, body = text.split(":")
+        instructions = [part for part in body.rstrip("=").split(";") if part]
+        truth = states_after_each(start, instructions)
+        assert truth[-1] == answer, (text, answer, truth)
+        prefixes = [start + ":" + "".join(part + ";" for part in instructions[:j]) + "=" for j in range(1, k + 1)]
+        predicted, _ = model.answer(prefixes)
+        for position, instruction in enumerate(instructions, 1):
+            seen_by_kind[kind(instruction)] += 1
+            seen_at[position] += 1
+        wrong = [j for j in range(k) if predicted[j] != truth[j]]
+        if wrong:
+            wrong_by_kind[kind(instructions[wrong[0]])] += 1
+            wrong_at[wrong[0] + 1] += 1
+    print("first wrong instruction, per instruction of each kind:")
+    for name in sorted(seen_by_kind):
+        print(f"  {name:8s} {wrong_by_kind[name]:4d} / {seen_by_kind[name]:5d} = "
+              f"{wrong_by_kind[name] / seen_by_kind[name]:.4f}")
+    print("per position:", {p: round(wrong_at[p] / seen_at[p], 4) for p in sorted(seen_at)})
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
