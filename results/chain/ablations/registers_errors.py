@@ -19,18 +19,6 @@ def kind(instruction: str) -> str:
     return op + ("self" if source == target else "reg")
 
 
-def states_after_each(start: str, instructions: list[str]) -> list[str]:
-    registers = [int(c) for c in start]
-    states = []
-    for instruction in instructions:
-        target, op, source = chains.REGISTERS.index(instruction[0]), instruction[1], instruction[2]
-        value = registers[chains.REGISTERS.index(source)] if source.isalpha() else int(source)
-        registers[target] = {"+": (registers[target] + value) % 10, "-": (registers[target] - value) % 10,
-                             "=": value}[op]
-        states.append("".join(map(str, registers)))
-    return states
-
-
 def main(workdir: str, k: int, programs: int) -> None:
     model, _, _ = saving.load_trained(workdir)
     rng = np.random.default_rng(7)
@@ -40,9 +28,9 @@ def main(workdir: str, k: int, programs: int) -> None:
         text, answer = chains.generate_problem("registers", k, rng)
         start, body = text.split(":")
         instructions = [part for part in body.rstrip("=").split(";") if part]
-        truth = states_after_each(start, instructions)
-        assert truth[-1] == answer, (text, answer, truth)
         prefixes = [start + ":" + "".join(part + ";" for part in instructions[:j]) + "=" for j in range(1, k + 1)]
+        truth = [chains.solve("registers", prefix)[0] for prefix in prefixes]  # the registers after each
+        assert truth[-1] == answer, (text, answer, truth)
         predicted, _ = model.answer(prefixes)
         for position, instruction in enumerate(instructions, 1):
             seen_by_kind[kind(instruction)] += 1
