@@ -74,6 +74,19 @@ def test_cosine_decays_to_the_minimum_learning_rate_ratio():
     assert float(schedule(110)) == pytest.approx(0.5, abs=1e-6)
 
 
+def test_cooldown_falls_linearly_to_zero_from_the_cosine_floor_and_round_trips():
+    optimizer = step_lib.make_optimizer(step_lib.OptimizerConfig(
+        learning_rate=2.0, warmup_steps=0, total_steps=100, min_lr_ratio=1.0, cooldown_steps=20))
+    schedule = optimizer._learning_rate
+    assert float(schedule(50)) == pytest.approx(2.0)
+    assert float(schedule(80)) == pytest.approx(2.0)
+    assert float(schedule(90)) == pytest.approx(1.0)
+    assert float(schedule(100)) == pytest.approx(0.0)
+    assert float(schedule(120)) == pytest.approx(0.0)  # past the end: stays at 0, never negative
+    again = keras.optimizers.schedules.deserialize(keras.optimizers.schedules.serialize(schedule))
+    assert float(again(90)) == pytest.approx(1.0)
+
+
 class _NotXlaCompilable(keras.layers.Layer):
     def call(self, x):
         # String ops have no XLA kernel.

@@ -163,6 +163,35 @@ def test_min_lr_ratio_reaches_the_optimizer_and_is_checked(tmp_path):
         trainer.TrainConfig(min_lr_ratio=1.5)
 
 
+def test_cooldown_steps_reach_the_optimizer_and_are_checked(tmp_path):
+    config = trainer.TrainConfig(steps=50, warmup_steps=0, learning_rate=1e-2, min_lr_ratio=1.0,
+                                 cooldown_steps=10)
+    spec = registry.get_spec("cnn_classifier")
+    run = trainer._Run(spec, spec.config("tiny"), config, str(tmp_path), tf.distribute.get_strategy())
+    assert float(run.optimizer._learning_rate(40)) == pytest.approx(1e-2)
+    assert float(run.optimizer._learning_rate(45)) == pytest.approx(5e-3)
+    with pytest.raises(UserError, match="cooldown_steps must be in"):
+        trainer.TrainConfig(steps=50, cooldown_steps=51)
+
+
+@pytest.mark.parametrize("name", tfmstep.list_models())
+def test_init_from_copies_every_weight_of_every_family(tmp_path, name):
+    # Blocks kept in a Python list (the chain reasoner's looped core) are not in tf.train.Checkpoint's
+    # graph of the model; init_from once left them at their random start without a word.
+    config = trainer.TrainConfig(steps=1, batch_size=4, eval_batches=1, eval_every=0, jit_compile=False,
+                                 steps_per_call=1, mixed_precision="float32")
+    first = str(tmp_path / "first")
+    trainer.train(name, first, preset="tiny", config=config)
+    trained, _, _ = trainer.restore(first)
+    spec = registry.get_spec(name)
+    fresh = trainer._Run(spec, spec.config("tiny"), config, str(tmp_path / "second"), tf.distribute.get_strategy())
+    fresh.init_weights(first)
+    assert len(fresh.model.variables) == len(trained.variables)
+    for new, old in zip(fresh.model.variables, trained.variables):
+        assert new.path.split("/", 1)[1] == old.path.split("/", 1)[1]
+        np.testing.assert_array_equal(np.asarray(new), np.asarray(old), err_msg=new.path)
+
+
 def test_init_from_starts_a_new_run_from_another_runs_weights_and_refuses_a_mismatch(tmp_path):
     config = trainer.TrainConfig(steps=2, batch_size=8, eval_batches=1, jit_compile=False, steps_per_call=1,
                                  mixed_precision="float32")
@@ -184,6 +213,9 @@ def test_init_from_starts_a_new_run_from_another_runs_weights_and_refuses_a_mism
         trainer.train("cnn_classifier", str(tmp_path / "wider"), preset="tiny", overrides={"filters": (4, 8)},
                       config=dataclasses.replace(config, init_from=first))
     assert not os.path.exists(tmp_path / "wider" / "config.json")  # refused before anything was written
+    older = tf.train.Checkpoint(model=trained).write(str(tmp_path / "older" / "ckpt-1"))  # no variable list
+    with pytest.raises(UserError, match="written by an older tfmstep"):
+        fresh.init_weights(older)
     with pytest.raises(UserError, match="neither a workdir nor a checkpoint"):
         trainer.train("cnn_classifier", str(tmp_path / "third"), preset="tiny",
                       config=dataclasses.replace(config, init_from=str(tmp_path / "nothing_here")))

@@ -36,14 +36,40 @@ class OptimizerConfig:
     warmup_steps: int = 100
     total_steps: int = 1000
     min_lr_ratio: float = 0.0  # cosine decays to learning_rate * min_lr_ratio
+    cooldown_steps: int = 0  # the last this many steps fall linearly from the cosine's value to 0
     # No clip_norm here: clipping is part of the step (``make_steps(clip_norm=...)``), because it must see
     # the all-reduced gradient, which the optimizer never does under a distribution strategy.
     beta_1: float = 0.9
     beta_2: float = 0.999
 
 
+@keras.saving.register_keras_serializable(package="tfmstep")
+class Cooldown(keras.optimizers.schedules.LearningRateSchedule):
+    """``schedule`` times a linear fall to 0 over the last ``cooldown_steps`` of ``total_steps``: the
+    "decay" of warmup-stable-decay schedules (Hu et al. 2024, MiniCPM), which Keras does not ship. With a
+    cosine floor (min_lr_ratio) it lets late curriculum stages train at a useful rate and still ends at 0."""
+
+    def __init__(self, schedule, total_steps, cooldown_steps):
+        self.schedule, self.total_steps, self.cooldown_steps = schedule, total_steps, cooldown_steps
+
+    def __call__(self, step):
+        learning_rate = self.schedule(step)
+        remaining = tf.cast(self.total_steps, learning_rate.dtype) - tf.cast(step, learning_rate.dtype)
+        return learning_rate * tf.clip_by_value(remaining / self.cooldown_steps, 0.0, 1.0)
+
+    def get_config(self):
+        return {"schedule": keras.optimizers.schedules.serialize(self.schedule),
+                "total_steps": self.total_steps, "cooldown_steps": self.cooldown_steps}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config, schedule=keras.optimizers.schedules.deserialize(config["schedule"]))
+        return cls(**config)
+
+
 def make_optimizer(config: OptimizerConfig) -> keras.optimizers.Optimizer:
-    """AdamW with linear warmup then cosine decay (both from Keras; nothing hand-rolled)."""
+    """AdamW with linear warmup then cosine decay (both from Keras), optionally ending in a linear
+    cooldown to 0."""
     warmup = max(0, min(config.warmup_steps, config.total_steps - 1))
     schedule = keras.optimizers.schedules.CosineDecay(
         initial_learning_rate=0.0 if warmup else config.learning_rate,
@@ -52,6 +78,8 @@ def make_optimizer(config: OptimizerConfig) -> keras.optimizers.Optimizer:
         warmup_target=config.learning_rate if warmup else None,
         warmup_steps=warmup,
     )
+    if config.cooldown_steps:
+        schedule = Cooldown(schedule, config.total_steps, config.cooldown_steps)
     return keras.optimizers.AdamW(learning_rate=schedule, weight_decay=config.weight_decay,
                                   beta_1=config.beta_1, beta_2=config.beta_2)
 

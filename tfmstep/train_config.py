@@ -31,6 +31,9 @@ class TrainConfig:
     # The cosine decays to learning_rate * min_lr_ratio (1.0: constant after warmup), so the late stages
     # of a curriculum still train at a useful rate.
     min_lr_ratio: float = 0.0
+    # The last this many steps fall linearly to 0 from wherever the cosine is (0: none), so a run with a
+    # floor still ends with its weights settled.
+    cooldown_steps: int = 0
     clip_norm: float = 1.0
     jit_compile: Optional[bool] = None  # None: measured on this run (see tfmstep/autotune.py)
     steps_per_call: int = 0  # optimizer steps per compiled call (fewer Python round trips); 0: measured
@@ -61,6 +64,8 @@ class TrainConfig:
             raise UserError(f"learning_rate must be a positive number, got {self.learning_rate}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise UserError(f"min_lr_ratio must be in [0, 1] (a fraction of learning_rate), got {self.min_lr_ratio}")
+        if not 0 <= self.cooldown_steps <= self.steps:
+            raise UserError(f"cooldown_steps must be in [0, steps={self.steps}], got {self.cooldown_steps}")
         if self.keep_best not in KEEP_BEST:
             raise UserError(f"keep_best must be one of {', '.join(KEEP_BEST)}, got {self.keep_best!r}")
         if self.early_stop_evals < 0 or (self.early_stop_evals and (self.keep_best != "eval_loss"

@@ -242,7 +242,8 @@ class _Run:
             self.model = self.spec.build(self.model_config)
             self.optimizer = step_lib.make_optimizer(step_lib.OptimizerConfig(
                 learning_rate=config.learning_rate, weight_decay=config.weight_decay,
-                warmup_steps=config.warmup_steps, total_steps=config.steps, min_lr_ratio=config.min_lr_ratio))
+                warmup_steps=config.warmup_steps, total_steps=config.steps, min_lr_ratio=config.min_lr_ratio,
+                cooldown_steps=config.cooldown_steps))
             if autotune.needs_loss_scale_optimizer(config, self.spec):  # float16 (the step scales its clipping too)
                 self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
             self.optimizer.build(self.model.trainable_variables)
@@ -253,9 +254,14 @@ class _Run:
         # without them a resumed run would draw different masks.
         self.rng_states = [v for v in self.model.non_trainable_variables
                            if v.name == "seed_generator_state"]
+        # Keras 3 layers kept in a Python list (a model's repeated blocks) are not children of the model
+        # in tf.train.Checkpoint's object graph, so "model" alone misses their weights (they were saved
+        # only through the optimizer's slots, which init_from does not read). The flat list of the
+        # model's variables, in their build order, saves every one where init_from finds it.
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
                                               step=self.step, data_position=self.data_position,
-                                              rng_states=self.rng_states)
+                                              rng_states=self.rng_states,
+                                              model_variables=list(self.model.variables))
         try:
             self.manager = tf.train.CheckpointManager(self.checkpoint, self.ckpt_dir,
                                                       max_to_keep=config.keep_checkpoints)
@@ -316,7 +322,8 @@ class _Run:
 
     def init_weights(self, init_from: str) -> str:
         """The model's weights from another run (``init_from``: its workdir, whose latest checkpoint is
-        read, or a checkpoint prefix); the optimizer, step and data position stay fresh. Returns the path."""
+        read, or a checkpoint prefix), dropout's RNG state among them; the optimizer, step and data
+        position stay fresh. Returns the path."""
         path = init_from
         if os.path.isdir(init_from):
             path = tf.train.latest_checkpoint(os.path.join(init_from, "checkpoints")) or ""
@@ -325,7 +332,16 @@ class _Run:
         elif not os.path.exists(path + ".index"):
             raise UserError(f"--init_from={init_from}: neither a workdir nor a checkpoint (no {path}.index)")
         try:
-            status = tf.train.Checkpoint(model=self.model).read(path)
+            saved = {name.split("/")[0] for name, _ in tf.train.list_variables(path)}
+        except Exception as e:  # unreadable index or data files
+            raise UserError(f"--init_from={init_from}: {path} cannot be read ({type(e).__name__}: "
+                            f"{_first_line(e)})") from None
+        if "model_variables" not in saved:
+            raise UserError(f"--init_from={init_from}: {path} was written by an older tfmstep that saved a "
+                            f"model's repeated blocks only with the optimizer; resume that run once with "
+                            f"this version (its next checkpoint has every weight) or start from a newer one")
+        try:
+            status = tf.train.Checkpoint(model=self.model, model_variables=list(self.model.variables)).read(path)
             status.expect_partial()  # the other run's optimizer and counters are not wanted
             status.assert_existing_objects_matched()
         except Exception as e:  # shape mismatch, missing variables, unreadable files

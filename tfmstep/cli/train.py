@@ -37,6 +37,8 @@ flags.DEFINE_integer("warmup_steps", _DEFAULTS.warmup_steps, "Linear warmup step
                      lower_bound=0)
 flags.DEFINE_float("min_lr_ratio", _DEFAULTS.min_lr_ratio,
                    "The cosine decays to learning_rate * this (1: constant after warmup).")
+flags.DEFINE_integer("cooldown_steps", _DEFAULTS.cooldown_steps,
+                     "The last this many steps fall linearly from the cosine's rate to 0 (0: none).")
 flags.DEFINE_float("clip_norm", _DEFAULTS.clip_norm, "Global gradient-norm clip (0 disables).",
                    lower_bound=0.0)
 flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"],
