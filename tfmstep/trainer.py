@@ -336,12 +336,18 @@ class _Run:
         except Exception as e:  # unreadable index or data files
             raise UserError(f"--init_from={init_from}: {path} cannot be read ({type(e).__name__}: "
                             f"{_first_line(e)})") from None
-        if "model_variables" not in saved:
-            raise UserError(f"--init_from={init_from}: {path} was written by an older tfmstep that saved a "
-                            f"model's repeated blocks only with the optimizer; resume that run once with "
-                            f"this version (its next checkpoint has every weight) or start from a newer one")
+        if "model_variables" in saved:
+            checkpoint = tf.train.Checkpoint(model=self.model, model_variables=list(self.model.variables))
+        else:
+            # Written before model_variables: the blocks kept in lists are there only as the optimizer's
+            # references to what it trains, which a throwaway optimizer over the same variables (in the
+            # same order) maps back; its restored moments are dropped with it.
+            with self.strategy.scope():
+                reader = step_lib.make_optimizer(step_lib.OptimizerConfig())
+                reader.build(self.model.trainable_variables)
+            checkpoint = tf.train.Checkpoint(model=self.model, optimizer=reader)
         try:
-            status = tf.train.Checkpoint(model=self.model, model_variables=list(self.model.variables)).read(path)
+            status = checkpoint.read(path)
             status.expect_partial()  # the other run's optimizer and counters are not wanted
             status.assert_existing_objects_matched()
         except Exception as e:  # shape mismatch, missing variables, unreadable files
