@@ -250,14 +250,13 @@ class _Run:
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
             # Batches consumed from the train stream; the stream is rebuilt at this position on resume.
             self.data_position = tf.Variable(0, dtype=tf.int64, trainable=False, name="data_position")
-        # Keras does not hand its layers' SeedGenerator states (dropout masks) to tf.train.Checkpoint;
-        # without them a resumed run would draw different masks.
+        # "model" alone misses what Keras 3 does not hand to tf.train.Checkpoint's object graph: layers
+        # kept in a Python list (a model's repeated blocks; otherwise saved only as the optimizer's
+        # references to what it trains, which init_from does not read) and SeedGenerator states (dropout
+        # masks). model_variables, every model variable in build order, holds both. rng_states held the
+        # SeedGenerator states before it and stays so that those older checkpoints still resume exactly.
         self.rng_states = [v for v in self.model.non_trainable_variables
                            if v.name == "seed_generator_state"]
-        # Keras 3 layers kept in a Python list (a model's repeated blocks) are not children of the model
-        # in tf.train.Checkpoint's object graph, so "model" alone misses their weights (they were saved
-        # only through the optimizer's slots, which init_from does not read). The flat list of the
-        # model's variables, in their build order, saves every one where init_from finds it.
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
                                               step=self.step, data_position=self.data_position,
                                               rng_states=self.rng_states,
