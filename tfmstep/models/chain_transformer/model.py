@@ -51,7 +51,6 @@ from tfmstep.errors import UserError
 
 HALT_WEIGHT = 0.5  # halting loss relative to the answer loss
 READOUTS = ("slot", "attention")
-CARRIES = ("state", "values", "symbols")
 HALTING_RULES = ("learned", "ready", "fixed_point")
 FIXED_LOG_TOKENS = float(np.log(30.0))  # the softmax scale without length scaling (its init is 1 here)
 # How a trained model runs (its weights do not depend on these): what evaluation may override.
@@ -159,11 +158,6 @@ class ChainConfig:
     # written digit has (lego, no negation, k <= 2 after 1500 steps: k = 2 at 0.94 exact, 0.73 without;
     # once both fit k = 2, k = 3 was no better: 0.38 against 0.45 -- README).
     value_feedback: bool = False
-    # What one iteration passes to the next: "state" (each token's continuous state), "values" (only each
-    # token's answer-head distribution, embedded as the characters are) or "symbols" (only its argmax, with
-    # straight-through gradients). With values or symbols a value computed k steps deep reaches the next
-    # step in the form a written one has, so it cannot drift with depth; needs residual_state=false.
-    carry: str = "state"
     dropout: float = 0.0
 
     def __post_init__(self):
@@ -222,10 +216,6 @@ class ChainConfig:
                             f"{self.negation_rate} for task {self.task!r}")
         if self.answer_lag < 0:
             raise UserError(f"answer_lag must be >= 0, got {self.answer_lag}")
-        if self.carry not in CARRIES:
-            raise UserError(f"unknown carry {self.carry!r}; choose one of {', '.join(CARRIES)}")
-        if self.carry != "state" and self.residual_state:
-            raise UserError(f"carry={self.carry} needs residual_state=false (iterations pass on answer values only)")
         if self.train_loops < 0:
             raise UserError(f"train_loops must be >= 0, got {self.train_loops}")
         if self.looped and self.task != chains.FILE_TASK and self.loops_in_training < self.train_max_len:
@@ -640,16 +630,10 @@ class ChainTransformer(keras.Model):
         core = self.core[0]
         core_bias = self_bias(core)
 
-        if c.value_feedback or c.carry != "state":  # the answer classes' input embeddings, read by every iteration
+        if c.value_feedback:  # the answer classes' input embeddings, read by every iteration
             answer_embeddings = tf.cast(self.embedding.embeddings[:c.num_classes], injected.dtype)
 
         def iterate(state):
-            if c.carry != "state":  # only each token's answer values go on to the next iteration
-                probs = tf.nn.softmax(tf.cast(self.head(self.head_norm(state)), tf.float32))
-                if c.carry == "symbols":  # the argmax, with the distribution's gradient
-                    probs += tf.stop_gradient(tf.one_hot(tf.argmax(probs, -1), c.num_classes) - probs)
-                x = injected + tf.einsum("btc,cw->btw", tf.cast(probs, injected.dtype), answer_embeddings)
-                return core(injected, x, core_bias, key_mask, log_tokens, training=training)
             x = state + injected
             if c.value_feedback:  # each token's answer-head distribution, embedded as the characters are
                 probs = tf.cast(tf.nn.softmax(self.head(self.head_norm(state))), injected.dtype)
