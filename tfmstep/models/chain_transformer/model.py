@@ -158,6 +158,10 @@ class ChainConfig:
     # written digit has (lego, no negation, k <= 2 after 1500 steps: k = 2 at 0.94 exact, 0.73 without;
     # once both fit k = 2, k = 3 was no better: 0.38 against 0.45 -- README).
     value_feedback: bool = False
+    # Training only: Gaussian noise of this std, relative to each token's state RMS, added to the state one
+    # iteration passes to the next, so the step learns to map a slightly-off value back onto a clean one
+    # and errors do not build up with depth (kinship: past the trained depths each step lost precision).
+    state_noise: float = 0.0
     dropout: float = 0.0
 
     def __post_init__(self):
@@ -236,6 +240,8 @@ class ChainConfig:
         if self.fixed_point_tolerance <= 0 or self.fixed_point_weight < 0:
             raise UserError(f"fixed_point_tolerance must be > 0 and fixed_point_weight >= 0, got "
                             f"{self.fixed_point_tolerance} and {self.fixed_point_weight}")
+        if self.state_noise < 0:
+            raise UserError(f"state_noise must be >= 0, got {self.state_noise}")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.halt_confidence < 1.0:
@@ -448,6 +454,8 @@ class ChainTransformer(keras.Model):
         else:
             self.slot_mlp_in = keras.layers.Dense(c.mlp_dim, activation="gelu", name="slot_mlp_in")
             self.slot_mlp_out = keras.layers.Dense(c.width, name="slot_mlp_out")
+        if c.state_noise:  # a variable, so the noise draws are checkpointed and a resume repeats them
+            self.noise_seed = keras.random.SeedGenerator(name="state_noise_seed")
         self.head_norm = keras.layers.LayerNormalization(epsilon=1e-5, name="head_norm")
         self.head = keras.layers.Dense(c.num_classes, name="answer_head")
         self.halt_head = keras.layers.Dense(1, name="halt_head")
@@ -634,6 +642,10 @@ class ChainTransformer(keras.Model):
             answer_embeddings = tf.cast(self.embedding.embeddings[:c.num_classes], injected.dtype)
 
         def iterate(state):
+            if c.state_noise and training:
+                rms = tf.sqrt(tf.reduce_mean(tf.square(state), axis=-1, keepdims=True) + 1e-6)
+                state += c.state_noise * rms * keras.random.normal(tf.shape(state), dtype=state.dtype,
+                                                                   seed=self.noise_seed)
             x = state + injected
             if c.value_feedback:  # each token's answer-head distribution, embedded as the characters are
                 probs = tf.cast(tf.nn.softmax(self.head(self.head_norm(state))), injected.dtype)
