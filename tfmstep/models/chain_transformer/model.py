@@ -83,10 +83,10 @@ class ChainConfig:
     # train_max_len), each stage's problems padded to its top. A fixed schedule rather than "move on
     # once training is exact" keeps batch b a function of (seed, b), which exact resume rests on.
     # Lego without negation, the same schedule in separate runs ("1:600,2:2400,3:1200,5:1200", then
-    # k <= 8 for 1200): 0.75 at k = 16 (README).
+    # k <= 8 for 1200): 0.75 at k = 16 (results/chain/README.md).
     curriculum_stages: str = ""
     # lego: no negated clauses ("b=-a+1") in the first half of these training steps, then their share rises
-    # to negation_rate (measured on the generator before its distractor clauses -- README).
+    # to negation_rate (measured on the generator before its distractor clauses -- results/chain/README.md).
     negation_curriculum_steps: int = 0
     # lego: the share of negated clauses in every split (0: x = parent + c only, the cyclic group Z5).
     negation_rate: float = chains.LEGO_NEGATION_RATE
@@ -116,7 +116,7 @@ class ChainConfig:
     # each token from its input alone plus what it attends to in the previous state (queries e, context
     # state_{t-1} + e): a synchronous fixed-point update, where a value computed from a stale parent is
     # replaced once the parent is right and, once every value is, another iteration changes nothing
-    # (pointer: 2x loops forced keep k = 24 exact; kinship learned slower with it -- README).
+    # (pointer: 2x loops forced keep k = 24 exact; kinship learned slower with it -- results/chain/README.md).
     residual_state: bool = True
     layers: int = 4  # distinct blocks between prelude and coda in the baseline
     train_loops: int = 0  # core iterations in training (0: 2 x train_max_len, so 2x loops are trained)
@@ -156,11 +156,12 @@ class ChainConfig:
     # Each iteration also reads every token's answer-head distribution from the last one, embedded as the
     # input embeds those characters, so a value the loop computed reaches the next step in the form a
     # written digit has (lego, no negation, k <= 2 after 1500 steps: k = 2 at 0.94 exact, 0.73 without;
-    # once both fit k = 2, k = 3 was no better: 0.38 against 0.45 -- README).
+    # once both fit k = 2, k = 3 was no better: 0.38 against 0.45 -- results/chain/README.md).
     value_feedback: bool = False
     # Training only: Gaussian noise of this std, relative to each token's state RMS, added to the state one
     # iteration passes to the next, so the step learns to map a slightly-off value back onto a clean one
-    # and errors do not build up with depth (kinship: past the trained depths each step lost precision).
+    # and errors do not build up with depth. Kinship's recipe with 0.2: k = 8 / 12 / 16 at 0.84 / 0.55 / 0.49
+    # exact against 0.62 / 0.27 / 0.16 without (one run each, 128 problems per k; results/chain/README.md).
     state_noise: float = 0.0
     dropout: float = 0.0
 
@@ -641,11 +642,16 @@ class ChainTransformer(keras.Model):
         if c.value_feedback:  # the answer classes' input embeddings, read by every iteration
             answer_embeddings = tf.cast(self.embedding.embeddings[:c.num_classes], injected.dtype)
 
-        def iterate(state):
+        if c.state_noise and training:
+            # One draw per call, rolled along batch and tokens by the iteration's index: no token gets the
+            # same value twice while iterations < max(batch, tokens). A draw per iteration made a kinship
+            # training step 2.5x slower (random numbers are slow under XLA on CPU).
+            noise = keras.random.normal(tf.shape(injected), dtype=injected.dtype, seed=self.noise_seed)
+
+        def iterate(state, iteration=0):
             if c.state_noise and training:
                 rms = tf.sqrt(tf.reduce_mean(tf.square(state), axis=-1, keepdims=True) + 1e-6)
-                state += c.state_noise * rms * keras.random.normal(tf.shape(state), dtype=state.dtype,
-                                                                   seed=self.noise_seed)
+                state += c.state_noise * rms * tf.roll(noise, shift=[iteration, iteration], axis=[0, 1])
             x = state + injected
             if c.value_feedback:  # each token's answer-head distribution, embedded as the characters are
                 probs = tf.cast(tf.nn.softmax(self.head(self.head_norm(state))), injected.dtype)
@@ -662,7 +668,7 @@ class ChainTransformer(keras.Model):
             halted = tf.zeros([batch], tf.bool)
             steps_used = tf.zeros([batch], tf.float32)
             for iteration in range(c.answer_lag + num_loops):
-                new_state = iterate(state)
+                new_state = iterate(state, iteration)
                 steps_used += 1.0 - tf.cast(halted, tf.float32)  # where halting would stop: a metric
                 if iteration >= c.answer_lag:  # step j of the outputs is iteration j + answer_lag
                     logits, halt_logits = read(new_state)
