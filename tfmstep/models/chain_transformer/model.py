@@ -160,8 +160,8 @@ class ChainConfig:
     value_feedback: bool = False
     # Training only: Gaussian noise of this std, relative to each token's state RMS, added to the state one
     # iteration passes to the next, so the step learns to map a slightly-off value back onto a clean one
-    # and errors do not build up with depth. Kinship's recipe with 0.2: k = 8 / 12 / 16 at 0.84 / 0.55 / 0.49
-    # exact against 0.62 / 0.27 / 0.16 without (one run each, 128 problems per k; results/chain/README.md).
+    # and errors do not build up with depth. Kinship's recipe with 0.2: k = 8 / 16 at 0.84 / 0.49 in one run,
+    # 0.38 / 0.19 in a second, against 0.62 / 0.16 without (results/chain/README.md) -- not in a recipe.
     state_noise: float = 0.0
     dropout: float = 0.0
 
