@@ -17,6 +17,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from tfmstep.models.chain_transformer.evaluate import plot_accuracy  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 TASKS = ("parity", "pointer", "registers", "lego", "kinship", "reassign")
 # What guessing scores: the answer's classes (registers: three digits at once).
@@ -32,20 +34,9 @@ def main():
     for ax, task in zip(axes.flat, TASKS):
         with open(os.path.join(HERE, f"{task}.json")) as f:
             report = json.load(f)
-        for label, run in report["runs"].items():
-            rows = [r for r in run["per_length"] if r["length"] is not None]
-            lengths = [r["length"] for r in rows]
-            color = None if run["looped"] else "gray"
-            line, = ax.plot(lengths, [r["exact_match"] for r in rows], marker="o", ms=2.5, color=color,
-                            label=f"{label} ({run['parameters'] // 1000}k)")
-            if run["looped"] and "forced_exact_match" in rows[0]:
-                ax.plot(lengths, [r["forced_exact_match"] for r in rows], ls="--", lw=1,
-                        color=line.get_color(), label=f"{label}, 2x loops")
+        plot_accuracy(ax, report, chance=CHANCE[task])
         trained = max(run["train_lengths"][1] for run in report["runs"].values())
-        ax.axvline(trained, color="gray", ls=":", lw=1)
-        ax.axhline(CHANCE[task], color="red", ls=":", lw=1)
-        ax.set(title=f"{task} (trained k <= {trained}; red: chance)", xlabel="chain length k", ylim=(-0.02, 1.02))
-        ax.legend(fontsize=7, loc="upper right")
+        ax.set_title(f"{task} (trained k <= {trained}; red: chance)")
     for ax in axes[:, 0]:
         ax.set_ylabel("full-answer exact match")
     fig.tight_layout()

@@ -174,30 +174,42 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def plot_accuracy(ax, report: dict, chance: float | None = None) -> list:
+    """Exact match vs chain length on ``ax``: each run (baselines grey), a looped run's 2x-forced-loops
+    curve dashed, the longest trained k dotted, and ``chance`` in red if given. Returns the looped runs'
+    (label, lengths, rows, colour) for a caller's other panels."""
+    looped = []
+    for label, run in report["runs"].items():
+        rows = [r for r in run["per_length"] if r["length"] is not None]
+        lengths = [r["length"] for r in rows]
+        line, = ax.plot(lengths, [r["exact_match"] for r in rows], marker="o", ms=3,
+                        color=None if run["looped"] else "gray",
+                        label=f"{label} ({run['parameters'] // 1000}k params)")
+        if run["looped"] and rows and "forced_exact_match" in rows[0]:
+            ax.plot(lengths, [r["forced_exact_match"] for r in rows], ls="--", lw=1, color=line.get_color(),
+                    label=f"{label}, forced 2x loops")
+            looped.append((label, lengths, rows, line.get_color()))
+        ax.axvline(run["train_lengths"][1], color="gray", ls=":", lw=1)
+    if chance is not None:
+        ax.axhline(chance, color="red", ls=":", lw=1)
+    ax.set(xlabel="chain length k (steps)", ylim=(-0.02, 1.02))
+    ax.legend(fontsize=7)
+    return looped
+
+
 def plot(report: dict, path: str, title: str = "") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax_acc, ax_halt) = plt.subplots(1, 2, figsize=(11, 4))
-    for label, run in report["runs"].items():
-        rows = [r for r in run["per_length"] if r["length"] is not None]
-        lengths = [r["length"] for r in rows]
-        line, = ax_acc.plot(lengths, [r["exact_match"] for r in rows], marker="o", ms=3,
-                            label=f"{label} ({run['parameters'] // 1000}k params)")
-        if run["looped"] and rows and "forced_exact_match" in rows[0]:
-            ax_acc.plot(lengths, [r["forced_exact_match"] for r in rows], ls="--", color=line.get_color(),
-                        label=f"{label}, forced 2x loops")
-            ax_halt.plot(lengths, [r["steps_used"] for r in rows], marker="o", ms=3, color=line.get_color(),
-                         label=label)
-        ax_acc.axvline(run["train_lengths"][1], color="gray", ls=":", lw=1)
+    for label, lengths, rows, color in plot_accuracy(ax_acc, report):
+        ax_halt.plot(lengths, [r["steps_used"] for r in rows], marker="o", ms=3, color=color, label=label)
     if ax_halt.lines:
         top = max(max(line.get_xdata()) for line in ax_halt.lines)
         ax_halt.plot([1, top], [1, top], color="gray", ls=":", label="true k")
-    ax_acc.set(xlabel="chain length k (steps)", ylabel="full-answer exact match", ylim=(-0.02, 1.02),
-               title=title or "accuracy vs chain length (dotted: longest trained)")
+    ax_acc.set(ylabel="full-answer exact match", title=title or "accuracy vs chain length (dotted: longest trained)")
     ax_halt.set(xlabel="chain length k (steps)", ylabel="loops used (halting)", title="halting vs true k")
-    ax_acc.legend(fontsize=7)
     ax_halt.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
