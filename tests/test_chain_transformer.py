@@ -183,21 +183,6 @@ def test_value_feedback_makes_each_iteration_read_the_answer_heads_distribution(
         assert np.allclose(after - before, shift, atol=1e-4) != feedback
 
 
-def test_value_bottleneck_passes_only_the_answer_heads_distribution_between_iterations():
-    _, inputs, _ = _batch("kinship", k=3)
-    for bottleneck in (False, True):
-        model = tfmstep.build("chain_transformer", "tiny", task="kinship", residual_state=False,
-                              value_feedback=True, value_bottleneck=bottleneck, halting="fixed_point",
-                              answer_lag=0)
-        model.head.kernel.assign(tf.zeros_like(model.head.kernel))  # the same distribution at every token
-        steps = model(inputs, training=False, num_loops=8)["steps_used"].numpy()
-        # With nothing but that distribution passed on, iteration 2 computes what iteration 1 did: the
-        # state settled after one; a state passed on keeps moving.
-        assert (steps == 1).all() == bottleneck, steps
-    with pytest.raises(UserError, match="value_bottleneck"):
-        tfmstep.get_config("chain_transformer", "tiny", task="kinship", value_bottleneck=True)
-
-
 def test_state_noise_perturbs_training_iterations_only_and_replays_from_its_checkpointed_seed():
     _, inputs, _ = _batch("kinship", k=3)
     model = tfmstep.build("chain_transformer", "tiny", task="kinship", residual_state=False, state_noise=0.2)

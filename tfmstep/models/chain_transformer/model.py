@@ -158,10 +158,6 @@ class ChainConfig:
     # written digit has (lego, no negation, k <= 2 after 1500 steps: k = 2 at 0.94 exact, 0.73 without;
     # once both fit k = 2, k = 3 was no better: 0.38 against 0.45 -- results/chain/README.md).
     value_feedback: bool = False
-    # With value_feedback: an iteration passes on only each token's answer-head distribution, not its
-    # state, so the loop is a cellular automaton over per-token values; a continuous state could carry
-    # features (how long a token has waited, how far the chain reaches) that the trained depths bound.
-    value_bottleneck: bool = False
     # Training only: Gaussian noise of this std, relative to each token's state RMS, added to the state one
     # iteration passes to the next, so the step learns to map a slightly-off value back onto a clean one
     # and errors do not build up with depth. Kinship's recipe with 0.2: k = 8 / 16 at 0.84 / 0.49 in one run,
@@ -245,9 +241,6 @@ class ChainConfig:
         if self.fixed_point_tolerance <= 0 or self.fixed_point_weight < 0:
             raise UserError(f"fixed_point_tolerance must be > 0 and fixed_point_weight >= 0, got "
                             f"{self.fixed_point_tolerance} and {self.fixed_point_weight}")
-        if self.value_bottleneck and not (self.value_feedback and not self.residual_state):
-            raise UserError("value_bottleneck needs value_feedback=true and residual_state=false (the values "
-                            "are then all an iteration passes on)")
         if self.state_noise < 0:
             raise UserError(f"state_noise must be >= 0, got {self.state_noise}")
         if not 0.0 <= self.dropout < 1.0:
@@ -659,7 +652,7 @@ class ChainTransformer(keras.Model):
             if c.state_noise and training:
                 rms = tf.sqrt(tf.reduce_mean(tf.square(state), axis=-1, keepdims=True) + 1e-6)
                 state += c.state_noise * rms * tf.roll(noise, shift=[iteration, iteration], axis=[0, 1])
-            x = injected if c.value_bottleneck else state + injected
+            x = state + injected
             if c.value_feedback:  # each token's answer-head distribution, embedded as the characters are
                 probs = tf.cast(tf.nn.softmax(self.head(self.head_norm(state))), injected.dtype)
                 x += tf.einsum("btc,cw->btw", probs, answer_embeddings)
