@@ -183,25 +183,6 @@ def test_value_feedback_makes_each_iteration_read_the_answer_heads_distribution(
         assert np.allclose(after - before, shift, atol=1e-4) != feedback
 
 
-def test_state_noise_perturbs_training_iterations_only_and_replays_from_its_checkpointed_seed():
-    _, inputs, _ = _batch("kinship", k=3)
-    model = tfmstep.build("chain_transformer", "tiny", task="kinship", residual_state=False, state_noise=0.2)
-    seed_state, = [v for v in model.variables if "state_noise_seed" in v.path]
-    saved = seed_state.numpy()
-    first = model(inputs, training=True)["step_logits"]
-    second = model(inputs, training=True)["step_logits"]
-    assert not np.allclose(first, second)  # a new draw every call
-    seed_state.assign(saved)  # what a resume restores
-    np.testing.assert_array_equal(model(inputs, training=True)["step_logits"], first)
-    inference = [model(inputs, training=False, num_loops=4)["logits"] for _ in range(2)]
-    np.testing.assert_array_equal(*inference)
-    quiet = tfmstep.build("chain_transformer", "tiny", task="kinship", residual_state=False)
-    np.testing.assert_array_equal(quiet(inputs, training=True)["step_logits"],
-                                  quiet(inputs, training=True)["step_logits"])
-    with pytest.raises(UserError, match="state_noise"):
-        tfmstep.get_config("chain_transformer", "tiny", task="kinship", state_noise=-0.1)
-
-
 def _slot_logits(model, text, loops):
     tokens = tf.constant([chains.encode(text) + [1]])
     return model({"tokens": tokens}, training=False, num_loops=loops, use_halting=False)["logits"]

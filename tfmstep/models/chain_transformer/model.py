@@ -158,11 +158,6 @@ class ChainConfig:
     # written digit has (lego, no negation, k <= 2 after 1500 steps: k = 2 at 0.94 exact, 0.73 without;
     # once both fit k = 2, k = 3 was no better: 0.38 against 0.45 -- results/chain/README.md).
     value_feedback: bool = False
-    # Training only: Gaussian noise of this std, relative to each token's state RMS, added to the state one
-    # iteration passes to the next, so the step learns to map a slightly-off value back onto a clean one
-    # and errors do not build up with depth. Kinship's recipe with 0.2: k = 8 / 16 at 0.84 / 0.49 in one run,
-    # 0.38 / 0.19 in a second, against 0.62 / 0.16 without (results/chain/README.md) -- not in a recipe.
-    state_noise: float = 0.0
     dropout: float = 0.0
 
     def __post_init__(self):
@@ -241,8 +236,6 @@ class ChainConfig:
         if self.fixed_point_tolerance <= 0 or self.fixed_point_weight < 0:
             raise UserError(f"fixed_point_tolerance must be > 0 and fixed_point_weight >= 0, got "
                             f"{self.fixed_point_tolerance} and {self.fixed_point_weight}")
-        if self.state_noise < 0:
-            raise UserError(f"state_noise must be >= 0, got {self.state_noise}")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.halt_confidence < 1.0:
@@ -455,8 +448,6 @@ class ChainTransformer(keras.Model):
         else:
             self.slot_mlp_in = keras.layers.Dense(c.mlp_dim, activation="gelu", name="slot_mlp_in")
             self.slot_mlp_out = keras.layers.Dense(c.width, name="slot_mlp_out")
-        if c.state_noise:  # a variable, so the noise draws are checkpointed and a resume repeats them
-            self.noise_seed = keras.random.SeedGenerator(name="state_noise_seed")
         self.head_norm = keras.layers.LayerNormalization(epsilon=1e-5, name="head_norm")
         self.head = keras.layers.Dense(c.num_classes, name="answer_head")
         self.halt_head = keras.layers.Dense(1, name="halt_head")
@@ -642,16 +633,7 @@ class ChainTransformer(keras.Model):
         if c.value_feedback:  # the answer classes' input embeddings, read by every iteration
             answer_embeddings = tf.cast(self.embedding.embeddings[:c.num_classes], injected.dtype)
 
-        if c.state_noise and training:
-            # One draw per call, rolled along batch and tokens by the iteration's index: no token gets the
-            # same value twice while iterations < max(batch, tokens). A draw per iteration made a kinship
-            # training step 2.5x slower (random numbers are slow under XLA on CPU).
-            noise = keras.random.normal(tf.shape(injected), dtype=injected.dtype, seed=self.noise_seed)
-
-        def iterate(state, iteration=0):
-            if c.state_noise and training:
-                rms = tf.sqrt(tf.reduce_mean(tf.square(state), axis=-1, keepdims=True) + 1e-6)
-                state += c.state_noise * rms * tf.roll(noise, shift=[iteration, iteration], axis=[0, 1])
+        def iterate(state):
             x = state + injected
             if c.value_feedback:  # each token's answer-head distribution, embedded as the characters are
                 probs = tf.cast(tf.nn.softmax(self.head(self.head_norm(state))), injected.dtype)
@@ -668,7 +650,7 @@ class ChainTransformer(keras.Model):
             halted = tf.zeros([batch], tf.bool)
             steps_used = tf.zeros([batch], tf.float32)
             for iteration in range(c.answer_lag + num_loops):
-                new_state = iterate(state, iteration)
+                new_state = iterate(state)
                 steps_used += 1.0 - tf.cast(halted, tf.float32)  # where halting would stop: a metric
                 if iteration >= c.answer_lag:  # step j of the outputs is iteration j + answer_lag
                     logits, halt_logits = read(new_state)
