@@ -23,7 +23,9 @@ def _predict_fn(model):
     @tf.function(reduce_retracing=True)
     def predict(inputs, num_loops, use_halting):
         return model(inputs, training=False, num_loops=num_loops, use_halting=use_halting)
-    return predict
+
+    # The loop count as a tensor: a Python int would trace the model again for every forced count.
+    return lambda inputs, num_loops, use_halting: predict(inputs, tf.constant(num_loops, tf.int32), use_halting)
 
 
 def _score(batches, predict, config, forced_loop_factor: int = 2) -> dict:
