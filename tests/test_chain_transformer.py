@@ -286,6 +286,27 @@ def test_a_block_convolution_moves_what_attention_brought_further_in_the_same_it
     assert _reads_the_change(conv, loops=1)
 
 
+def test_two_sided_convolutions_under_causal_heads_see_the_next_token_but_nothing_further():
+    # The answer read at "b" of "a=b+2;c=4" (the next token changed, or one 6 further): one iteration, no
+    # prelude, global causal heads, a convolution of 3.
+    def middle_logits(model, text):
+        tokens = tf.constant([chains.encode(text)])
+        mask = tf.constant([[i == 2 for i in range(len(text))]])  # at "b"
+        return model({"tokens": tokens, "answer_mask": mask}, training=False, num_loops=1,
+                     use_halting=False)["logits"].numpy()
+
+    def build(**options):
+        return tfmstep.build("chain_transformer", "tiny", task="reassign", prelude_layers=0, window=0,
+                             causal=True, conv_kernel=3, **options)
+
+    two_sided, causal = build(causal_convolutions=False), build()
+    base = "a=b+2;c=4"
+    next_changed, later_changed = "a=b-2;c=4", "a=b+2;c=5"
+    assert not np.allclose(middle_logits(two_sided, base), middle_logits(two_sided, next_changed), atol=1e-6)
+    assert np.allclose(middle_logits(two_sided, base), middle_logits(two_sided, later_changed), atol=1e-6)
+    assert np.allclose(middle_logits(causal, base), middle_logits(causal, next_changed), atol=1e-6)
+
+
 def test_same_token_mask_marks_other_occurrences_only():
     tokens = tf.constant([[chains.FIRST_CHAR_ID] + chains.encode("a0a0") + [1, 0, 0]])
     mask = ct.model.same_token_mask(tokens, start_token=True)[0, 0].numpy()
@@ -363,6 +384,7 @@ def test_model_fit_uses_the_family_loss_and_the_keras_file_round_trips(tmp_path)
     (dict(conv_kernel=4, causal=False), "conv_kernel must be 0 or >= 1"),
     (dict(conv_kernel=-1), "conv_kernel must be 0 or >= 1"),
     (dict(block_conv_kernel=2, causal=False), "block_conv_kernel must be 0 or >= 1"),
+    (dict(conv_kernel=4, causal_convolutions=False), "conv_kernel must be 0 or >= 1"),
     (dict(answer_lag=-1), "answer_lag must be >= 0"),
     (dict(task="pointer", negation_rate=0.0), "applies to task 'lego' only"),
     (dict(negation_rate=1.5), "negation_rate must be in"),

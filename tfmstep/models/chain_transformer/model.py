@@ -147,6 +147,9 @@ class ChainConfig:
     # for what is found by content (names, pointers).
     window: int = 1
     causal: bool = True
+    # False: the convolutions see both sides even when the heads are causal, so a statement is parsed into
+    # every one of its tokens while a read still finds only what came before it (reassign: "a=b+2;").
+    causal_convolutions: bool = True
     global_heads: int = 0
     start_token: bool = True  # a learned vector before the first token, so the first one has a "previous"
     length_scaled_softmax: bool = False  # logits times log(tokens) (Scalable-Softmax); off: a fixed log(30)
@@ -223,7 +226,7 @@ class ChainConfig:
                             f"one iteration resolves about one step")
         for name in ("conv_kernel", "block_conv_kernel"):
             kernel = getattr(self, name)
-            if kernel < 0 or (kernel and not self.causal and kernel % 2 == 0):
+            if kernel < 0 or (kernel and not self.convolutions_causal and kernel % 2 == 0):
                 raise UserError(f"{name} must be 0 or >= 1 (odd unless causal), got {kernel}")
         if self.window < 0:
             raise UserError(f"window must be >= 0 (0: attention at any distance), got {self.window}")
@@ -271,6 +274,10 @@ class ChainConfig:
                 raise UserError(f"curriculum_stages: each stage needs >= 1 step, got {part!r}")
             stages.append((top, steps))
         return tuple(stages)
+
+    @property
+    def convolutions_causal(self) -> bool:
+        return self.causal and self.causal_convolutions
 
     @property
     def loops_in_training(self) -> int:
@@ -436,10 +443,10 @@ class ChainTransformer(keras.Model):
 
         def block(name):
             return Block(c.width, c.heads, c.mlp_dim, c.dropout, c.relative_clip,
-                         conv_kernel=c.block_conv_kernel, causal=c.causal, token_match=c.token_match, name=name)
+                         conv_kernel=c.block_conv_kernel, causal=c.convolutions_causal, token_match=c.token_match, name=name)
 
         if c.conv_kernel:  # post-norm (after the residual), unlike the blocks' pre-norm sublayer
-            self.conv_norm, self.conv, self.conv_out = conv_layers(c.width, c.mlp_dim, c.conv_kernel, c.causal,
+            self.conv_norm, self.conv, self.conv_out = conv_layers(c.width, c.mlp_dim, c.conv_kernel, c.convolutions_causal,
                                                                    prefix="prelude_")
         self.prelude = [block(f"prelude{i}") for i in range(c.prelude_layers)]
         self.core = [block("core")] if c.looped else [block(f"stack{i}") for i in range(c.layers)]
