@@ -287,8 +287,8 @@ def test_a_block_convolution_moves_what_attention_brought_further_in_the_same_it
 
 
 def test_two_sided_convolutions_under_causal_heads_see_the_next_token_but_nothing_further():
-    # The answer read at "b" of "a=b+2;c=4" (the next token changed, or one 6 further): one iteration, no
-    # prelude, global causal heads, a convolution of 3.
+    # The answer read at "b" of "a=b+2;c=4", with the token after it changed or one six places after it:
+    # one iteration, no prelude, causal heads at any distance, a convolution of 3.
     def middle_logits(model, text):
         tokens = tf.constant([chains.encode(text)])
         mask = tf.constant([[i == 2 for i in range(len(text))]])  # at "b"

@@ -443,11 +443,12 @@ class ChainTransformer(keras.Model):
 
         def block(name):
             return Block(c.width, c.heads, c.mlp_dim, c.dropout, c.relative_clip,
-                         conv_kernel=c.block_conv_kernel, causal=c.convolutions_causal, token_match=c.token_match, name=name)
+                         conv_kernel=c.block_conv_kernel, causal=c.convolutions_causal, token_match=c.token_match,
+                         name=name)
 
         if c.conv_kernel:  # post-norm (after the residual), unlike the blocks' pre-norm sublayer
-            self.conv_norm, self.conv, self.conv_out = conv_layers(c.width, c.mlp_dim, c.conv_kernel, c.convolutions_causal,
-                                                                   prefix="prelude_")
+            self.conv_norm, self.conv, self.conv_out = conv_layers(c.width, c.mlp_dim, c.conv_kernel,
+                                                                   c.convolutions_causal, prefix="prelude_")
         self.prelude = [block(f"prelude{i}") for i in range(c.prelude_layers)]
         self.core = [block("core")] if c.looped else [block(f"stack{i}") for i in range(c.layers)]
         if c.readout == "attention":
