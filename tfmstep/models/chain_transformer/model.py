@@ -227,7 +227,7 @@ class ChainConfig:
         for name in ("conv_kernel", "block_conv_kernel"):
             kernel = getattr(self, name)
             if kernel < 0 or (kernel and not self.convolutions_causal and kernel % 2 == 0):
-                raise UserError(f"{name} must be 0 or >= 1 (odd unless causal), got {kernel}")
+                raise UserError(f"{name} must be 0 or >= 1 (odd unless the convolutions are causal), got {kernel}")
         if self.window < 0:
             raise UserError(f"window must be >= 0 (0: attention at any distance), got {self.window}")
         if not 0 <= self.global_heads <= self.heads:
