@@ -384,7 +384,7 @@ def test_model_fit_uses_the_family_loss_and_the_keras_file_round_trips(tmp_path)
     (dict(conv_kernel=4, causal=False), "conv_kernel must be 0 or >= 1"),
     (dict(conv_kernel=-1), "conv_kernel must be 0 or >= 1"),
     (dict(block_conv_kernel=2, causal=False), "block_conv_kernel must be 0 or >= 1"),
-    (dict(conv_kernel=4, causal_convolutions=False), r"odd unless the convolutions are causal\), got 4"),
+    (dict(conv_kernel=4, causal_convolutions=False), r"conv_kernel must be 0 or >= 1 \(odd unless the convolutions are causal\), got 4"),
     (dict(answer_lag=-1), "answer_lag must be >= 0"),
     (dict(task="pointer", negation_rate=0.0), "applies to task 'lego' only"),
     (dict(negation_rate=1.5), "negation_rate must be in"),
