@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 
+from tfmstep import fileio
 from tfmstep.benchmark import stats
 
 
@@ -97,8 +97,7 @@ def _training_section(entry: dict) -> list:
 def write_report(results: dict, out_dir: str, command: str) -> str:
     """results.json, README.md (tables) and PNG plots under ``out_dir``; returns the markdown."""
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    fileio.atomic_write_json(os.path.join(out_dir, "results.json"), results)
     commands = results.get("commands") or [command]
     parts = ["# Benchmarks\n\n" + ("Command: " if len(commands) == 1 else
                                      "Commands (the suite in parts, each merged into results.json): ")
@@ -140,8 +139,7 @@ def write_report(results: dict, out_dir: str, command: str) -> str:
                      f"(speedup {s['speedup']:.2f}x). Eval loss one/two workers: "
                      f"{s['one_worker_eval']['loss']:.4f} / {s['two_workers_eval']['loss']:.4f}.\n")
     markdown = "\n".join(parts)
-    with open(os.path.join(out_dir, "README.md"), "w") as f:
-        f.write(markdown)
+    fileio.atomic_write(os.path.join(out_dir, "README.md"), markdown)
     return markdown
 
 
