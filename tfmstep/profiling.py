@@ -16,14 +16,13 @@ split of its inside is not visible here -- profile with ``jit_compile=False`` to
 from __future__ import annotations
 
 import collections
-import json
 import glob
 import os
 import time
 
 import tensorflow as tf
 
-from tfmstep import registry
+from tfmstep import fileio, registry
 from tfmstep.benchmark import flops, stats, training
 
 # Op types doing the model's arithmetic (the MFU numerator); everything else is overhead to explain.
@@ -164,8 +163,6 @@ def profile_models(models=None, preset: str = "default", *, logdir: str = "/tmp/
             print(format_profile(report), "\n", flush=True)
     if out:
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-        with open(out, "w") as f:
-            f.write("\n\n".join(format_profile(r) for r in reports) + "\n")
-        with open(os.path.splitext(out)[0] + ".json", "w") as f:
-            json.dump(reports, f, indent=2)
+        fileio.atomic_write(out, "\n\n".join(format_profile(r) for r in reports) + "\n")
+        fileio.atomic_write_json(os.path.splitext(out)[0] + ".json", reports)
     return reports

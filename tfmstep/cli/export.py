@@ -13,7 +13,6 @@ Without --workdir, --model/--preset export an untrained model (for trying the pi
 
 from __future__ import annotations
 
-import json
 import os
 
 from absl import app, flags
@@ -57,7 +56,7 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     import tensorflow as tf
 
-    from tfmstep import export, pruning
+    from tfmstep import export, fileio, pruning
     from tfmstep.cli import exit_on_user_error
 
     tf.get_logger().setLevel("WARNING")  # SavedModel/converter chatter; our own progress stays
@@ -79,10 +78,9 @@ def main(argv) -> None:
     print(table)
     if FLAGS.report:
         os.makedirs(os.path.dirname(FLAGS.report) or ".", exist_ok=True)
-        with open(FLAGS.report, "w") as f:
-            json.dump(report, f, indent=2)
-        with open(os.path.splitext(FLAGS.report)[0] + ".md", "w") as f:
-            f.write(table + "\n")
+        with exit_on_user_error():  # an unwritable report path: one error line, exit 2
+            fileio.atomic_write_json(FLAGS.report, report)
+            fileio.atomic_write(os.path.splitext(FLAGS.report)[0] + ".md", table + "\n")
         print(f"wrote {FLAGS.report}")
 
 
