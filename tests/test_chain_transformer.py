@@ -459,6 +459,27 @@ def test_evaluation_writes_json_png_and_table_for_a_trained_run(tiny_run, tmp_pa
     assert "exact" in table
 
 
+def test_show_errors_lists_wrong_problems_with_their_answers_that_the_solver_confirms(tiny_run, tmp_path):
+    from tfmstep import evaluation as evaluate
+
+    report, table = evaluate.evaluate([tiny_run], ["looped"], examples=16, max_length_factor=2, show_errors=3)
+    rows = report["runs"]["looped"]["per_length"]
+    wrong = [(r["length"], e) for r in rows for e in r.get("errors", ())]
+    assert wrong, "a 30-step tiny model should get some parity problems wrong"
+    for r in rows:
+        assert len(r.get("errors", ())) == min(3, round((1 - r["exact_match"]) * r["examples"]))
+    for k, e in wrong:
+        assert chains.solve("parity", e["input"]) == (e["answer"], k) and e["predicted"] != e["answer"]
+        assert f"{e['answer']} / {e['predicted']}  {e['input']}" in table
+    # A JSONL test file's wrong problems show as the file has them.
+    text, answer = wrong[0][1]["input"], wrong[0][1]["answer"]
+    test_file = tmp_path / "test.jsonl"
+    test_file.write_text(json.dumps({"input": text, "answer": answer}) + "\n")
+    report, _ = evaluate.evaluate([tiny_run], None, test_file=str(test_file), show_errors=5)
+    [row] = next(iter(report["runs"].values()))["per_length"]
+    assert [e["input"] for e in row["errors"]] == [text]
+
+
 def test_evaluation_reports_halting_and_forced_loops_only_for_the_looped_model():
     from tfmstep.models.chain_transformer import evaluate as chain_evaluate
 

@@ -671,3 +671,24 @@ def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypa
     assert json.loads(path.read_text()) == {"old": 1}
     assert os.listdir(tmp_path) == ["metrics.json"]  # no temp file left
     _row("fault", "disk full while rewriting a JSON file", "survived: old file intact, one line", 0)
+
+
+def test_a_figure_saved_atomically_is_the_png_savefig_writes_and_a_failed_save_keeps_the_old_one(tmp_path,
+                                                                                                  monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.plot([0, 1], [1, 0])
+    path, direct = tmp_path / "curve.png", tmp_path / "direct.png"
+    fileio.atomic_save_figure(fig, str(path), dpi=50)
+    fig.savefig(direct, dpi=50)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size == direct.stat().st_size
+    old = path.read_bytes()
+    monkeypatch.setattr(os, "fsync", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left")))
+    with pytest.raises(tfmstep.UserError, match="No space left.*untouched"):
+        fileio.atomic_save_figure(fig, str(path), dpi=50)
+    plt.close(fig)
+    assert path.read_bytes() == old and sorted(os.listdir(tmp_path)) == ["curve.png", "direct.png"]

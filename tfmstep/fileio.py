@@ -81,6 +81,16 @@ def atomic_write_json(path: str, value: Any) -> None:
     atomic_write(path, json.dumps(value, indent=2) + "\n")
 
 
+def atomic_save_figure(figure, path: str, **savefig_options) -> None:
+    """Save a matplotlib figure to ``path`` atomically: rendered to memory in the format ``path``'s suffix
+    names, then ``atomic_write`` (``savefig`` itself writes the file in place)."""
+    import io
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format=os.path.splitext(path)[1].lstrip(".") or None, **savefig_options)
+    atomic_write(path, buffer.getvalue())
+
+
 def remove_stale_temporaries(directory: str) -> list:
     """Delete ``.<name>.*.tmp`` files an ``atomic_write`` killed before its rename left in ``directory``;
     returns their paths. Only this module's own temporaries match; nothing else is touched."""

@@ -171,5 +171,5 @@ def _plot_steps(name: str, rows: list, path: str) -> None:
     ax.set_xlabel("ms per call (mean, error bar = std)")
     ax.set_title(f"{name}: time per step")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fileio.atomic_save_figure(fig, path, dpi=90)
     plt.close(fig)

@@ -6,6 +6,7 @@ longest trained (looped vs baseline), halting loops vs the true k, accuracy with
       --labels=looped,baseline --name=lego --output_dir=/tmp/eval
   python tools/evaluate.py --workdirs=workdirs/my_task --test_file=my_test.jsonl --name=my_task
   python tools/evaluate.py --workdirs=workdirs/chain_lego --config=halting=learned --name=lego_learned
+  python tools/evaluate.py --workdirs=workdirs/chain_reassign --show_errors=5   # what the wrong ones are
 
 Prints the table; with --output_dir, writes <name>.json, .txt and .png there.
 """
@@ -22,6 +23,8 @@ flags.DEFINE_integer("max_length_factor", 4, "Evaluate chain lengths 1 .. factor
 flags.DEFINE_integer("examples", 256, "Problems per chain length.", lower_bound=1)
 flags.DEFINE_integer("batch_size", 128, "Problems per forward pass.", lower_bound=1)
 flags.DEFINE_integer("seed", 1234, "Seed of the generated evaluation problems.")
+flags.DEFINE_integer("show_errors", 0, "List up to this many wrong problems per chain length (answer, "
+                     "prediction, loops used, the problem's text) after the table.", lower_bound=0)
 flags.DEFINE_string("test_file", "", "A JSONL test file ({\"input\", \"answer\", \"steps\"?} per line) to "
                     "evaluate on instead of generated problems (task=file runs default to their test_file).")
 flags.DEFINE_multi_string("config", [], "field=value: evaluate under another value of a config field that "
@@ -40,7 +43,7 @@ def main(argv):
                                             config_overrides=parse_overrides(FLAGS.config),
                                             max_length_factor=FLAGS.max_length_factor, examples=FLAGS.examples,
                                             batch_size=FLAGS.batch_size, seed=FLAGS.seed,
-                                            test_file=FLAGS.test_file)
+                                            test_file=FLAGS.test_file, show_errors=FLAGS.show_errors)
     print(table)
     if FLAGS.output_dir:
         print(f"wrote {FLAGS.output_dir}/{FLAGS.name}.json, .txt and .png")

@@ -28,11 +28,14 @@ def _predict_fn(model):
     return lambda inputs, num_loops, use_halting: predict(inputs, tf.constant(num_loops, tf.int32), use_halting)
 
 
-def _score(batches, predict, config, forced_loop_factor: int = 2) -> dict:
-    """Mean metrics over numpy (inputs, labels) batches of one chain length (or one group)."""
+def _score(batches, predict, config, forced_loop_factor: int = 2, show_errors: int = 0, texts=None) -> dict:
+    """Mean metrics over numpy (inputs, labels) batches of one chain length (or one group); with
+    ``show_errors`` N, also the first N wrong problems under "errors" (their text from ``texts``, one list
+    per batch, or decoded from the character ids)."""
     totals = {key: [] for key in ("exact_match", "token_accuracy", "steps_used", "halting_within_1",
                                   "forced_exact_match")}
-    for inputs, labels in batches:
+    errors = []
+    for index, (inputs, labels) in enumerate(batches):
         outputs = predict({"tokens": tf.constant(inputs["tokens"])}, config.max_loops, True)
         predicted = np.argmax(outputs["logits"].numpy(), -1)
         right = predicted == labels["answers"]
@@ -40,6 +43,11 @@ def _score(batches, predict, config, forced_loop_factor: int = 2) -> dict:
         totals["token_accuracy"].extend(right.mean(1).tolist())
         steps_used = outputs["steps_used"].numpy()
         totals["steps_used"].extend(steps_used.tolist())
+        for row in np.flatnonzero(~right.all(1))[:max(0, show_errors - len(errors))]:
+            errors.append({"input": texts[index][row] if texts else chains.decode(inputs["tokens"][row]),
+                           "answer": chains.decode(labels["answers"][row]),
+                           "predicted": _decode_prediction(predicted[row]),
+                           "steps": int(labels["steps"][row]), "steps_used": int(steps_used[row])})
         if not config.looped:  # a stack runs all its blocks: "within 1 of k" would only say k is near its depth
             continue
         known = labels["steps"] >= 1
@@ -51,12 +59,20 @@ def _score(batches, predict, config, forced_loop_factor: int = 2) -> dict:
             totals["forced_exact_match"].extend(forced_right.all(1).astype(float).tolist())
     row = {"examples": len(totals["exact_match"])}
     row.update({key: float(np.mean(values)) for key, values in totals.items() if values})
+    if errors:
+        row["errors"] = errors
     return row
 
 
+def _decode_prediction(ids) -> str:
+    """A predicted answer as text; a class that is no character (PAD, an answer slot) shows as its id."""
+    return "".join(chains.decode([i]) if i >= chains.FIRST_CHAR_ID else f"<{i}>" for i in ids.tolist())
+
+
 def evaluate_model(model, config, lengths, examples: int = 256, batch_size: int = 128, seed: int = 1234,
-                   forced_loop_factor: int = 2) -> list[dict]:
-    """One row per chain length k of the model's generated task, with a progress line per length."""
+                   forced_loop_factor: int = 2, show_errors: int = 0) -> list[dict]:
+    """One row per chain length k of the model's generated task, with a progress line per length (and up
+    to ``show_errors`` wrong problems per length)."""
     rows, predict = [], _predict_fn(model)
     # A length's cost grows about as k^2 (tokens and loops both grow with k): the ETA weighs lengths so.
     weights = np.square(np.asarray(lengths, np.float64))
@@ -64,7 +80,7 @@ def evaluate_model(model, config, lengths, examples: int = 256, batch_size: int 
     for index, k in enumerate(lengths):
         batches = chains.fixed_length_batches(config.task, k, examples, batch_size, seed=seed,
                                               answer_length=config.answers, **config.generator_options)
-        rows.append({"length": int(k), **_score(batches, predict, config, forced_loop_factor)})
+        rows.append({"length": int(k), **_score(batches, predict, config, forced_loop_factor, show_errors)})
         elapsed = time.monotonic() - start
         done = weights[:index + 1].sum()
         logging.info("k = %d: exact match %.3f (%d/%d lengths, %.0f s, ETA %.0f s)", k, rows[-1]["exact_match"],
@@ -72,8 +88,9 @@ def evaluate_model(model, config, lengths, examples: int = 256, batch_size: int 
     return rows
 
 
-def evaluate_file(model, config, test_file: str, batch_size: int = 128) -> list[dict]:
-    """One row per ``steps`` value of a JSONL test file (one row, length None, when it gives none)."""
+def evaluate_file(model, config, test_file: str, batch_size: int = 128, show_errors: int = 0) -> list[dict]:
+    """One row per ``steps`` value of a JSONL test file (one row, length None, when it gives none), with up
+    to ``show_errors`` wrong problems per row (their text as the file has it)."""
     from tfmstep.models.chain_transformer.model import chain_tokenizer
 
     tokenizer = chain_tokenizer(config)
@@ -89,11 +106,10 @@ def evaluate_file(model, config, test_file: str, batch_size: int = 128) -> list[
     rows, predict = [], _predict_fn(model)
     for steps in sorted(groups, key=lambda s: (s is None, s or 0)):
         group = groups[steps]
-        batches = []
-        for start in range(0, len(group), batch_size):
-            chunk = group[start:start + batch_size]
-            batches.append(chains.make_batch(chunk, config.answers, tokenizer=tokenizer))
-        rows.append({"length": steps, **_score(batches, predict, config)})
+        chunks = [group[start:start + batch_size] for start in range(0, len(group), batch_size)]
+        batches = [chains.make_batch(chunk, config.answers, tokenizer=tokenizer) for chunk in chunks]
+        texts = [[text for text, _, _ in chunk] for chunk in chunks]
+        rows.append({"length": steps, **_score(batches, predict, config, show_errors=show_errors, texts=texts)})
     return rows
 
 
@@ -121,9 +137,11 @@ def inference_settings(config) -> dict:
 
 
 def evaluate_runs(runs, labels=None, output_dir: str = "", name: str = "chain", *, max_length_factor: int = 4,
-                  examples: int = 256, batch_size: int = 128, seed: int = 1234, test_file: str = "") -> dict:
+                  examples: int = 256, batch_size: int = 128, seed: int = 1234, test_file: str = "",
+                  show_errors: int = 0) -> dict:
     """Evaluate trained runs [(workdir, (model, config, spec))]; with ``output_dir``, write
-    ``<name>.json``, ``.txt`` and ``.png`` there. Returns the report (its printable ``table`` included)."""
+    ``<name>.json``, ``.txt`` and ``.png`` there. ``show_errors`` N: list up to N wrong problems per chain
+    length in the report and its table. Returns the report (its printable ``table`` included)."""
     if not runs:
         raise UserError("give at least one trained workdir")
     labels = list(labels or [os.path.basename(os.path.normpath(w)) for w, _ in runs])
@@ -132,10 +150,11 @@ def evaluate_runs(runs, labels=None, output_dir: str = "", name: str = "chain", 
     report = {"runs": {}, "examples_per_length": examples, "seed": seed, "max_length_factor": max_length_factor}
     for label, (workdir, (model, config, spec)) in zip(labels, runs):
         if test_file or config.task == chains.FILE_TASK:
-            rows = evaluate_file(model, config, test_file or config.test_file, batch_size)
+            rows = evaluate_file(model, config, test_file or config.test_file, batch_size, show_errors)
         else:
             longest = max_length_factor * config.train_max_len
-            rows = evaluate_model(model, config, range(1, longest + 1), examples, batch_size, seed)
+            rows = evaluate_model(model, config, range(1, longest + 1), examples, batch_size, seed,
+                                  show_errors=show_errors)
         train_info = {}
         metrics_path = os.path.join(workdir, "metrics.json")
         if os.path.exists(metrics_path):
@@ -173,6 +192,11 @@ def format_table(report: dict) -> str:
             lines.append(f"{length:>4} {r['exact_match']:>7.4f} {r['token_accuracy']:>7.4f} "
                          f"{r['steps_used']:>6.2f} {halting:>7} {forced:>15}")
         lines.append("summary: " + json.dumps(run["summary"]))
+        wrong = [(r["length"], e) for r in run["per_length"] for e in r.get("errors", ())]
+        if wrong:
+            lines.append("wrong answers (k, loops used, answer / predicted, problem):")
+            lines += [f"{'all' if k is None else k:>4} {e['steps_used']:>4}  {e['answer']} / {e['predicted']}  "
+                      f"{e['input']}" for k, e in wrong]
     return "\n".join(lines)
 
 
@@ -214,7 +238,7 @@ def plot(report: dict, path: str, title: str = "") -> None:
     ax_halt.set(xlabel="chain length k (steps)", ylabel="loops used (halting)", title="halting vs true k")
     ax_halt.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fileio.atomic_save_figure(fig, path, dpi=90)
     plt.close(fig)
 
 
