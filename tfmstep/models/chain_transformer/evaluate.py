@@ -46,8 +46,7 @@ def _score(batches, predict, config, forced_loop_factor: int = 2, show_errors: i
         for row in np.flatnonzero(~right.all(1))[:max(0, show_errors - len(errors))]:
             errors.append({"input": texts[index][row] if texts else chains.decode(inputs["tokens"][row]),
                            "answer": chains.decode(labels["answers"][row]),
-                           "predicted": _decode_prediction(predicted[row]),
-                           "steps": int(labels["steps"][row]), "steps_used": int(steps_used[row])})
+                           "predicted": _decode_prediction(predicted[row]), "steps_used": int(steps_used[row])})
         if not config.looped:  # a stack runs all its blocks: "within 1 of k" would only say k is near its depth
             continue
         known = labels["steps"] >= 1
