@@ -354,6 +354,26 @@ def test_recomputing_iterations_replace_the_state_instead_of_adding_to_it():
         assert np.allclose(*logits, atol=1e-5) == settles, residual_state
 
 
+def test_core_layers_run_their_distinct_blocks_in_every_iteration_and_round_trip(tmp_path):
+    _, inputs, _ = _batch("registers", k=2)
+    model = tfmstep.build("chain_transformer", "tiny", task="registers", core_layers=2)
+    one_block = tfmstep.build("chain_transformer", "tiny", task="registers")
+    assert [block.name for block in model.core] == ["core", "core1"]
+    assert model.count_params() - one_block.count_params() == model.core[1].count_params() > 0
+    path = str(tmp_path / "two_blocks.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+
+    def logits(m, loops):
+        return m(inputs, training=False, num_loops=loops, use_halting=False)["logits"].numpy()
+
+    np.testing.assert_allclose(logits(loaded, 3), logits(model, 3), atol=1e-6)
+    before = [logits(model, n) for n in (1, 3)]
+    second = model.core[1].mlp_out  # only the second block changes (not by a constant: its LayerNorm ends it)
+    second.kernel.assign(second.kernel.numpy() + np.random.default_rng(0).normal(size=second.kernel.shape))
+    assert all(not np.allclose(old, logits(model, n), atol=1e-4) for old, n in zip(before, (1, 3)))
+
+
 def test_model_fit_uses_the_family_loss_and_the_keras_file_round_trips(tmp_path):
     cfg = tfmstep.get_config("chain_transformer", "tiny")
     model = ct.build_chain_transformer(cfg)
@@ -381,6 +401,8 @@ def test_model_fit_uses_the_family_loss_and_the_keras_file_round_trips(tmp_path)
     (dict(answer_length=9), "answer_length must be in 0..8"),
     (dict(modulus=11), "modulus must be in 2..10"),
     (dict(window=-1), "window must be >= 0"),
+    (dict(core_layers=0), "core_layers and max_loops must be >= 1"),
+    (dict(looped=False, core_layers=2), "core_layers=2 is for the looped model"),
     (dict(conv_kernel=4, causal=False), "conv_kernel must be 0 or >= 1"),
     (dict(conv_kernel=-1), "conv_kernel must be 0 or >= 1"),
     (dict(block_conv_kernel=2, causal=False), "block_conv_kernel must be 0 or >= 1"),

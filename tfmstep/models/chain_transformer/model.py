@@ -119,6 +119,9 @@ class ChainConfig:
     # (pointer: 2x loops forced keep k = 24 exact; kinship learned slower with it -- results/chain/README.md).
     residual_state: bool = True
     layers: int = 4  # distinct blocks between prelude and coda in the baseline
+    # Distinct blocks one iteration applies in turn (looped only): the step as a deeper function of the
+    # state, while the loop still ties one iteration to one step.
+    core_layers: int = 1
     train_loops: int = 0  # core iterations in training (0: 2 x train_max_len, so 2x loops are trained)
     max_loops: int = 128  # inference cap; halting usually stops at about k
     halt_threshold: float = 0.5
@@ -196,8 +199,13 @@ class ChainConfig:
             if limit is not None and longest > limit:
                 raise UserError(f"task {self.task!r} has {len(chains.NAMES)} names: chain lengths up to "
                                 f"{limit} (got {longest})")
-        if min(self.width, self.heads, self.mlp_dim, self.layers, self.max_loops) < 1 or self.prelude_layers < 0:
-            raise UserError("width, heads, mlp_dim, layers and max_loops must be >= 1, prelude_layers >= 0")
+        if min(self.width, self.heads, self.mlp_dim, self.layers, self.max_loops, self.core_layers) < 1 or \
+                self.prelude_layers < 0:
+            raise UserError("width, heads, mlp_dim, layers, core_layers and max_loops must be >= 1, "
+                            "prelude_layers >= 0")
+        if self.core_layers > 1 and not self.looped:
+            raise UserError(f"core_layers={self.core_layers} is for the looped model; the stacked baseline "
+                            f"sets its depth with layers")
         if self.width % self.heads:
             raise UserError(f"width ({self.width}) must be divisible by heads ({self.heads})")
         if self.curriculum_steps < 0:
@@ -450,7 +458,10 @@ class ChainTransformer(keras.Model):
             self.conv_norm, self.conv, self.conv_out = conv_layers(c.width, c.mlp_dim, c.conv_kernel,
                                                                    c.convolutions_causal, prefix="prelude_")
         self.prelude = [block(f"prelude{i}") for i in range(c.prelude_layers)]
-        self.core = [block("core")] if c.looped else [block(f"stack{i}") for i in range(c.layers)]
+        if c.looped:  # the first keeps the name "core", so one-block checkpoints and presets still load
+            self.core = [block("core")] + [block(f"core{i}") for i in range(1, c.core_layers)]
+        else:
+            self.core = [block(f"stack{i}") for i in range(c.layers)]
         if c.readout == "attention":
             self.coda = Block(c.width, c.heads, c.mlp_dim, c.dropout, c.relative_clip, name="coda")
         else:
@@ -635,8 +646,7 @@ class ChainTransformer(keras.Model):
             return {"logits": logits, "halt_logits": halt_logits,
                     "steps_used": tf.fill([batch], float(len(self.core)))}
 
-        core = self.core[0]
-        core_bias = self_bias(core)
+        core_biases = [self_bias(block) for block in self.core]
 
         if c.value_feedback:  # the answer classes' input embeddings, read by every iteration
             answer_embeddings = tf.cast(self.embedding.embeddings[:c.num_classes], injected.dtype)
@@ -646,8 +656,11 @@ class ChainTransformer(keras.Model):
             if c.value_feedback:  # each token's answer-head distribution, embedded as the characters are
                 probs = tf.cast(tf.nn.softmax(self.head(self.head_norm(state))), injected.dtype)
                 x += tf.einsum("btc,cw->btw", probs, answer_embeddings)
-            return core(x if c.residual_state else injected, x, core_bias, key_mask, log_tokens,
-                        training=training)
+            h = self.core[0](x if c.residual_state else injected, x, core_biases[0], key_mask, log_tokens,
+                             training=training)
+            for block, bias in zip(self.core[1:], core_biases[1:]):
+                h = block(h, h, bias, key_mask, log_tokens, training=training)
+            return h
 
         if num_loops is None:
             num_loops = c.loops_in_training if training else c.max_loops
