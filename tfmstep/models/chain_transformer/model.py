@@ -1,7 +1,8 @@
 """Chain reasoner: a looped Transformer that reads a problem as plain tokens and answers at the end.
 
     tokens [B, T] -> [start vector] + prelude (a few blocks: parses the text locally) -> e
-    state_0 = 0;  state_t = core(state_{t-1} + e)        (one weight-shared block, input injection)
+    state_0 = 0;  state_t = core(state_{t-1} + e)        (one weight-shared block, input injection;
+                                                          core_layers > 1: that many blocks in turn)
     (residual_state=False: state_t = core(queries e, context state_{t-1} + e), each token recomputed)
     answers_t, halt_t = readout(state_t at the answer slots)
 
