@@ -17,6 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from tfmstep import fileio  # noqa: E402
 from tfmstep.models.chain_transformer.evaluate import plot_accuracy  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -40,7 +41,7 @@ def main():
     for ax in axes[:, 0]:
         ax.set_ylabel("full-answer exact match")
     fig.tight_layout()
-    fig.savefig(args.out, dpi=80)
+    fileio.atomic_save_figure(fig, args.out, dpi=80)
     print(f"wrote {args.out}")
 
 
