@@ -1,7 +1,10 @@
 """Where a trained registers model goes wrong: every prefix of a program is run as its own problem (the
 model's registers after each instruction), and the first instruction after which they are wrong is counted
 by its kind (op and source: a digit, another register, the same register) and by its position.
-  python registers_errors.py <workdir> <k> <programs>     (README: 17,500-step model, k = 12, 400 programs)"""
+  python registers_errors.py <workdir> <k> <programs> [<pad>]     (README: k = 12, 400 programs)
+<pad> no-op instructions (``A+0;``, ``B-0;``, ...) go before each program, uncounted: if errors start at the
+same real instruction with and without them, it is the number of operations done that matters, not where in
+the text an instruction sits."""
 import collections
 import sys
 
@@ -19,7 +22,7 @@ def kind(instruction: str) -> str:
     return op + ("self" if source == target else "reg")
 
 
-def main(workdir: str, k: int, programs: int) -> None:
+def main(workdir: str, k: int, programs: int, pad: int = 0) -> None:
     model, _, _ = saving.load_trained(workdir)
     rng = np.random.default_rng(7)
     wrong_by_kind, seen_by_kind = collections.Counter(), collections.Counter()
@@ -28,7 +31,9 @@ def main(workdir: str, k: int, programs: int) -> None:
         text, answer = chains.generate_problem("registers", k, rng)
         start, body = text.split(":")
         instructions = [part for part in body.rstrip("=").split(";") if part]
-        prefixes = [start + ":" + "".join(part + ";" for part in instructions[:j]) + "=" for j in range(1, k + 1)]
+        no_ops = "".join(f"{chains.REGISTERS[rng.integers(3)]}{'+-'[rng.integers(2)]}0;" for _ in range(pad))
+        prefixes = [start + ":" + no_ops + "".join(part + ";" for part in instructions[:j]) + "="
+                    for j in range(1, k + 1)]
         truth = [chains.solve("registers", prefix)[0] for prefix in prefixes]  # the registers after each
         assert truth[-1] == answer, (text, answer, truth)
         predicted, _ = model.answer(prefixes)
@@ -47,4 +52,4 @@ def main(workdir: str, k: int, programs: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    main(sys.argv[1], *(int(arg) for arg in sys.argv[2:]))
