@@ -108,8 +108,13 @@ def test_lego_negation_curriculum_starts_without_negations_and_ends_at_the_usual
     assert negated_share(0) == negated_share(49) == 0.0
     assert 0.15 < negated_share(75) < 0.35
     assert 0.4 < negated_share(100) < 0.6  # past the curriculum: the generator's own mix
+
+
+def test_a_task_specific_generator_option_is_refused_for_other_tasks():
     with pytest.raises(UserError, match="applies to task 'lego' only"):
         chains.generate_problem("pointer", 2, np.random.default_rng(0), negation_rate=0.0)
+    with pytest.raises(UserError, match="applies to task 'registers' only"):
+        chains.generate_problem("lego", 2, np.random.default_rng(0), copy_rate=0.1)
 
 
 def test_curriculum_stages_train_each_stage_top_padded_to_its_own_length_and_resume_mid_stage():

@@ -171,6 +171,23 @@ def test_lego_negation_rate_sets_the_share_of_negated_clauses_in_every_split():
     assert 0.4 < negated_share(0.5) < 0.6
 
 
+def test_registers_train_copy_rate_changes_training_problems_only():
+    def copy_shares(train_copy_rate):
+        cfg = tfmstep.get_config("chain_transformer", "tiny", task="registers", train_copy_rate=train_copy_rate)
+        shares = {}
+        for split in ("train", "validation", "test"):
+            texts = [chains.decode(row) for row in next(iter(ct.chain_dataset(cfg, split, 64)))[0]["tokens"].numpy()]
+            ops = [ins[1] for text in texts for ins in text.split(":")[1].split(";")[:-1]]
+            shares[split] = sum(op == "=" for op in ops) / len(ops)
+        return shares
+
+    default, none, every = copy_shares(chains.REGISTERS_COPY_RATE), copy_shares(0.0), copy_shares(1.0)
+    assert 0.25 < default["train"] < 0.42 and none["train"] == 0.0 and every["train"] == 1.0
+    # Validation and test are the generator's own problems whatever training draws.
+    assert none["validation"] == every["validation"] == default["validation"]
+    assert none["test"] == every["test"] == default["test"] > 0.25
+
+
 def test_value_feedback_makes_each_iteration_read_the_answer_heads_distribution():
     _, inputs, _ = _batch()
     shift = tf.one_hot(chains.FIRST_CHAR_ID + 3, chains.VOCAB_SIZE) * 4.0
@@ -410,6 +427,8 @@ def test_model_fit_uses_the_family_loss_and_the_keras_file_round_trips(tmp_path)
     (dict(answer_lag=-1), "answer_lag must be >= 0"),
     (dict(task="pointer", negation_rate=0.0), "applies to task 'lego' only"),
     (dict(negation_rate=1.5), "negation_rate must be in"),
+    (dict(task="lego", train_copy_rate=0.1), "applies to task 'registers' only"),
+    (dict(task="registers", train_copy_rate=-0.1), "train_copy_rate must be in"),
     (dict(halt_confidence=1.0), r"halt_confidence must be in \[0, 1\)"),
     (dict(global_heads=5, heads=4), "global_heads must be in 0..heads=4"),
     (dict(readout="pool"), "unknown readout 'pool'"),

@@ -45,6 +45,7 @@ KINSHIP_RELATIONS = 6  # elements of S3, written 0..5; 0 is "self" (the identity
 REGISTERS = "ABC"
 LEGO_NEGATION_RATE = 0.5  # lego's default share of negated clauses ("b=-a+1")
 REASSIGN_VARIABLES = 4  # names per reassign problem: each is reassigned ~k/2 times
+REGISTERS_COPY_RATE = 1 / 3  # registers' default share of copies ("C=A", "B=7") among instructions
 
 # ---------------------------------------------------------------------------------------------------------
 # Tokenizer. A character tokenizer over printable ASCII: one fixed vocabulary for every built-in task and
@@ -183,13 +184,16 @@ def _kinship(k, rng, modulus):
     return "".join(clauses) + f"?{names[k]}", str(relation_to_root[k])
 
 
-def _registers_problem(k, rng, modulus):
+def _registers_problem(k, rng, modulus, copy_rate=REGISTERS_COPY_RATE):
     start = [int(v) for v in rng.integers(10, size=len(REGISTERS))]
     state = list(start)
     instructions = []
     for _ in range(k):
         dst = int(rng.integers(len(REGISTERS)))
-        op = "+-="[int(rng.integers(3))]
+        if copy_rate == REGISTERS_COPY_RATE:
+            op = "+-="[int(rng.integers(3))]  # the default's own draw, so seeded problems stay as they were
+        else:
+            op = "+-="[int(rng.choice(3, p=[(1 - copy_rate) / 2, (1 - copy_rate) / 2, copy_rate]))]
         if rng.random() < 0.5:
             src_name = REGISTERS[int(rng.integers(len(REGISTERS)))]
             src = state[REGISTERS.index(src_name)]
@@ -241,16 +245,20 @@ _GENERATORS = {"lego": _lego, "parity": _parity, "pointer": _pointer, "kinship":
 
 
 def generate_problem(task: str, k: int, rng: np.random.Generator, modulus: int = 5,
-                     negation_rate: float | None = None) -> tuple[str, str]:
+                     negation_rate: float | None = None, copy_rate: float | None = None) -> tuple[str, str]:
     """(text, answer) of one problem of exactly ``k`` steps. ``negation_rate`` (lego only): the share of
-    negated clauses (None: the generator's own, one half)."""
+    negated clauses (None: the generator's own, one half); ``copy_rate`` (registers only): the share of
+    copy instructions (None: the generator's own, one third)."""
     if k < min_chain_length(task):
         raise UserError(f"task {task!r} has no problems of {k} steps (fewest: {min_chain_length(task)})")
-    if negation_rate is None:
-        return _GENERATORS[task](int(k), rng, modulus)
-    if task != "lego":
-        raise UserError(f"negation_rate applies to task 'lego' only, not {task!r}")
-    return _lego(int(k), rng, modulus, negation_rate)
+    for option, value, owner in (("negation_rate", negation_rate, "lego"), ("copy_rate", copy_rate, "registers")):
+        if value is not None and task != owner:
+            raise UserError(f"{option} applies to task {owner!r} only, not {task!r}")
+    if negation_rate is not None:
+        return _lego(int(k), rng, modulus, negation_rate)
+    if copy_rate is not None:
+        return _registers_problem(int(k), rng, modulus, copy_rate)
+    return _GENERATORS[task](int(k), rng, modulus)
 
 
 def min_chain_length(task: str) -> int:
@@ -383,9 +391,9 @@ def make_batch(problems, answer_length: int, pad_to: int | None = None, tokenize
     return {"tokens": tokens}, {"answers": answers, "steps": steps}
 
 
-def generate_batch(task, lengths, rng, answer_length, pad_to, modulus=5, negation_rate=None):
-    return make_batch([(*generate_problem(task, k, rng, modulus, negation_rate), int(k)) for k in lengths],
-                      answer_length, pad_to)
+def generate_batch(task, lengths, rng, answer_length, pad_to, modulus=5, negation_rate=None, copy_rate=None):
+    return make_batch([(*generate_problem(task, k, rng, modulus, negation_rate, copy_rate), int(k))
+                       for k in lengths], answer_length, pad_to)
 
 
 def fixed_length_batches(task: str, k: int, num_examples: int, batch_size: int, *, answer_length: int,
@@ -406,14 +414,16 @@ def generated_dataset(task: str, split: str, batch_size: int, *, seed: int = 0, 
                       modulus: int = 5, answer_length: int = 1, eval_examples: int = 512,
                       curriculum_batches: int = 0, curriculum_stages: tuple = (),
                       negation_curriculum_batches: int = 0,
-                      negation_rate: float | None = None) -> tf.data.Dataset:
+                      negation_rate: float | None = None,
+                      train_copy_rate: float | None = None) -> tf.data.Dataset:
     """"train": infinite, k uniform in [train_min_len, train_max_len] -- over the first
     ``curriculum_batches`` batches the upper end rises linearly from train_min_len, so the one-step
     lookup is learned on short chains first; or, with ``curriculum_stages`` ((top, batches), ...), it is
     each stage's top for that stage's batches, and a stage's batches are padded to its own top (a few
     shapes, short early problems cost little); lego with ``negation_curriculum_batches`` N: no negated
     clauses in the first N/2 batches, then their share rises linearly to ``negation_rate`` (None: the
-    generator's own) by batch N --,
+    generator's own) by batch N; registers with ``train_copy_rate``: that share of copy instructions in
+    training problems only, so validation and test stay the generator's own --,
     batch b generated from the seed (seed, 0, b) alone
     (exact resume). "validation": the train range, finite. "test": k uniform in
     [1, test_max_len], finite. Without stages, every batch of a split is padded to one length."""
@@ -441,8 +451,9 @@ def generated_dataset(task: str, split: str, batch_size: int, *, seed: int = 0, 
             half = negation_curriculum_batches / 2
             full = LEGO_NEGATION_RATE if negation_rate is None else negation_rate
             rate = full * max(0.0, (batch_index - half) / half)
+        copy_rate = train_copy_rate if split == "train" else None
         inputs, labels = generate_batch(task, rng.integers(low, top + 1, size=batch_size), rng,
-                                        answer_length, padded, modulus, rate)
+                                        answer_length, padded, modulus, rate, copy_rate)
         return inputs["tokens"], labels["answers"], labels["steps"]
 
     if split == "train":

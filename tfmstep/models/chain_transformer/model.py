@@ -91,6 +91,10 @@ class ChainConfig:
     negation_curriculum_steps: int = 0
     # lego: the share of negated clauses in every split (0: x = parent + c only, the cyclic group Z5).
     negation_rate: float = chains.LEGO_NEGATION_RATE
+    # registers: the share of copies ("C=A", "B=7") among training instructions; validation and test keep
+    # the generator's own third, so scores compare across recipes. A copy resets the depth of the value it
+    # writes, and errors grow with that depth (results/chain/README.md, "Fewer copies in training").
+    train_copy_rate: float = chains.REGISTERS_COPY_RATE
     # Model.
     looped: bool = True  # False: the stacked baseline
     width: int = 64
@@ -226,6 +230,10 @@ class ChainConfig:
                                                     and self.task != "lego"):
             raise UserError(f"negation_rate must be in [0, 1] and applies to task 'lego' only, got "
                             f"{self.negation_rate} for task {self.task!r}")
+        if not 0.0 <= self.train_copy_rate <= 1.0 or (self.train_copy_rate != chains.REGISTERS_COPY_RATE
+                                                      and self.task != "registers"):
+            raise UserError(f"train_copy_rate must be in [0, 1] and applies to task 'registers' only, got "
+                            f"{self.train_copy_rate} for task {self.task!r}")
         if self.answer_lag < 0:
             raise UserError(f"answer_lag must be >= 0, got {self.answer_lag}")
         if self.train_loops < 0:
@@ -775,6 +783,7 @@ def chain_dataset(config: ChainConfig, split: str, batch_size: int, seed: int = 
                                     eval_examples=config.eval_examples, curriculum_batches=config.curriculum_steps,
                                     curriculum_stages=config.stages,
                                     negation_curriculum_batches=config.negation_curriculum_steps,
+                                    train_copy_rate=config.train_copy_rate if config.task == "registers" else None,
                                     **config.generator_options)
 
 
