@@ -92,8 +92,9 @@ class ChainConfig:
     # lego: the share of negated clauses in every split (0: x = parent + c only, the cyclic group Z5).
     negation_rate: float = chains.LEGO_NEGATION_RATE
     # registers: the share of copies ("C=A", "B=7") among training instructions; validation and test keep
-    # the generator's own third, so scores compare across recipes. A copy resets the depth of the value it
-    # writes, and errors grow with that depth (results/chain/README.md, "Fewer copies in training").
+    # the generator's own third, so scores compare across recipes. A digit copy resets the depth of the value
+    # it writes (the sums and differences it has been through), and errors grow with that depth
+    # (results/chain/README.md, "Fewer copies in training").
     train_copy_rate: float = chains.REGISTERS_COPY_RATE
     # Model.
     looped: bool = True  # False: the stacked baseline
