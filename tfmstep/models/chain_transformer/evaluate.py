@@ -1,6 +1,6 @@
 """Length generalisation of trained chain reasoners (the family's ``evaluate`` hook): full-answer exact
 match per chain length from 1 to 4x the longest trained, halting loops vs the true k, and accuracy with
-2x the loops forced (no halting); or, with ``task="file"``, the same per ``steps`` of a JSONL test file.
+2x the loops forced (no halting: twice the k + answer_lag iterations an answer is due at); or, with ``task="file"``, the same per ``steps`` of a JSONL test file.
 Also the family's inference timer (one loop iteration vs the fixed cost)."""
 
 from __future__ import annotations
@@ -52,8 +52,10 @@ def _score(batches, predict, config, forced_loop_factor: int = 2, show_errors: i
         known = labels["steps"] >= 1
         totals["halting_within_1"].extend((np.abs(steps_used - labels["steps"]) <= 1)[known].astype(float).tolist())
         if known.all():
-            forced = predict({"tokens": tf.constant(inputs["tokens"])},
-                             forced_loop_factor * int(labels["steps"].max()), False)
+            # 2x the loops the answer needs: k steps plus the answer_lag iterations that bring it to its
+            # slot (2 x k alone is exactly k + 1 at k = 1 for a lag-1 model, no extra loop at all).
+            due = int(labels["steps"].max()) + config.answer_lag
+            forced = predict({"tokens": tf.constant(inputs["tokens"])}, forced_loop_factor * due, False)
             forced_right = np.argmax(forced["logits"].numpy(), -1) == labels["answers"]
             totals["forced_exact_match"].extend(forced_right.all(1).astype(float).tolist())
     row = {"examples": len(totals["exact_match"])}
@@ -146,7 +148,8 @@ def evaluate_runs(runs, labels=None, output_dir: str = "", name: str = "chain", 
     labels = list(labels or [os.path.basename(os.path.normpath(w)) for w, _ in runs])
     if len(labels) != len(runs):
         raise UserError(f"{len(labels)} labels for {len(runs)} workdirs")
-    report = {"runs": {}, "examples_per_length": examples, "seed": seed, "max_length_factor": max_length_factor}
+    report = {"runs": {}, "examples_per_length": examples, "seed": seed, "max_length_factor": max_length_factor,
+              "forced_loops": "2 x (k + answer_lag)"}
     for label, (workdir, (model, config, spec)) in zip(labels, runs):
         if test_file or config.task == chains.FILE_TASK:
             rows = evaluate_file(model, config, test_file or config.test_file, batch_size, show_errors)
