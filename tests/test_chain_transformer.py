@@ -543,7 +543,6 @@ def test_evaluation_reports_halting_and_forced_loops_only_for_the_looped_model()
         assert all(("halting_within_1" in r) == looped and ("forced_exact_match" in r) == looped for r in rows)
 
 
-
 def test_forced_loops_are_twice_the_iterations_the_answer_is_due_at():
     from tfmstep.models.chain_transformer import evaluate as chain_evaluate
 
@@ -560,6 +559,7 @@ def test_forced_loops_are_twice_the_iterations_the_answer_is_due_at():
         batches = chains.fixed_length_batches("parity", 3, 4, 4, seed=0, answer_length=config.answers)
         chain_evaluate._score(batches, predict, config)
         assert forced_counts == [2 * (3 + answer_lag)]
+
 
 def test_evaluation_overrides_only_how_the_trained_model_runs(tiny_run):
     from tfmstep import evaluation as evaluate

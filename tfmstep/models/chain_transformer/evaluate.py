@@ -1,7 +1,8 @@
 """Length generalisation of trained chain reasoners (the family's ``evaluate`` hook): full-answer exact
 match per chain length from 1 to 4x the longest trained, halting loops vs the true k, and accuracy with
-2x the loops forced (no halting: twice the k + answer_lag iterations an answer is due at); or, with ``task="file"``, the same per ``steps`` of a JSONL test file.
-Also the family's inference timer (one loop iteration vs the fixed cost)."""
+2x the loops forced (no halting: twice the k + answer_lag iterations an answer is due at); or, with
+``task="file"``, the same per ``steps`` of a JSONL test file. Also the family's inference timer (one loop
+iteration vs the fixed cost)."""
 
 from __future__ import annotations
 
