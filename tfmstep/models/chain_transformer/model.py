@@ -52,7 +52,6 @@ from tfmstep.errors import UserError
 
 HALT_WEIGHT = 0.5  # halting loss relative to the answer loss
 READOUTS = ("slot", "attention")
-FIXED_POINT_COSTS = ("mean", "max")
 HALTING_RULES = ("learned", "ready", "fixed_point")
 FIXED_LOG_TOKENS = float(np.log(30.0))  # the softmax scale without length scaling (its init is 1 here)
 # How a trained model runs (its weights do not depend on these): what evaluation may override.
@@ -148,10 +147,6 @@ class ChainConfig:
     # Training cost of the state's mean |change| per iteration after iteration k, which teaches the loop
     # to settle once the answer is due (what the fixed-point rule reads); 0: none.
     fixed_point_weight: float = 0.5
-    # How that cost reads an iteration's change: "mean" over tokens, or "max", the token that moved most --
-    # what the fixed-point rule checks, so a few still-moving tokens (answer slots sharpening one iteration
-    # late) are priced as fully as the rule counts them instead of at 3 / T of the mean.
-    fixed_point_cost: str = "mean"
     relative_clip: int = 8  # relative offsets beyond +-clip share one learned bias (plus the slopes)
     # Attention reach of the prelude and core (the stack, in the baseline). All heads but `global_heads`
     # are local: they see tokens within +-window (0: any distance) and, if causal, none after their own.
@@ -262,9 +257,6 @@ class ChainConfig:
         if self.fixed_point_tolerance <= 0 or self.fixed_point_weight < 0:
             raise UserError(f"fixed_point_tolerance must be > 0 and fixed_point_weight >= 0, got "
                             f"{self.fixed_point_tolerance} and {self.fixed_point_weight}")
-        if self.fixed_point_cost not in FIXED_POINT_COSTS:
-            raise UserError(f"unknown fixed_point_cost {self.fixed_point_cost!r}; choose one of "
-                            f"{', '.join(FIXED_POINT_COSTS)}")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.halt_confidence < 1.0:
@@ -696,11 +688,7 @@ class ChainTransformer(keras.Model):
                     step_logits.append(logits)
                     step_halts.append(halt_logits)
                     if c.fixed_point_weight:
-                        change = state_change(state, new_state)
-                        if c.fixed_point_cost == "max":
-                            moved = tf.reduce_max(change, axis=1)
-                        else:
-                            moved = tf.reduce_sum(change, axis=1) / tf.maximum(tokens_count, 1.0)
+                        moved = tf.reduce_sum(state_change(state, new_state), axis=1) / tf.maximum(tokens_count, 1.0)
                         step_costs.append(c.fixed_point_weight * moved)
                     halted = halted | halted_now(state, new_state, logits, halt_logits)
                 state = new_state
