@@ -225,3 +225,20 @@ def test_init_from_starts_a_new_run_from_another_runs_weights_and_refuses_a_mism
     with pytest.raises(UserError, match="neither a workdir nor a checkpoint"):
         trainer.train("cnn_classifier", str(tmp_path / "third"), preset="tiny",
                       config=dataclasses.replace(config, init_from=str(tmp_path / "nothing_here")))
+
+
+def test_progress_eta_follows_the_recent_pace_not_the_run_average():
+    pace = trainer.ProgressRate(step=0, now=0.0, window=120.0)
+    for second in range(10, 301, 10):  # 25 steps/s for 5 minutes (a short-problem stage)...
+        pace.update(step=25 * second, now=float(second))
+    assert pace.rate() == pytest.approx(25.0)
+    for second in range(310, 601, 10):  # ...then 10 steps/s for 5 minutes
+        pace.update(step=7500 + 10 * (second - 300), now=float(second))
+    assert pace.rate() == pytest.approx(10.0)  # the run average would say 17.5
+    assert pace.text(total_steps=10500 + 6000) == "10.0 steps/s, ETA 10m00s"
+
+
+def test_progress_eta_is_unknown_before_any_step():
+    pace = trainer.ProgressRate(step=0, now=0.0)
+    pace.update(step=0, now=5.0)
+    assert pace.text(total_steps=100) == "0.0 steps/s, ETA ?"
