@@ -500,6 +500,22 @@ def test_evaluation_writes_json_png_and_table_for_a_trained_run(tiny_run, tmp_pa
     assert "exact" in table
 
 
+def test_merge_adds_a_run_to_an_existing_report_measured_alike(tiny_run, tmp_path):
+    from tfmstep import evaluation as evaluate
+
+    options = dict(examples=4, max_length_factor=1)
+    evaluate.evaluate([tiny_run], ["first"], str(tmp_path), "parity", **options)
+    report, table = evaluate.evaluate([tiny_run, tiny_run], ["second", "first"], str(tmp_path), "parity",
+                                      merge=True, **options)
+    written = json.loads((tmp_path / "parity.json").read_text())
+    assert list(written["runs"]) == list(report["runs"]) == ["first", "second"]  # "first" replaced in place
+    assert "second:" in table and "second:" in (tmp_path / "parity.txt").read_text()
+    with pytest.raises(UserError, match="examples_per_length=4, this evaluation with 8"):
+        evaluate.evaluate([tiny_run], ["third"], str(tmp_path), "parity", merge=True, examples=8,
+                          max_length_factor=1)
+    assert list(json.loads((tmp_path / "parity.json").read_text())["runs"]) == ["first", "second"]
+
+
 def test_show_errors_lists_wrong_problems_with_their_answers_that_the_solver_confirms(tiny_run, tmp_path):
     from tfmstep import evaluation as evaluate
 

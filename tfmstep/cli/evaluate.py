@@ -30,6 +30,9 @@ flags.DEFINE_string("test_file", "", "A JSONL test file ({\"input\", \"answer\",
 flags.DEFINE_multi_string("config", [], "field=value: evaluate under another value of a config field that "
                           "changes only how the trained model runs (one of its family's inference fields, "
                           "e.g. a halting rule; a wrong field's error lists them); repeatable.")
+flags.DEFINE_bool("merge", False, "Add these runs to the report already in --output_dir/--name.json (a run "
+                  "of the same label is replaced) instead of writing a new one; it must have been "
+                  "measured with the same --examples, --seed and --max_length_factor.")
 FLAGS = flags.FLAGS
 
 
@@ -43,7 +46,8 @@ def main(argv):
                                             config_overrides=parse_overrides(FLAGS.config),
                                             max_length_factor=FLAGS.max_length_factor, examples=FLAGS.examples,
                                             batch_size=FLAGS.batch_size, seed=FLAGS.seed,
-                                            test_file=FLAGS.test_file, show_errors=FLAGS.show_errors)
+                                            test_file=FLAGS.test_file, show_errors=FLAGS.show_errors,
+                                            merge=FLAGS.merge)
     print(table)
     if FLAGS.output_dir:
         print(f"wrote {FLAGS.output_dir}/{FLAGS.name}.json, .txt and .png")

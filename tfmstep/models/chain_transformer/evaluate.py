@@ -140,10 +140,12 @@ def inference_settings(config) -> dict:
 
 def evaluate_runs(runs, labels=None, output_dir: str = "", name: str = "chain", *, max_length_factor: int = 4,
                   examples: int = 256, batch_size: int = 128, seed: int = 1234, test_file: str = "",
-                  show_errors: int = 0) -> dict:
+                  show_errors: int = 0, merge: bool = False) -> dict:
     """Evaluate trained runs [(workdir, (model, config, spec))]; with ``output_dir``, write
     ``<name>.json``, ``.txt`` and ``.png`` there. ``show_errors`` N: list up to N wrong problems per chain
-    length in the report and its table. Returns the report (its printable ``table`` included)."""
+    length in the report and its table. ``merge``: add these runs to the report already at
+    ``<output_dir>/<name>.json`` (a run of the same label is replaced), which must have been measured on
+    the same problems. Returns the report (its printable ``table`` included)."""
     if not runs:
         raise UserError("give at least one trained workdir")
     labels = list(labels or [os.path.basename(os.path.normpath(w)) for w, _ in runs])
@@ -151,6 +153,11 @@ def evaluate_runs(runs, labels=None, output_dir: str = "", name: str = "chain", 
         raise UserError(f"{len(labels)} labels for {len(runs)} workdirs")
     report = {"runs": {}, "examples_per_length": examples, "seed": seed, "max_length_factor": max_length_factor,
               "forced_loops": "2 x (k + answer_lag)"}
+    base = os.path.join(output_dir, name)
+    if merge and not output_dir:
+        raise UserError("merge adds to the report in --output_dir; give one")
+    # Read and checked before anything is evaluated, so a mismatch costs no evaluation.
+    earlier_runs = _earlier_runs(base + ".json", report) if merge and os.path.exists(base + ".json") else {}
     for label, (workdir, (model, config, spec)) in zip(labels, runs):
         if test_file or config.task == chains.FILE_TASK:
             rows = evaluate_file(model, config, test_file or config.test_file, batch_size, show_errors)
@@ -171,14 +178,33 @@ def evaluate_runs(runs, labels=None, output_dir: str = "", name: str = "chain", 
             "per_length": rows, "summary": summarise(rows, config.train_max_len),
             "inference": inference_settings(config) if config.looped else {},
         }
+    report["runs"] = {**earlier_runs, **report["runs"]}  # a re-evaluated label keeps its place
     report["table"] = format_table(report)
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)
-        base = os.path.join(output_dir, name)
         fileio.atomic_write_json(base + ".json", report)
         fileio.atomic_write(base + ".txt", report["table"] + "\n")
         plot(report, base + ".png", title=name)
     return report
+
+
+# What makes two reports' rows comparable: the same generated problems, forced the same way.
+MEASURED_ALIKE = ("examples_per_length", "seed", "max_length_factor", "forced_loops")
+
+
+def _earlier_runs(path: str, report: dict) -> dict:
+    """The runs of the report at ``path``, which ``report`` (not yet evaluated) may add to."""
+    try:
+        with open(path) as f:
+            earlier = json.load(f)
+        runs = dict(earlier["runs"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"cannot merge into {path}: not a readable report ({type(e).__name__}: {e})") from None
+    for key in MEASURED_ALIKE:
+        if earlier.get(key) != report[key]:
+            raise UserError(f"cannot merge into {path}: it was measured with {key}={earlier.get(key)!r}, "
+                            f"this evaluation with {report[key]!r}; use the same settings or another --name")
+    return runs
 
 
 def format_table(report: dict) -> str:
