@@ -641,6 +641,24 @@ def test_evaluation_of_a_jsonl_test_file_groups_by_steps(tiny_run, tmp_path):
     assert [(r["length"], r["examples"]) for r in rows] == [(2, 2), (5, 1), (None, 1)]
 
 
+def test_merge_refuses_runs_on_another_test_file_or_on_generated_problems(tiny_run, tmp_path):
+    from tfmstep import evaluation as evaluate
+
+    first = _jsonl(tmp_path / "first.jsonl", "parity", [2, 3], seed=0)
+    other = _jsonl(tmp_path / "other.jsonl", "parity", [2, 3], seed=1)
+    out = str(tmp_path / "reports")
+    report, _ = evaluate.evaluate([tiny_run], ["a"], out, "file", test_file=first)
+    assert report["runs"]["a"]["test_file"] == first and len(report["runs"]["a"]["test_file_sha256"]) == 64
+    evaluate.evaluate([tiny_run], ["b"], out, "file", test_file=first, merge=True)  # the same file: merged
+    with pytest.raises(UserError, match=f"a: test file {first}; b: test file {first}; c: test file {other}"):
+        evaluate.evaluate([tiny_run], ["c"], out, "file", test_file=other, merge=True)
+    with pytest.raises(UserError, match="c: generated problems"):
+        evaluate.evaluate([tiny_run], ["c"], out, "file", merge=True, examples=256, max_length_factor=4)
+    assert list(json.loads((tmp_path / "reports" / "file.json").read_text())["runs"]) == ["a", "b"]
+    # Re-evaluating every run of the report on another file replaces them all: allowed.
+    evaluate.evaluate([tiny_run, tiny_run], ["a", "b"], out, "file", test_file=other, merge=True)
+
+
 def _jsonl(path, task, lengths, seed):
     rng = np.random.default_rng(seed)
     lines = []

@@ -242,3 +242,9 @@ def test_progress_eta_is_unknown_before_any_step():
     pace = trainer.ProgressRate(step=0, now=0.0)
     pace.update(step=0, now=5.0)
     assert pace.text(total_steps=100) == "0.0 steps/s, ETA ?"
+
+
+def test_progress_says_nothing_is_left_once_the_last_step_is_done():
+    pace = trainer.ProgressRate(step=100, now=0.0)
+    pace.update(step=100, now=5.0)  # a run whose only call was the first (its pace starts after it)
+    assert pace.text(total_steps=100) == "0.0 steps/s, ETA 0m00s"

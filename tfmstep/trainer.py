@@ -87,7 +87,7 @@ class ProgressRate:
 
     def text(self, total_steps: int) -> str:
         rate, step = self.rate(), self.samples[-1][1]
-        left = (total_steps - step) / rate if rate > 0 else float("inf")
+        left = 0.0 if step >= total_steps else (total_steps - step) / rate if rate > 0 else float("inf")
         eta = f"{int(left // 60)}m{int(left % 60):02d}s" if math.isfinite(left) else "?"
         return f"{rate:.1f} steps/s, ETA {eta}"
 
@@ -721,7 +721,7 @@ def _loop(run: _Run, steps, settings, config: TrainConfig, train_ds, eval_ds, st
     current = saved_at = start
     last_save = _clock()
     last_progress = time.perf_counter()
-    pace = ProgressRate(start, time.perf_counter())
+    pace = None  # started once the first call returns: compiling it is not the training pace
 
     def progress() -> str:
         """steps/s over the last couple of minutes and the time to finish at that rate."""
@@ -770,6 +770,8 @@ def _loop(run: _Run, steps, settings, config: TrainConfig, train_ds, eval_ds, st
                                           **{k: float(v[i]) for k, v in values.items()}}) + "\n")
                 tracker.add(values["loss"])
                 current += num
+                if pace is None:
+                    pace = ProgressRate(current, time.perf_counter())
                 run.step.assign(current)
                 run.data_position.assign(current)
                 window_steps += num

@@ -6,6 +6,7 @@ iteration vs the fixed cost)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -158,9 +159,11 @@ def evaluate_runs(runs, labels=None, output_dir: str = "", name: str = "chain", 
         raise UserError("merge adds to the report in --output_dir; give one")
     # Read and checked before anything is evaluated, so a mismatch costs no evaluation.
     earlier_runs = _earlier_runs(base + ".json", report) if merge and os.path.exists(base + ".json") else {}
-    for label, (workdir, (model, config, spec)) in zip(labels, runs):
-        if test_file or config.task == chains.FILE_TASK:
-            rows = evaluate_file(model, config, test_file or config.test_file, batch_size, show_errors)
+    sources = [_problem_source(test_file, config) for _, (_, config, _) in runs]
+    _check_one_problem_source(earlier_runs, labels, sources, base + ".json")
+    for label, source, (workdir, (model, config, spec)) in zip(labels, sources, runs):
+        if source:
+            rows = evaluate_file(model, config, source["test_file"], batch_size, show_errors)
         else:
             longest = max_length_factor * config.train_max_len
             rows = evaluate_model(model, config, range(1, longest + 1), examples, batch_size, seed,
@@ -177,6 +180,7 @@ def evaluate_runs(runs, labels=None, output_dir: str = "", name: str = "chain", 
             "train_seconds": train_info.get("train_seconds_this_run"),
             "per_length": rows, "summary": summarise(rows, config.train_max_len),
             "inference": inference_settings(config) if config.looped else {},
+            **source,
         }
     report["runs"] = {**earlier_runs, **report["runs"]}  # a re-evaluated label keeps its place
     report["table"] = format_table(report)
@@ -205,6 +209,39 @@ def _earlier_runs(path: str, report: dict) -> dict:
             raise UserError(f"cannot merge into {path}: it was measured with {key}={earlier.get(key)!r}, "
                             f"this evaluation with {report[key]!r}; use the same settings or another --name")
     return runs
+
+
+def _problem_source(test_file: str, config) -> dict:
+    """{"test_file", "test_file_sha256"} of the JSONL file a run is evaluated on; {} for generated problems."""
+    path = test_file or (config.test_file if config.task == chains.FILE_TASK else "")
+    if not path:
+        return {}
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError as e:
+        raise UserError(f"cannot read test file {path}: {e.strerror or e}") from None
+    return {"test_file": os.path.abspath(path), "test_file_sha256": digest.hexdigest()}
+
+
+def _check_one_problem_source(earlier_runs: dict, labels: list, sources: list, path: str) -> None:
+    """One report compares runs on the same problems: all generated, or all one test file (by content)."""
+    problems = {}  # label -> (what identifies its problems, how the error names them)
+    for label, run in earlier_runs.items():
+        if label in labels:
+            continue  # replaced by this evaluation
+        if "test_file_sha256" in run:
+            problems[label] = (run["test_file_sha256"], f"test file {run['test_file']}")
+        elif run.get("task") != chains.FILE_TASK:  # a file run of an older report records no file: not compared
+            problems[label] = ("generated", "generated problems")
+    for label, source in zip(labels, sources):
+        problems[label] = ((source["test_file_sha256"], f"test file {source['test_file']}") if source
+                           else ("generated", "generated problems"))
+    if len({key for key, _ in problems.values()}) > 1:
+        raise UserError("runs evaluated on different problems cannot share a report (" + "; ".join(
+            f"{label}: {name}" for label, (_, name) in problems.items()) + f"); give another --name than {path}")
 
 
 def format_table(report: dict) -> str:
