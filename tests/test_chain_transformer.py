@@ -141,17 +141,6 @@ def test_fixed_point_cost_counts_only_the_iterations_after_k():
     assert (with_cost.numpy() > without_cost.numpy()).all()
 
 
-def test_fixed_point_cost_max_prices_the_token_that_moved_most():
-    cfg, inputs, _ = _batch(k=2, fixed_point_weight=1.0)
-    costs = {}
-    for reduce in ("mean", "max"):
-        keras.utils.set_random_seed(0)  # the same weights: only the reduction differs
-        model = ct.build_chain_transformer(dataclasses.replace(cfg, fixed_point_reduce=reduce))
-        costs[reduce] = model(inputs, training=True)["step_fixed_point_cost"].numpy()
-    # The tokens do not all move alike, so their largest change is above their mean one.
-    assert (costs["max"] > costs["mean"]).all() and (costs["mean"] > 0).all()
-
-
 _LOOKUP = dict(conv_kernel=5, block_conv_kernel=3, token_match=4.0, window=0, causal=False)
 
 
@@ -265,40 +254,6 @@ def test_loss_supervises_the_answers_only_from_iteration_k_on():
     # Wrong after k: penalised. Unknown k (-1): only the last iteration counts for the answer.
     loss, _ = ct.chain_loss({"answers": answers, "steps": np.array([1, -1], np.int32)}, outputs)
     assert loss[0] > 10 and loss[1] < 1e-6
-
-
-def test_slot_readout_batches_are_scored_on_the_slot_readout_one_iteration_later():
-    classes = chains.VOCAB_SIZE
-    answers = np.array([[20], [20]], np.int32)
-    right = tf.one_hot(answers[0], classes) * 50.0  # [A, C]
-    wrong = tf.one_hot(answers[0] + 1, classes) * 50.0
-    # The coda is wrong everywhere; the slot readout is right from iteration k + 1 = 3 on (k = 2).
-    coda = tf.stack([tf.stack([wrong] * 4)] * 2)
-    slots = tf.stack([tf.stack([wrong, wrong, right, right])] * 2)
-    halt = tf.constant([[-50.0, -50.0, 50.0, 50.0]] * 2)
-    outputs = {"logits": coda[:, -1], "steps_used": tf.constant([2.0, 2.0]), "step_logits": coda,
-               "step_halt_logits": halt, "step_slot_logits": slots, "step_slot_halt_logits": halt}
-    labels = {"answers": answers, "steps": np.array([2, 2], np.int32), "slot_readout": np.array([True, False])}
-    loss, metrics = ct.chain_loss(labels, outputs)
-    assert loss[0] < 1e-6 and loss[1] > 10  # the coda's batch is scored on the coda
-    np.testing.assert_allclose(metrics["exact_match"], [1.0, 0.0])
-
-
-def test_slot_readout_steps_mark_the_first_training_batches_by_index_and_resume_alike():
-    cfg = tfmstep.get_config("chain_transformer", "tiny", task="registers", readout="attention",
-                             slot_readout_steps=3, answer_lag=0)
-    marks = [bool(labels["slot_readout"].numpy().all()) for _, labels in
-             ct.chain_dataset(cfg, "train", 4, seed=0).take(5)]
-    assert marks == [True, True, True, False, False]
-    resumed = [labels["slot_readout"].numpy().tolist() for _, labels in
-               ct.chain_dataset(cfg, "train", 4, seed=0, start_batch=2).take(2)]
-    assert resumed == [[True] * 4, [False] * 4]
-    assert "slot_readout" not in next(iter(ct.chain_dataset(cfg, "validation", 4)))[1]
-    model = ct.build_chain_transformer(cfg)
-    inputs, labels = next(iter(ct.chain_dataset(cfg, "train", 4, seed=0)))
-    outputs = model(inputs, training=True)
-    assert outputs["step_slot_logits"].shape == outputs["step_logits"].shape
-    assert np.isfinite(ct.chain_loss(labels, outputs)[0].numpy()).all()
 
 
 def _shared_step_on(cfg, batch_size, learning_rate, warmup_steps, total_steps, jit_compile):
@@ -477,11 +432,8 @@ def test_model_fit_uses_the_family_loss_and_the_keras_file_round_trips(tmp_path)
     (dict(halt_confidence=1.0), r"halt_confidence must be in \[0, 1\)"),
     (dict(global_heads=5, heads=4), "global_heads must be in 0..heads=4"),
     (dict(readout="pool"), "unknown readout 'pool'"),
-    (dict(slot_readout_steps=100), "slot_readout_steps must be >= 0 and is for the looped model with "
-                                   "readout=attention"),
     (dict(halting="never"), "unknown halting 'never'"),
     (dict(fixed_point_tolerance=0.0), "fixed_point_tolerance must be > 0"),
-    (dict(fixed_point_reduce="sum"), "fixed_point_reduce must be mean or max"),
     (dict(curriculum_stages="1-600"), "curriculum_stages is 'top:steps,...'"),
     (dict(curriculum_stages="1:0"), "each stage needs >= 1 step"),
     (dict(curriculum_stages="2:10,1:10"), "tops must rise within train_min_len..train_max_len"),

@@ -147,9 +147,6 @@ class ChainConfig:
     # Training cost of the state's mean |change| per iteration after iteration k, which teaches the loop
     # to settle once the answer is due (what the fixed-point rule reads); 0: none.
     fixed_point_weight: float = 0.5
-    # How that cost takes the tokens' change: "mean" over the tokens, or "max", the token that moved most --
-    # what the fixed-point rule reads, so one late token is priced in full rather than diluted by length.
-    fixed_point_reduce: str = "mean"
     relative_clip: int = 8  # relative offsets beyond +-clip share one learned bias (plus the slopes)
     # Attention reach of the prelude and core (the stack, in the baseline). All heads but `global_heads`
     # are local: they see tokens within +-window (0: any distance) and, if causal, none after their own.
@@ -168,12 +165,6 @@ class ChainConfig:
     # Answers read by "slot": an MLP on each answer slot's own state (what causal local heads carry there),
     # or "attention": a coda block whose answer-slot queries attend over the whole state.
     readout: str = "slot"
-    # readout="attention": the first this many training steps read the answers by the slot readout instead
-    # (due one iteration later: an answer must first reach its slot), then the coda takes over. A coda
-    # trained from the start answered one-instruction registers problems from the start digits directly
-    # and never learnt the scan (0.15 exact at k = 16); the slots first, then the coda was exact at every
-    # k = 1..32 on seed 2 (two runs joined by hand; results/chain/README.md, "reading the answers by attention").
-    slot_readout_steps: int = 0
     # Each iteration also reads every token's answer-head distribution from the last one, embedded as the
     # input embeds those characters, so a value the loop computed reaches the next step in the form a
     # written digit has (lego, no negation, k <= 2 after 1500 steps: k = 2 at 0.94 exact, 0.73 without;
@@ -261,14 +252,8 @@ class ChainConfig:
             raise UserError(f"global_heads must be in 0..heads={self.heads}, got {self.global_heads}")
         if self.readout not in READOUTS:
             raise UserError(f"unknown readout {self.readout!r}; choose one of {', '.join(READOUTS)}")
-        if self.slot_readout_steps < 0 or (self.slot_readout_steps and (self.readout != "attention"
-                                                                        or not self.looped)):
-            raise UserError(f"slot_readout_steps must be >= 0 and is for the looped model with "
-                            f"readout=attention, got {self.slot_readout_steps} with readout={self.readout!r}")
         if self.halting not in HALTING_RULES:
             raise UserError(f"unknown halting {self.halting!r}; choose one of {', '.join(HALTING_RULES)}")
-        if self.fixed_point_reduce not in ("mean", "max"):
-            raise UserError(f"fixed_point_reduce must be mean or max, got {self.fixed_point_reduce!r}")
         if self.fixed_point_tolerance <= 0 or self.fixed_point_weight < 0:
             raise UserError(f"fixed_point_tolerance must be > 0 and fixed_point_weight >= 0, got "
                             f"{self.fixed_point_tolerance} and {self.fixed_point_weight}")
@@ -489,7 +474,7 @@ class ChainTransformer(keras.Model):
             self.core = [block(f"stack{i}") for i in range(c.layers)]
         if c.readout == "attention":
             self.coda = Block(c.width, c.heads, c.mlp_dim, c.dropout, c.relative_clip, name="coda")
-        if c.readout == "slot" or c.slot_readout_steps:
+        else:
             self.slot_mlp_in = keras.layers.Dense(c.mlp_dim, activation="gelu", name="slot_mlp_in")
             self.slot_mlp_out = keras.layers.Dense(c.width, name="slot_mlp_out")
         self.head_norm = keras.layers.LayerNormalization(epsilon=1e-5, name="head_norm")
@@ -531,7 +516,7 @@ class ChainTransformer(keras.Model):
             layer.build()
         if c.readout == "attention":
             self.coda.build()
-        if c.readout == "slot" or c.slot_readout_steps:
+        else:
             self.slot_mlp_in.build((None, None, c.width))
             self.slot_mlp_out.build((None, None, c.mlp_dim))
         for layer in (self.head_norm, self.head, self.halt_head):
@@ -629,9 +614,9 @@ class ChainTransformer(keras.Model):
             relative_answer = tf.reshape(positions, [1, 1, length]) - tf.expand_dims(answer_pos, 2)  # [B, A, T]
             coda_bias = self.coda.position_bias(relative_answer)
 
-        def read(state, readout=c.readout):
+        def read(state):
             queries = tf.gather(state, answer_pos, batch_dims=1)  # [B, A, W]
-            if readout == "attention":
+            if c.readout == "attention":
                 out = self.coda(queries, state, coda_bias, key_mask, log_tokens, training=training)
                 logits = self.head(self.head_norm(out))
             else:
@@ -693,7 +678,6 @@ class ChainTransformer(keras.Model):
             # Unrolled: gradients through every iteration, the answers read after each one.
             state = tf.zeros_like(injected)
             step_logits, step_halts, step_costs = [], [], []
-            step_slot_logits, step_slot_halts = [], []  # slot_readout_steps: the slot readout's, for the loss
             halted = tf.zeros([batch], tf.bool)
             steps_used = tf.zeros([batch], tf.float32)
             for iteration in range(c.answer_lag + num_loops):
@@ -703,16 +687,8 @@ class ChainTransformer(keras.Model):
                     logits, halt_logits = read(new_state)
                     step_logits.append(logits)
                     step_halts.append(halt_logits)
-                    if c.slot_readout_steps:
-                        slot_logits, slot_halt_logits = read(new_state, "slot")
-                        step_slot_logits.append(slot_logits)
-                        step_slot_halts.append(slot_halt_logits)
                     if c.fixed_point_weight:
-                        change = state_change(state, new_state)
-                        if c.fixed_point_reduce == "max":
-                            moved = tf.reduce_max(change, axis=1)
-                        else:
-                            moved = tf.reduce_sum(change, axis=1) / tf.maximum(tokens_count, 1.0)
+                        moved = tf.reduce_sum(state_change(state, new_state), axis=1) / tf.maximum(tokens_count, 1.0)
                         step_costs.append(c.fixed_point_weight * moved)
                     halted = halted | halted_now(state, new_state, logits, halt_logits)
                 state = new_state
@@ -721,9 +697,6 @@ class ChainTransformer(keras.Model):
                        "step_logits": tf.stack(step_logits, axis=1), "step_halt_logits": tf.stack(step_halts, 1)}
             if c.fixed_point_weight:
                 outputs["step_fixed_point_cost"] = tf.stack(step_costs, axis=1)
-            if c.slot_readout_steps:
-                outputs["step_slot_logits"] = tf.stack(step_slot_logits, axis=1)
-                outputs["step_slot_halt_logits"] = tf.stack(step_slot_halts, axis=1)
             return outputs
 
         # Inference: a while loop; a problem's state freezes once it halts, the loop ends when all have.
@@ -751,42 +724,31 @@ def chain_loss(labels, outputs):
     """Per-problem loss. Training (per-iteration outputs): answer cross-entropy after every iteration
     t >= k (k = the example's steps; unknown k: the last iteration only) plus the halting loss (target
     t >= k; unknown k: "the answer is right by now") and, with fixed_point_weight, the state's change
-    after iteration k (unknown k: at every iteration whose answer is right). Examples marked
-    ``labels["slot_readout"]`` (the first slot_readout_steps batches) are scored on the slot readout's
-    outputs instead, everything due one iteration later. Inference outputs: cross-entropy of the answers."""
+    after iteration k (unknown k: at every iteration whose answer is right). Inference outputs:
+    cross-entropy of the answers."""
     answers = tf.cast(labels["answers"], tf.int32)
     if "step_logits" not in outputs:
         ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=answers,
                                                             logits=tf.cast(outputs["logits"], tf.float32))
         return tf.reduce_mean(ce, axis=1), chain_metrics(labels, outputs)
     step_logits = tf.cast(outputs["step_logits"], tf.float32)  # [B, L, A, C]
-    step_halt_logits = tf.cast(outputs["step_halt_logits"], tf.float32)
     loops = tf.shape(step_logits)[1]
     steps = tf.cast(labels["steps"], tf.int32)
     known = steps >= 1
-    due = steps  # the iteration from which the answers are due
-    if "slot_readout" in labels and "step_slot_logits" in outputs:
-        slot = tf.cast(labels["slot_readout"], tf.bool)
-        step_logits = tf.where(slot[:, None, None, None], tf.cast(outputs["step_slot_logits"], tf.float32),
-                               step_logits)
-        step_halt_logits = tf.where(slot[:, None], tf.cast(outputs["step_slot_halt_logits"], tf.float32),
-                                    step_halt_logits)
-        due += tf.cast(slot, tf.int32)  # the slot readout answers one iteration after the coda
-        outputs = {**outputs, "logits": step_logits[:, -1]}  # the metrics of the readout trained
     iteration = tf.range(1, loops + 1)[None, :]  # [1, L]
-    first_supervised = tf.where(known, tf.minimum(due, loops), loops)
+    first_supervised = tf.where(known, tf.minimum(steps, loops), loops)
     supervised = tf.cast(iteration >= first_supervised[:, None], tf.float32)  # [B, L]
     step_answers = tf.broadcast_to(answers[:, None, :], tf.shape(step_logits)[:3])
     ce = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=step_answers,
                                                                        logits=step_logits), axis=2)
     answer_loss = tf.reduce_sum(ce * supervised, 1) / tf.reduce_sum(supervised, 1)
     right = tf.reduce_all(tf.equal(tf.argmax(step_logits, -1, output_type=tf.int32), step_answers), 2)
-    halt_target = tf.where(known[:, None], iteration >= due[:, None], right)
+    halt_target = tf.where(known[:, None], iteration >= steps[:, None], right)
     halt_loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(
-        labels=tf.cast(halt_target, tf.float32), logits=step_halt_logits), 1)
+        labels=tf.cast(halt_target, tf.float32), logits=tf.cast(outputs["step_halt_logits"], tf.float32)), 1)
     loss = answer_loss + HALT_WEIGHT * halt_loss
     if "step_fixed_point_cost" in outputs:  # the state's change after iteration k (unknown k: once right)
-        after = tf.cast(tf.where(known[:, None], iteration > due[:, None], right), tf.float32)
+        after = tf.cast(tf.where(known[:, None], iteration > steps[:, None], right), tf.float32)
         cost = tf.cast(outputs["step_fixed_point_cost"], tf.float32)
         loss += tf.reduce_sum(cost * after, 1) / tf.maximum(tf.reduce_sum(after, 1), 1.0)
     return loss, chain_metrics(labels, outputs)
@@ -812,23 +774,7 @@ def _file_limits(config: ChainConfig) -> dict:
                 tokenizer=chain_tokenizer(config, check_against_train_file=True))
 
 
-def mark_slot_readout_batches(dataset: tf.data.Dataset, start_batch: int, slot_batches: int) -> tf.data.Dataset:
-    """Training batches with ``labels["slot_readout"]``: True in batches before ``slot_batches``
-    (slot_readout_steps), by batch index as the curriculum is, so exact resume holds."""
-    def mark(index, batch):
-        inputs, labels = batch
-        return inputs, {**labels, "slot_readout": tf.fill(tf.shape(labels["steps"]), index < slot_batches)}
-    return dataset.enumerate(start=int(start_batch)).map(mark)
-
-
 def chain_dataset(config: ChainConfig, split: str, batch_size: int, seed: int = 0, start_batch: int = 0):
-    dataset = _chain_dataset(config, split, batch_size, seed, start_batch)
-    if split == "train" and config.slot_readout_steps:
-        return mark_slot_readout_batches(dataset, start_batch, config.slot_readout_steps)
-    return dataset
-
-
-def _chain_dataset(config: ChainConfig, split: str, batch_size: int, seed: int, start_batch: int):
     if config.task == chains.FILE_TASK:
         return chains.file_dataset(config.train_file, config.test_file, split, batch_size, seed=seed,
                                    start_batch=start_batch, **_file_limits(config))
