@@ -160,7 +160,9 @@ def evaluate_runs(runs, labels=None, output_dir: str = "", name: str = "chain", 
     # Read and checked before anything is evaluated, so a mismatch costs no evaluation.
     earlier_runs = _earlier_runs(base + ".json", report) if merge and os.path.exists(base + ".json") else {}
     sources = [_problem_source(test_file, config) for _, (_, config, _) in runs]
-    _check_one_problem_source(earlier_runs, labels, sources, base + ".json")
+    _check_one_problem_source(earlier_runs, labels, sources,
+                              f"give another --name than {base}.json" if earlier_runs else
+                              "evaluate them separately, or all on one --test_file")
     for label, source, (workdir, (model, config, spec)) in zip(labels, sources, runs):
         if source:
             rows = evaluate_file(model, config, source["test_file"], batch_size, show_errors)
@@ -226,7 +228,7 @@ def _problem_source(test_file: str, config) -> dict:
     return {"test_file": os.path.abspath(path), "test_file_sha256": digest.hexdigest()}
 
 
-def _check_one_problem_source(earlier_runs: dict, labels: list, sources: list, path: str) -> None:
+def _check_one_problem_source(earlier_runs: dict, labels: list, sources: list, remedy: str) -> None:
     """One report compares runs on the same problems: all generated, or all one test file (by content)."""
     problems = {}  # label -> (what identifies its problems, how the error names them)
     for label, run in earlier_runs.items():
@@ -241,7 +243,7 @@ def _check_one_problem_source(earlier_runs: dict, labels: list, sources: list, p
                            else ("generated", "generated problems"))
     if len({key for key, _ in problems.values()}) > 1:
         raise UserError("runs evaluated on different problems cannot share a report (" + "; ".join(
-            f"{label}: {name}" for label, (_, name) in problems.items()) + f"); give another --name than {path}")
+            f"{label}: {name}" for label, (_, name) in problems.items()) + f"); {remedy}")
 
 
 def format_table(report: dict) -> str:
