@@ -605,11 +605,32 @@ def test_merge_refuses_runs_on_another_test_file_or_on_generated_problems(tiny_r
     with pytest.raises(UserError, match=f"a: test file {first}; b: test file {first}; c: test file {other}.*"
                                         f"another --name"):
         evaluate.evaluate([tiny_run], ["c"], out, "file", test_file=other, merge=True)
-    with pytest.raises(UserError, match="c: generated problems"):
+    with pytest.raises(UserError, match="c: generated task=parity, modulus=5"):
         evaluate.evaluate([tiny_run], ["c"], out, "file", merge=True, examples=256, max_length_factor=4)
     assert list(json.loads((tmp_path / "reports" / "file.json").read_text())["runs"]) == ["a", "b"]
     # Re-evaluating every run of the report on another file replaces them all: allowed.
     evaluate.evaluate([tiny_run, tiny_run], ["a", "b"], out, "file", test_file=other, merge=True)
+
+
+def test_merge_refuses_generated_problems_of_another_task_or_generator_option(tiny_run, tmp_path):
+    from tfmstep import evaluation as evaluate
+
+    options = dict(examples=4, max_length_factor=1)
+    evaluate.evaluate([tiny_run], ["parity"], str(tmp_path), "mixed", **options)
+    path = tmp_path / "mixed.json"
+    report = json.loads(path.read_text())
+    assert report["runs"]["parity"]["generator"] == {"task": "parity", "modulus": 5}
+    report["runs"]["parity"]["generator"]["modulus"] = 3  # as if generated with another modulus
+    path.write_text(json.dumps(report))
+    with pytest.raises(UserError, match="parity: generated task=parity, modulus=3; again: generated task=parity"):
+        evaluate.evaluate([tiny_run], ["again"], str(tmp_path), "mixed", merge=True, **options)
+    del report["runs"]["parity"]["generator"]  # an older report records only the task: compared on it
+    path.write_text(json.dumps(report))
+    evaluate.evaluate([tiny_run], ["again"], str(tmp_path), "mixed", merge=True, **options)
+    report["runs"]["parity"]["task"] = "pointer"
+    path.write_text(json.dumps(report))
+    with pytest.raises(UserError, match="parity: generated task=pointer"):
+        evaluate.evaluate([tiny_run], ["again"], str(tmp_path), "mixed", merge=True, **options)
 
 
 def _jsonl(path, task, lengths, seed):

@@ -164,7 +164,7 @@ def evaluate_runs(runs, labels=None, output_dir: str = "", name: str = "chain", 
                               f"give another --name than {base}.json" if earlier_runs else
                               "evaluate them separately, or all on one --test_file")
     for label, source, (workdir, (model, config, spec)) in zip(labels, sources, runs):
-        if source:
+        if "test_file" in source:
             rows = evaluate_file(model, config, source["test_file"], batch_size, show_errors)
         else:
             longest = max_length_factor * config.train_max_len
@@ -214,10 +214,11 @@ def _earlier_runs(path: str, report: dict) -> dict:
 
 
 def _problem_source(test_file: str, config) -> dict:
-    """{"test_file", "test_file_sha256"} of the JSONL file a run is evaluated on; {} for generated problems."""
+    """What a run is evaluated on: {"test_file", "test_file_sha256"} of a JSONL file, or {"generator": the task
+    and its generator's options} for generated problems."""
     path = test_file or (config.test_file if config.task == chains.FILE_TASK else "")
     if not path:
-        return {}
+        return {"generator": {"task": config.task, **config.generator_options}}
     digest = hashlib.sha256()
     try:
         with open(path, "rb") as f:
@@ -228,22 +229,38 @@ def _problem_source(test_file: str, config) -> dict:
     return {"test_file": os.path.abspath(path), "test_file_sha256": digest.hexdigest()}
 
 
+def _same_problems(a: dict, b: dict) -> bool:
+    """Two runs' sources (``_problem_source``) name the same problems; an older report's run records only its
+    task, so generated sources are compared on the keys both have."""
+    if "test_file_sha256" in a or "test_file_sha256" in b:
+        return a.get("test_file_sha256") == b.get("test_file_sha256")
+    shared = a["generator"].keys() & b["generator"].keys()
+    return all(a["generator"][key] == b["generator"][key] for key in shared)
+
+
+def _describe(source: dict) -> str:
+    if "test_file" in source:
+        return f"test file {source['test_file']}"
+    return "generated " + ", ".join(f"{key}={value}" for key, value in source["generator"].items())
+
+
 def _check_one_problem_source(earlier_runs: dict, labels: list, sources: list, remedy: str) -> None:
-    """One report compares runs on the same problems: all generated, or all one test file (by content)."""
-    problems = {}  # label -> (what identifies its problems, how the error names them)
+    """One report compares runs on the same problems: one generated task with the same generator options, or
+    one test file (by content)."""
+    runs = {}  # label -> its source
     for label, run in earlier_runs.items():
         if label in labels:
             continue  # replaced by this evaluation
-        if "test_file_sha256" in run:
-            problems[label] = (run["test_file_sha256"], f"test file {run['test_file']}")
-        elif run.get("task") != chains.FILE_TASK:  # a file run of an older report records no file: not compared
-            problems[label] = ("generated", "generated problems")
-    for label, source in zip(labels, sources):
-        problems[label] = ((source["test_file_sha256"], f"test file {source['test_file']}") if source
-                           else ("generated", "generated problems"))
-    if len({key for key, _ in problems.values()}) > 1:
+        if "test_file_sha256" in run or "generator" in run:
+            runs[label] = run
+        elif run.get("task") != chains.FILE_TASK:  # an older report's generated run: its task is known
+            runs[label] = {"generator": {"task": run.get("task")}}
+        # (an older report's file run records no file: not compared)
+    runs.update(zip(labels, sources))
+    items = list(runs.items())
+    if any(not _same_problems(a, b) for i, (_, a) in enumerate(items) for _, b in items[i + 1:]):
         raise UserError("runs evaluated on different problems cannot share a report (" + "; ".join(
-            f"{label}: {name}" for label, (_, name) in problems.items()) + f"); {remedy}")
+            f"{label}: {_describe(source)}" for label, source in items) + f"); {remedy}")
 
 
 def format_table(report: dict) -> str:
