@@ -32,7 +32,8 @@ flags.DEFINE_multi_string("config", [], "field=value: evaluate under another val
                           "e.g. a halting rule; a wrong field's error lists them); repeatable.")
 flags.DEFINE_bool("merge", False, "Add these runs to the report already in --output_dir/--name.json (a run "
                   "of the same label is replaced) instead of writing a new one; it must have been "
-                  "measured with the same --examples, --seed and --max_length_factor.")
+                  "measured on the same problems: task and generator options (or test file), "
+                  "--examples, --seed and --max_length_factor.")
 FLAGS = flags.FLAGS
 
 
