@@ -110,6 +110,9 @@ class ChainConfig:
     # so one iteration also moves what a token learnt across its clause: a lookup answered at one token
     # of "b>c;" reaches b's own token in the same iteration.
     block_conv_kernel: int = 0
+    # Hidden channels of that convolution sublayer (0: mlp_dim). Run at every iteration, a kernel of 9 into
+    # mlp_dim = 256 channels is most of an iteration's arithmetic.
+    block_conv_dim: int = 0
     # A learned per-head logit bonus for a key that is another occurrence of the query's own token: the
     # "same name" primitive every lookup by name rests on, given rather than learnt from random weights
     # (pointer, k = 1: random query/key weights sat at the 85% a model reaches without matching names).
@@ -170,6 +173,11 @@ class ChainConfig:
     # written digit has (lego, no negation, k <= 2 after 1500 steps: k = 2 at 0.94 exact, 0.73 without;
     # once both fit k = 2, k = 3 was no better: 0.38 against 0.45 -- results/chain/README.md).
     value_feedback: bool = False
+    # The value feedback as the embedding of each token's most likely class -- the written digit itself,
+    # not a blend -- with gradients passed as if it were the distribution (straight-through). The blend
+    # re-enters as an off-grid vector that no written digit is (DiscoLoop, Fu et al. 2026: a hidden state
+    # poorly aligned with the token embedding it decodes to is what limits multi-hop reach).
+    feedback_argmax: bool = False
     dropout: float = 0.0
 
     def __post_init__(self):
@@ -206,9 +214,9 @@ class ChainConfig:
                 raise UserError(f"task {self.task!r} has {len(chains.NAMES)} names: chain lengths up to "
                                 f"{limit} (got {longest})")
         if min(self.width, self.heads, self.mlp_dim, self.layers, self.max_loops, self.core_layers) < 1 or \
-                self.prelude_layers < 0:
+                self.prelude_layers < 0 or self.block_conv_dim < 0:
             raise UserError("width, heads, mlp_dim, layers, core_layers and max_loops must be >= 1, "
-                            "prelude_layers >= 0")
+                            "prelude_layers and block_conv_dim >= 0")
         if self.core_layers > 1 and not self.looped:
             raise UserError(f"core_layers={self.core_layers} is for the looped model; the stacked baseline "
                             f"sets its depth with layers")
@@ -257,6 +265,8 @@ class ChainConfig:
         if self.fixed_point_tolerance <= 0 or self.fixed_point_weight < 0:
             raise UserError(f"fixed_point_tolerance must be > 0 and fixed_point_weight >= 0, got "
                             f"{self.fixed_point_tolerance} and {self.fixed_point_weight}")
+        if self.feedback_argmax and not self.value_feedback:
+            raise UserError("feedback_argmax=true shapes the value feedback: it needs value_feedback=true")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.halt_confidence < 1.0:
@@ -364,13 +374,14 @@ class Block(keras.layers.Layer):
     keep the state in range."""
 
     def __init__(self, width, heads, mlp_dim, dropout=0.0, relative_clip=8, conv_kernel=0, causal=False,
-                 token_match=0.0, **kwargs):
+                 token_match=0.0, conv_dim=0, **kwargs):
         super().__init__(**kwargs)
         self.width, self.heads, self.mlp_dim = width, heads, mlp_dim
         self.rate, self.clip = dropout, relative_clip
         self.conv_kernel, self.causal, self.token_match = conv_kernel, causal, token_match
+        self.conv_dim = conv_dim or mlp_dim
         if conv_kernel:  # a convolution sublayer after the attention (self-attention blocks only)
-            self.conv_norm, self.conv, self.conv_out = conv_layers(width, mlp_dim, conv_kernel, causal)
+            self.conv_norm, self.conv, self.conv_out = conv_layers(width, self.conv_dim, conv_kernel, causal)
         self.attn_norm = keras.layers.LayerNormalization(epsilon=1e-5, name="attn_norm")
         self.query = keras.layers.Dense(width, name="query")
         self.key_value = keras.layers.Dense(2 * width, name="key_value")
@@ -384,7 +395,8 @@ class Block(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "width": self.width, "heads": self.heads, "mlp_dim": self.mlp_dim,
                 "dropout": self.rate, "relative_clip": self.clip,
-                "conv_kernel": self.conv_kernel, "causal": self.causal, "token_match": self.token_match}
+                "conv_kernel": self.conv_kernel, "causal": self.causal, "token_match": self.token_match,
+                "conv_dim": self.conv_dim}
 
     def build(self, input_shape=None):
         self.relative_bias = self.add_weight(shape=(2 * self.clip + 1, self.heads), initializer="zeros",
@@ -403,7 +415,7 @@ class Block(keras.layers.Layer):
             layer.build((None, None, self.width))
         self.mlp_out.build((None, None, self.mlp_dim))
         if self.conv_kernel:
-            build_conv_layers(self.conv_norm, self.conv, self.conv_out, self.width, self.mlp_dim)
+            build_conv_layers(self.conv_norm, self.conv, self.conv_out, self.width, self.conv_dim)
         if self.token_match:  # per-head logit bonus for a key that is another occurrence of the query's token
             self.match_weight = self.add_weight(shape=(self.heads,), name="match_weight",
                                                 initializer=keras.initializers.Constant(self.token_match))
@@ -462,7 +474,7 @@ class ChainTransformer(keras.Model):
         def block(name):
             return Block(c.width, c.heads, c.mlp_dim, c.dropout, c.relative_clip,
                          conv_kernel=c.block_conv_kernel, causal=c.convolutions_causal, token_match=c.token_match,
-                         name=name)
+                         conv_dim=c.block_conv_dim, name=name)
 
         if c.conv_kernel:  # post-norm (after the residual), unlike the blocks' pre-norm sublayer
             self.conv_norm, self.conv, self.conv_out = conv_layers(c.width, c.mlp_dim, c.conv_kernel,
@@ -665,6 +677,9 @@ class ChainTransformer(keras.Model):
             x = state + injected
             if c.value_feedback:  # each token's answer-head distribution, embedded as the characters are
                 probs = tf.cast(tf.nn.softmax(self.head(self.head_norm(state))), injected.dtype)
+                if c.feedback_argmax:
+                    written = tf.one_hot(tf.argmax(probs, -1), c.num_classes, dtype=probs.dtype)
+                    probs += tf.stop_gradient(written - probs)
                 x += tf.einsum("btc,cw->btw", probs, answer_embeddings)
             h = self.core[0](x if c.residual_state else injected, x, core_biases[0], key_mask, log_tokens,
                              training=training)
