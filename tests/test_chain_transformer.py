@@ -419,18 +419,6 @@ def test_argmax_feedback_passes_the_most_likely_class_only_and_still_trains_the_
     assert gradient is not None and np.abs(gradient.numpy()).sum() > 0
 
 
-def test_a_narrower_block_convolution_has_fewer_weights_and_round_trips(tmp_path):
-    wide = tfmstep.build("chain_transformer", "tiny", task="lego", block_conv_kernel=3)
-    narrow = tfmstep.build("chain_transformer", "tiny", task="lego", block_conv_kernel=3, block_conv_dim=8)
-    assert narrow.core[0].conv.filters == 8 and wide.core[0].conv.filters == wide.config.mlp_dim
-    assert narrow.count_params() < wide.count_params()
-    path = str(tmp_path / "narrow.keras")
-    narrow.save(path)
-    _, inputs, _ = _batch("lego", k=2)
-    np.testing.assert_allclose(keras.saving.load_model(path)(inputs, training=False)["logits"],
-                               narrow(inputs, training=False)["logits"], atol=1e-6)
-
-
 def test_model_fit_uses_the_family_loss_and_the_keras_file_round_trips(tmp_path):
     cfg = tfmstep.get_config("chain_transformer", "tiny")
     model = ct.build_chain_transformer(cfg)
@@ -459,7 +447,6 @@ def test_model_fit_uses_the_family_loss_and_the_keras_file_round_trips(tmp_path)
     (dict(modulus=11), "modulus must be in 2..10"),
     (dict(window=-1), "window must be >= 0"),
     (dict(core_layers=0), "core_layers and max_loops must be >= 1"),
-    (dict(block_conv_dim=-1), "block_conv_dim >= 0"),
     (dict(feedback_argmax=True), "it needs value_feedback=true"),
     (dict(looped=False, core_layers=2), "core_layers=2 is for the looped model"),
     (dict(conv_kernel=4, causal=False), "conv_kernel must be 0 or >= 1"),

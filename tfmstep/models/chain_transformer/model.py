@@ -54,8 +54,10 @@ HALT_WEIGHT = 0.5  # halting loss relative to the answer loss
 READOUTS = ("slot", "attention")
 HALTING_RULES = ("learned", "ready", "fixed_point")
 FIXED_LOG_TOKENS = float(np.log(30.0))  # the softmax scale without length scaling (its init is 1 here)
-# How a trained model runs (its weights do not depend on these): what evaluation may override.
-INFERENCE_FIELDS = ("halting", "max_loops", "halt_threshold", "fixed_point_tolerance", "halt_confidence")
+# How a trained model runs, under any of which its weights load: what evaluation may override (also the
+# feedback's form, so a model trained on the blended feedback can be read with the written class).
+INFERENCE_FIELDS = ("halting", "max_loops", "halt_threshold", "fixed_point_tolerance", "halt_confidence",
+                    "feedback_argmax")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,9 +112,6 @@ class ChainConfig:
     # so one iteration also moves what a token learnt across its clause: a lookup answered at one token
     # of "b>c;" reaches b's own token in the same iteration.
     block_conv_kernel: int = 0
-    # Hidden channels of that convolution sublayer (0: mlp_dim). Run at every iteration, a kernel of 9 into
-    # mlp_dim = 256 channels is most of an iteration's arithmetic.
-    block_conv_dim: int = 0
     # A learned per-head logit bonus for a key that is another occurrence of the query's own token: the
     # "same name" primitive every lookup by name rests on, given rather than learnt from random weights
     # (pointer, k = 1: random query/key weights sat at the 85% a model reaches without matching names).
@@ -214,9 +213,9 @@ class ChainConfig:
                 raise UserError(f"task {self.task!r} has {len(chains.NAMES)} names: chain lengths up to "
                                 f"{limit} (got {longest})")
         if min(self.width, self.heads, self.mlp_dim, self.layers, self.max_loops, self.core_layers) < 1 or \
-                self.prelude_layers < 0 or self.block_conv_dim < 0:
+                self.prelude_layers < 0:
             raise UserError("width, heads, mlp_dim, layers, core_layers and max_loops must be >= 1, "
-                            "prelude_layers and block_conv_dim >= 0")
+                            "prelude_layers >= 0")
         if self.core_layers > 1 and not self.looped:
             raise UserError(f"core_layers={self.core_layers} is for the looped model; the stacked baseline "
                             f"sets its depth with layers")
@@ -374,14 +373,13 @@ class Block(keras.layers.Layer):
     keep the state in range."""
 
     def __init__(self, width, heads, mlp_dim, dropout=0.0, relative_clip=8, conv_kernel=0, causal=False,
-                 token_match=0.0, conv_dim=0, **kwargs):
+                 token_match=0.0, **kwargs):
         super().__init__(**kwargs)
         self.width, self.heads, self.mlp_dim = width, heads, mlp_dim
         self.rate, self.clip = dropout, relative_clip
         self.conv_kernel, self.causal, self.token_match = conv_kernel, causal, token_match
-        self.conv_dim = conv_dim or mlp_dim
         if conv_kernel:  # a convolution sublayer after the attention (self-attention blocks only)
-            self.conv_norm, self.conv, self.conv_out = conv_layers(width, self.conv_dim, conv_kernel, causal)
+            self.conv_norm, self.conv, self.conv_out = conv_layers(width, mlp_dim, conv_kernel, causal)
         self.attn_norm = keras.layers.LayerNormalization(epsilon=1e-5, name="attn_norm")
         self.query = keras.layers.Dense(width, name="query")
         self.key_value = keras.layers.Dense(2 * width, name="key_value")
@@ -395,8 +393,7 @@ class Block(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "width": self.width, "heads": self.heads, "mlp_dim": self.mlp_dim,
                 "dropout": self.rate, "relative_clip": self.clip,
-                "conv_kernel": self.conv_kernel, "causal": self.causal, "token_match": self.token_match,
-                "conv_dim": self.conv_dim}
+                "conv_kernel": self.conv_kernel, "causal": self.causal, "token_match": self.token_match}
 
     def build(self, input_shape=None):
         self.relative_bias = self.add_weight(shape=(2 * self.clip + 1, self.heads), initializer="zeros",
@@ -415,7 +412,7 @@ class Block(keras.layers.Layer):
             layer.build((None, None, self.width))
         self.mlp_out.build((None, None, self.mlp_dim))
         if self.conv_kernel:
-            build_conv_layers(self.conv_norm, self.conv, self.conv_out, self.width, self.conv_dim)
+            build_conv_layers(self.conv_norm, self.conv, self.conv_out, self.width, self.mlp_dim)
         if self.token_match:  # per-head logit bonus for a key that is another occurrence of the query's token
             self.match_weight = self.add_weight(shape=(self.heads,), name="match_weight",
                                                 initializer=keras.initializers.Constant(self.token_match))
@@ -474,7 +471,7 @@ class ChainTransformer(keras.Model):
         def block(name):
             return Block(c.width, c.heads, c.mlp_dim, c.dropout, c.relative_clip,
                          conv_kernel=c.block_conv_kernel, causal=c.convolutions_causal, token_match=c.token_match,
-                         conv_dim=c.block_conv_dim, name=name)
+                         name=name)
 
         if c.conv_kernel:  # post-norm (after the residual), unlike the blocks' pre-norm sublayer
             self.conv_norm, self.conv, self.conv_out = conv_layers(c.width, c.mlp_dim, c.conv_kernel,
