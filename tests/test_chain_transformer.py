@@ -391,34 +391,6 @@ def test_core_layers_run_their_distinct_blocks_in_every_iteration_and_round_trip
     assert all(not np.allclose(old, logits(model, n), atol=1e-4) for old, n in zip(before, (1, 3)))
 
 
-def test_argmax_feedback_passes_the_most_likely_class_only_and_still_trains_the_head():
-    # Doubling the answer head's weights doubles its logits: a softmax blend fed back changes, the most
-    # likely class does not, so with feedback_argmax every iteration runs as before and the answers read
-    # at the end are exactly twice the logits.
-    _, inputs, _ = _batch("lego", k=3)
-
-    def logits_before_and_after_doubling(**options):
-        model = tfmstep.build("chain_transformer", "tiny", task="lego", value_feedback=True, **options)
-        before = model(inputs, training=False, num_loops=4, use_halting=False)["logits"].numpy()
-        for weight in model.head.weights:
-            weight.assign(2 * weight.numpy())
-        return before, model(inputs, training=False, num_loops=4, use_halting=False)["logits"].numpy()
-
-    before, after = logits_before_and_after_doubling(feedback_argmax=True)
-    np.testing.assert_allclose(after, 2 * before, rtol=1e-4, atol=1e-4)
-    before, after = logits_before_and_after_doubling()
-    assert not np.allclose(after, 2 * before, rtol=1e-4, atol=1e-4)
-
-    # Straight-through: the state's settling cost, which reads no answer, still reaches the answer head
-    # through the classes fed back.
-    model = tfmstep.build("chain_transformer", "tiny", task="lego", value_feedback=True, feedback_argmax=True)
-    model(inputs, training=False)
-    with tf.GradientTape() as tape:
-        settling = tf.reduce_sum(model(inputs, training=True)["step_fixed_point_cost"])
-    gradient = tape.gradient(settling, model.head.kernel.value)
-    assert gradient is not None and np.abs(gradient.numpy()).sum() > 0
-
-
 def test_model_fit_uses_the_family_loss_and_the_keras_file_round_trips(tmp_path):
     cfg = tfmstep.get_config("chain_transformer", "tiny")
     model = ct.build_chain_transformer(cfg)
@@ -447,7 +419,6 @@ def test_model_fit_uses_the_family_loss_and_the_keras_file_round_trips(tmp_path)
     (dict(modulus=11), "modulus must be in 2..10"),
     (dict(window=-1), "window must be >= 0"),
     (dict(core_layers=0), "core_layers and max_loops must be >= 1"),
-    (dict(feedback_argmax=True), "it needs value_feedback=true"),
     (dict(looped=False, core_layers=2), "core_layers=2 is for the looped model"),
     (dict(conv_kernel=4, causal=False), "conv_kernel must be 0 or >= 1"),
     (dict(conv_kernel=-1), "conv_kernel must be 0 or >= 1"),

@@ -54,10 +54,8 @@ HALT_WEIGHT = 0.5  # halting loss relative to the answer loss
 READOUTS = ("slot", "attention")
 HALTING_RULES = ("learned", "ready", "fixed_point")
 FIXED_LOG_TOKENS = float(np.log(30.0))  # the softmax scale without length scaling (its init is 1 here)
-# How a trained model runs, under any of which its weights load: what evaluation may override (also the
-# feedback's form, so a model trained on the blended feedback can be read with the written class).
-INFERENCE_FIELDS = ("halting", "max_loops", "halt_threshold", "fixed_point_tolerance", "halt_confidence",
-                    "feedback_argmax")
+# How a trained model runs (its weights do not depend on these): what evaluation may override.
+INFERENCE_FIELDS = ("halting", "max_loops", "halt_threshold", "fixed_point_tolerance", "halt_confidence")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,11 +170,6 @@ class ChainConfig:
     # written digit has (lego, no negation, k <= 2 after 1500 steps: k = 2 at 0.94 exact, 0.73 without;
     # once both fit k = 2, k = 3 was no better: 0.38 against 0.45 -- results/chain/README.md).
     value_feedback: bool = False
-    # The value feedback as the embedding of each token's most likely class -- the written digit itself,
-    # not a blend -- with gradients passed as if it were the distribution (straight-through). The blend
-    # re-enters as an off-grid vector that no written digit is (DiscoLoop, Fu et al. 2026: a hidden state
-    # poorly aligned with the token embedding it decodes to is what limits multi-hop reach).
-    feedback_argmax: bool = False
     dropout: float = 0.0
 
     def __post_init__(self):
@@ -264,8 +257,6 @@ class ChainConfig:
         if self.fixed_point_tolerance <= 0 or self.fixed_point_weight < 0:
             raise UserError(f"fixed_point_tolerance must be > 0 and fixed_point_weight >= 0, got "
                             f"{self.fixed_point_tolerance} and {self.fixed_point_weight}")
-        if self.feedback_argmax and not self.value_feedback:
-            raise UserError("feedback_argmax=true shapes the value feedback: it needs value_feedback=true")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.halt_confidence < 1.0:
@@ -674,9 +665,6 @@ class ChainTransformer(keras.Model):
             x = state + injected
             if c.value_feedback:  # each token's answer-head distribution, embedded as the characters are
                 probs = tf.cast(tf.nn.softmax(self.head(self.head_norm(state))), injected.dtype)
-                if c.feedback_argmax:
-                    written = tf.one_hot(tf.argmax(probs, -1), c.num_classes, dtype=probs.dtype)
-                    probs += tf.stop_gradient(written - probs)
                 x += tf.einsum("btc,cw->btw", probs, answer_embeddings)
             h = self.core[0](x if c.residual_state else injected, x, core_biases[0], key_mask, log_tokens,
                              training=training)
