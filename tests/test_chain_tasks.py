@@ -3,6 +3,7 @@ tokenizer round-trips, splits have the promised lengths and shapes, and user JSO
 one clear error per bad line."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -55,6 +56,18 @@ def test_reassign_reads_a_name_that_was_assigned_more_than_once():
         targets = [clause.split("=")[0] for clause in text.split("?")[0].split(";") if clause]
         reassigned += len(targets) > len(set(targets))
     assert reassigned == 50
+
+
+@pytest.mark.parametrize("modulus", [3, 10])
+def test_reassign_values_follow_the_modulus_in_the_generator_and_the_solver(modulus):
+    rng = np.random.default_rng(modulus)
+    numbers = []
+    for k in (1, 4, 12):
+        for _ in range(20):
+            text, answer = chains.generate_problem("reassign", k, rng, modulus=modulus)
+            assert chains.solve("reassign", text, modulus) == (answer, k), text
+            numbers += [int(n) for n in re.findall(r"\d+", text)] + [int(answer)]
+    assert max(numbers) == modulus - 1  # every value and addend is mod `modulus`, and all of it is used
 
 
 def test_registers_answer_is_every_register_after_the_program():

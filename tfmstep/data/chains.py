@@ -16,8 +16,8 @@ know it, and training may use it, but nothing at inference does. Six task famili
 - ``registers`` (a state of several tokens): three registers run a program of k instructions in order:
   ``351:A+B;C=A;B-7;=`` -> ``888`` (every register's final value, mod 10).
 - ``reassign`` (a dependency that is computed, not given): a program that reassigns a few variables:
-  ``a=5;b=a+2;a=b-1;c=3;?a`` -> ``6``. Which earlier statement a read refers to is the most recent
-  assignment of that name, which depends on everything in between.
+  ``a=4;b=a+2;a=b-1;c=3;?a`` -> ``0`` (values mod ``modulus``, as lego's). Which earlier statement a read
+  refers to is the most recent assignment of that name, which depends on everything in between.
 
 Every generator is checked against ``solve``, an independent slow parser/interpreter of the text.
 Names are drawn at random for each problem from 52 letters, so nothing depends on a particular name.
@@ -213,11 +213,11 @@ def _reassign(k, rng, modulus):
 
     def assign(target, source):
         if source is None or source not in values:
-            value = int(rng.integers(10))
+            value = int(rng.integers(modulus))
             statements.append(f"{target}={value};")
         else:
-            add, sign = int(rng.integers(10)), int(rng.integers(2))
-            value = (values[source] + (-add if sign else add)) % 10
+            add, sign = int(rng.integers(modulus)), int(rng.integers(2))
+            value = (values[source] + (-add if sign else add)) % modulus
             statements.append(f"{target}={source}{'+-'[sign]}{add};")
         values[target] = value
 
@@ -326,7 +326,7 @@ def solve(task: str, text: str, modulus: int = 5) -> tuple[str, int]:
                 values[target], depth[target] = int(rhs), 1
             else:
                 source, sign, add = rhs[0], rhs[1], int(rhs[2:])
-                values[target] = (values[source] + (add if sign == "+" else -add)) % 10
+                values[target] = (values[source] + (add if sign == "+" else -add)) % modulus
                 depth[target] = depth[source] + 1
         return str(values[query]), depth[query]
     rules = {}

@@ -75,7 +75,7 @@ class ChainConfig:
     train_min_len: int = 1
     train_max_len: int = 8
     test_max_len: int = 32  # longest chain of the generated "test" split
-    modulus: int = 5  # answer classes of lego and pointer labels
+    modulus: int = 5  # answer classes of lego, pointer labels and reassign values
     answer_length: int = 0  # answer slots A (0: the task's own; file tasks: the longest answer allowed, 8)
     max_tokens: int = 1024  # longest tokenised problem (text + answer slots) accepted
     eval_examples: int = 512
