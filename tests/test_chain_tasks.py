@@ -128,6 +128,22 @@ def test_a_task_specific_generator_option_is_refused_for_other_tasks():
         chains.generate_problem("pointer", 2, np.random.default_rng(0), negation_rate=0.0)
     with pytest.raises(UserError, match="applies to task 'registers' only"):
         chains.generate_problem("lego", 2, np.random.default_rng(0), copy_rate=0.1)
+    with pytest.raises(UserError, match="applies to task 'reassign' only"):
+        chains.generate_problem("lego", 2, np.random.default_rng(0), distractor_scale=2)
+
+
+def test_reassign_distractor_scale_lengthens_the_text_not_the_chain():
+    rng = np.random.default_rng(0)
+    statements = {1: [], 3: []}
+    for _ in range(300):
+        k = int(rng.integers(1, 9))
+        for scale in statements:
+            text, answer = chains.generate_problem("reassign", k, rng, distractor_scale=scale)
+            assert chains.solve("reassign", text) == (answer, k)
+            assert len(text) <= chains.max_text_length("reassign", k, scale)
+            statements[scale].append(text.count(";") / k)
+    assert max(statements[1]) == 2  # k steps + k distractors
+    assert 2.7 < np.mean(statements[3]) < 3.3 and max(statements[3]) == 4  # k steps + m * k, m in 1..3
 
 
 def test_curriculum_stages_train_each_stage_top_padded_to_its_own_length_and_resume_mid_stage():

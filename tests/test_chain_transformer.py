@@ -188,6 +188,21 @@ def test_registers_train_copy_rate_changes_training_problems_only():
     assert none["test"] == every["test"] == default["test"] > 0.25
 
 
+def test_reassign_train_distractor_scale_lengthens_training_problems_only():
+    def statements_per_step(scale):
+        cfg = tfmstep.get_config("chain_transformer", "tiny", task="reassign", train_distractor_scale=scale)
+        ratios = {}
+        for split in ("train", "validation"):
+            inputs, labels = next(iter(ct.chain_dataset(cfg, split, 64)))
+            texts = [chains.decode(row) for row in inputs["tokens"].numpy()]
+            ratios[split] = np.mean([t.count(";") / k for t, k in zip(texts, labels["steps"].numpy())])
+        return ratios
+
+    plain, scaled = statements_per_step(1), statements_per_step(3)
+    assert plain["train"] == 2.0 and scaled["train"] > 2.5
+    assert plain["validation"] == scaled["validation"] == 2.0  # scored on the generator's own problems
+
+
 def test_value_feedback_makes_each_iteration_read_the_answer_heads_distribution():
     _, inputs, _ = _batch()
     shift = tf.one_hot(chains.FIRST_CHAR_ID + 3, chains.VOCAB_SIZE) * 4.0
@@ -429,6 +444,8 @@ def test_model_fit_uses_the_family_loss_and_the_keras_file_round_trips(tmp_path)
     (dict(negation_rate=1.5), "negation_rate must be in"),
     (dict(task="lego", train_copy_rate=0.1), "applies to task 'registers' only"),
     (dict(task="registers", train_copy_rate=-0.1), "train_copy_rate must be in"),
+    (dict(task="lego", train_distractor_scale=2), "applies to task 'reassign' only"),
+    (dict(task="reassign", train_distractor_scale=0), "train_distractor_scale must be >= 1"),
     (dict(halt_confidence=1.0), r"halt_confidence must be in \[0, 1\)"),
     (dict(global_heads=5, heads=4), "global_heads must be in 0..heads=4"),
     (dict(readout="pool"), "unknown readout 'pool'"),

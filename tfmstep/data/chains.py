@@ -205,9 +205,11 @@ def _registers_problem(k, rng, modulus, copy_rate=REGISTERS_COPY_RATE):
     return "".join(map(str, start)) + ":" + "".join(instructions) + "=", "".join(map(str, state))
 
 
-def _reassign(k, rng, modulus):
+def _reassign(k, rng, modulus, distractor_scale=1):
     names = _names(rng, REASSIGN_VARIABLES)
-    gaps = np.bincount(rng.integers(k + 1, size=k), minlength=k + 1)  # k distractors over k+1 gaps
+    # k distractors over k+1 gaps, or m * k with m drawn from 1..distractor_scale (a longer text, same k)
+    scale = 1 if distractor_scale == 1 else int(rng.integers(1, distractor_scale + 1))
+    gaps = np.bincount(rng.integers(k + 1, size=scale * k), minlength=k + 1)
     values: dict[str, int] = {}
     statements = []
 
@@ -245,19 +247,24 @@ _GENERATORS = {"lego": _lego, "parity": _parity, "pointer": _pointer, "kinship":
 
 
 def generate_problem(task: str, k: int, rng: np.random.Generator, modulus: int = 5,
-                     negation_rate: float | None = None, copy_rate: float | None = None) -> tuple[str, str]:
+                     negation_rate: float | None = None, copy_rate: float | None = None,
+                     distractor_scale: int | None = None) -> tuple[str, str]:
     """(text, answer) of one problem of exactly ``k`` steps. ``negation_rate`` (lego only): the share of
     negated clauses (None: the generator's own, one half); ``copy_rate`` (registers only): the share of
-    copy instructions (None: the generator's own, one third)."""
+    copy instructions (None: the generator's own, one third); ``distractor_scale`` M (reassign only): m * k
+    distractor statements with m uniform in 1..M (None: k)."""
     if k < min_chain_length(task):
         raise UserError(f"task {task!r} has no problems of {k} steps (fewest: {min_chain_length(task)})")
-    for option, value, owner in (("negation_rate", negation_rate, "lego"), ("copy_rate", copy_rate, "registers")):
+    for option, value, owner in (("negation_rate", negation_rate, "lego"), ("copy_rate", copy_rate, "registers"),
+                                 ("distractor_scale", distractor_scale, "reassign")):
         if value is not None and task != owner:
             raise UserError(f"{option} applies to task {owner!r} only, not {task!r}")
     if negation_rate is not None:
         return _lego(int(k), rng, modulus, negation_rate)
     if copy_rate is not None:
         return _registers_problem(int(k), rng, modulus, copy_rate)
+    if distractor_scale is not None:
+        return _reassign(int(k), rng, modulus, int(distractor_scale))
     return _GENERATORS[task](int(k), rng, modulus)
 
 
@@ -280,12 +287,12 @@ def max_chain_length(task: str) -> int | None:
     return max(k for k in range(len(NAMES)) if names_needed(task, k) <= len(NAMES))
 
 
-def max_text_length(task: str, k: int) -> int:
+def max_text_length(task: str, k: int, distractor_scale: int = 1) -> int:
     """An upper bound on the characters of a problem of ``k`` steps (the padded length of a batch)."""
     extra = _distractors(k)
     return {"lego": 4 + 7 * (k + extra) + 2, "parity": k + 1, "pointer": 4 * (k + _pointer_decoy_length(k) + 2) + 2,
             "kinship": 4 + 7 * (k + extra) + 2, "registers": 5 + 4 * k,
-            "reassign": 2 * k * 6 + 2}[task]
+            "reassign": (1 + distractor_scale) * k * 6 + 2}[task]
 
 
 # S3 as permutations of (0, 1, 2); element 0 is the identity.
@@ -391,8 +398,9 @@ def make_batch(problems, answer_length: int, pad_to: int | None = None, tokenize
     return {"tokens": tokens}, {"answers": answers, "steps": steps}
 
 
-def generate_batch(task, lengths, rng, answer_length, pad_to, modulus=5, negation_rate=None, copy_rate=None):
-    return make_batch([(*generate_problem(task, k, rng, modulus, negation_rate, copy_rate), int(k))
+def generate_batch(task, lengths, rng, answer_length, pad_to, modulus=5, negation_rate=None, copy_rate=None,
+                   distractor_scale=None):
+    return make_batch([(*generate_problem(task, k, rng, modulus, negation_rate, copy_rate, distractor_scale), int(k))
                        for k in lengths], answer_length, pad_to)
 
 
@@ -415,7 +423,8 @@ def generated_dataset(task: str, split: str, batch_size: int, *, seed: int = 0, 
                       curriculum_batches: int = 0, curriculum_stages: tuple = (),
                       negation_curriculum_batches: int = 0,
                       negation_rate: float | None = None,
-                      train_copy_rate: float | None = None) -> tf.data.Dataset:
+                      train_copy_rate: float | None = None,
+                      train_distractor_scale: int | None = None) -> tf.data.Dataset:
     """"train": infinite, k uniform in [train_min_len, train_max_len] -- over the first
     ``curriculum_batches`` batches the upper end rises linearly from train_min_len, so the one-step
     lookup is learned on short chains first; or, with ``curriculum_stages`` ((top, batches), ...), it is
@@ -423,7 +432,8 @@ def generated_dataset(task: str, split: str, batch_size: int, *, seed: int = 0, 
     shapes, short early problems cost little); lego with ``negation_curriculum_batches`` N: no negated
     clauses in the first N/2 batches, then their share rises linearly to ``negation_rate`` (None: the
     generator's own) by batch N; registers with ``train_copy_rate``: that share of copy instructions in
-    training problems only, so validation and test stay the generator's own --,
+    training problems only, so validation and test stay the generator's own; reassign with
+    ``train_distractor_scale`` M: m * k distractor statements (m uniform in 1..M) in training problems only --,
     batch b generated from the seed (seed, 0, b) alone
     (exact resume). "validation": the train range, finite. "test": k uniform in
     [1, test_max_len], finite. Without stages, every batch of a split is padded to one length."""
@@ -435,6 +445,9 @@ def generated_dataset(task: str, split: str, batch_size: int, *, seed: int = 0, 
     pad_to = max_text_length(task, high) + answer_length
     staged = split == "train" and bool(curriculum_stages)
     stage_ends = np.cumsum([batches for _, batches in curriculum_stages], dtype=np.int64)
+    distractor_scale = train_distractor_scale if split == "train" else None
+    if distractor_scale is not None:
+        pad_to = max_text_length(task, high, distractor_scale) + answer_length
 
     def make(batch_index):
         rng = np.random.default_rng([seed, _SPLIT_CODE[split], int(batch_index)])
@@ -443,7 +456,7 @@ def generated_dataset(task: str, split: str, batch_size: int, *, seed: int = 0, 
             stage = int(np.searchsorted(stage_ends, batch_index, side="right"))
             if stage < len(curriculum_stages):
                 top = curriculum_stages[stage][0]
-                padded = max_text_length(task, top) + answer_length
+                padded = max_text_length(task, top, distractor_scale or 1) + answer_length
         elif split == "train" and batch_index < curriculum_batches:
             top = min(high, low + int((high - low + 1) * batch_index / curriculum_batches))
         rate = negation_rate
@@ -453,7 +466,7 @@ def generated_dataset(task: str, split: str, batch_size: int, *, seed: int = 0, 
             rate = full * max(0.0, (batch_index - half) / half)
         copy_rate = train_copy_rate if split == "train" else None
         inputs, labels = generate_batch(task, rng.integers(low, top + 1, size=batch_size), rng,
-                                        answer_length, padded, modulus, rate, copy_rate)
+                                        answer_length, padded, modulus, rate, copy_rate, distractor_scale)
         return inputs["tokens"], labels["answers"], labels["steps"]
 
     if split == "train":
