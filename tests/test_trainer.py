@@ -94,6 +94,28 @@ def test_workdir_of_another_model_config_is_refused_untouched(tmp_path):
     assert open(os.path.join(workdir, "config.json")).read() == before
 
 
+def test_a_changed_default_does_not_change_a_trained_run(tmp_path, monkeypatch):
+    # config.json records every model field: evaluating, exporting or resuming a workdir rebuilds the
+    # model it trained, even after the preset (or a dataclass default) changed under it.
+    workdir = str(tmp_path / "run")
+    config = trainer.TrainConfig(steps=2, batch_size=8, eval_batches=1, eval_every=0, jit_compile=False,
+                                 steps_per_call=1, mixed_precision="float32")
+    trainer.train("cnn_classifier", workdir, "tiny", config=config)
+    trained, _, _ = trainer.restore(workdir)
+    spec = registry.get_spec("cnn_classifier")
+    monkeypatch.setitem(spec.presets, "tiny", {**spec.presets["tiny"], "filters": (4, 4)})
+    model, model_config, _ = trainer.restore(workdir)
+    assert model_config.filters == (8, 16)
+    for a, b in zip(model.get_weights(), trained.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    resumed = trainer.train("cnn_classifier", workdir, "tiny", config=dataclasses.replace(config, steps=3))
+    assert resumed["step"] == 3
+    assert json.load(open(os.path.join(workdir, "config.json")))["model_config"]["filters"] == [8, 16]
+    # A new run takes today's preset.
+    trainer.train("cnn_classifier", str(tmp_path / "new"), "tiny", config=config)
+    assert trainer.restore(str(tmp_path / "new"))[1].filters == (4, 4)
+
+
 def _tree_digest(path):
     digest = hashlib.sha256()
     for root, _, files in sorted(os.walk(path)):

@@ -1,9 +1,11 @@
 """The loop around the shared step: checkpoints, exact resume, TensorBoard, progress, NaN guard, eval.
 
 A workdir holds everything of one run:
-  config.json       model name, preset, overrides and TrainConfig (a resumed run must match it), and the
-                    step settings in use (``step_settings``: jit_compile, steps_per_call, how they were
-                    chosen and, when auto-tuned, the steps/s of every candidate) -- reused on resume
+  config.json       model name, preset, overrides and TrainConfig (a resumed run must match it), every
+                    model config field as trained (restore and resume rebuild that model even if a default
+                    changed since), and the step settings in use (``step_settings``: jit_compile,
+                    steps_per_call, how they were chosen and, when auto-tuned, the steps/s of every
+                    candidate) -- reused on resume
   checkpoints/      tf.train.CheckpointManager: model, optimizer, step and input-pipeline position, saved
                     every ``checkpoint_every`` steps, every ``checkpoint_every_secs`` seconds, at the end,
                     and on SIGTERM/SIGINT (then the run stops: a preempted run loses at most one call)
@@ -127,9 +129,22 @@ def _worker_workdir(workdir: str, strategy: tf.distribute.Strategy) -> str:
 
 # --- what the workdir already holds ----------------------------------------------------------------------
 
-def _run_record(model_name, preset, overrides, config: TrainConfig) -> dict:
-    return {"model": model_name, "preset": preset, "overrides": dict(overrides),
-            "train": dataclasses.asdict(config)}
+def _run_record(model_name, preset, overrides, config: TrainConfig, model_config=None) -> dict:
+    record = {"model": model_name, "preset": preset, "overrides": dict(overrides),
+              "train": dataclasses.asdict(config)}
+    if model_config is not None:  # every field, so a later change of a default cannot change this run
+        record["model_config"] = json.loads(json.dumps(dataclasses.asdict(model_config)))
+    return record
+
+
+def _recorded_model_config(spec, record: dict, workdir: str):
+    """The model config a workdir's run was trained with: its recorded fields (``model_config``; a
+    field added since takes its default) or, for runs recorded before that, its preset and overrides
+    under today's defaults. File overrides point at the workdir's copies (``_files_found_in_workdir``)."""
+    known = {f.name for f in dataclasses.fields(spec.config_class)}
+    values = {k: v for k, v in (record.get("model_config") or {}).items() if k in known}
+    values.update(_files_found_in_workdir(record["overrides"], workdir))
+    return spec.config(record["preset"], **values)
 
 
 def _saved_record(workdir: str) -> Optional[dict]:
@@ -434,7 +449,7 @@ def restore(workdir: str, restore_from: str = ""):
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     config = TrainConfig(**{k: v for k, v in record["train"].items() if k in fields})
     spec = registry.get_spec(record["model"])
-    model_config = spec.config(record["preset"], **_files_found_in_workdir(record["overrides"], workdir))
+    model_config = _recorded_model_config(spec, record, workdir)
     run = _Run(spec, model_config, config, workdir, tf.distribute.get_strategy())
     if run.restore(restore_from) is None:
         raise UserError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
@@ -630,10 +645,21 @@ def train(model_name: str, workdir: str, preset: str = "default",
     if checkpoint_every_secs < 0 or not math.isfinite(checkpoint_every_secs):
         raise UserError(f"checkpoint_every_secs must be >= 0 (0: only by steps), got {checkpoint_every_secs}")
     overrides = dict(overrides or {})
-    record = _run_record(model_name, preset, overrides, config)
     spec = registry.get_spec(model_name)
     model_config = spec.config(preset, **overrides)  # bad input fails first
+    record = _run_record(model_name, preset, overrides, config, model_config)
     _check_workdir_matches(workdir, record)
+    saved = _saved_record(workdir)
+    if saved and saved.get("model_config") and _has_training(workdir):
+        # A resumed run keeps the config its weights were trained with, even if a default changed since.
+        trained_with = _recorded_model_config(spec, saved, workdir)
+        changed = sorted(k for k, v in dataclasses.asdict(trained_with).items()
+                         if v != getattr(model_config, k))
+        if changed:
+            logging.info("Resuming with the config the run was trained with (config.json); today's defaults "
+                         "differ in: %s", ", ".join(changed))
+        model_config = trained_with
+        record["model_config"] = saved["model_config"]
     with data_common.data_policy(config.allow_fallback):  # metrics.json records the data actually read
         validate_data(spec, model_config)  # the data against the config, before anything is written
         keras.utils.set_random_seed(config.seed)
