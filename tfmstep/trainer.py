@@ -129,12 +129,11 @@ def _worker_workdir(workdir: str, strategy: tf.distribute.Strategy) -> str:
 
 # --- what the workdir already holds ----------------------------------------------------------------------
 
-def _run_record(model_name, preset, overrides, config: TrainConfig, model_config=None) -> dict:
-    record = {"model": model_name, "preset": preset, "overrides": dict(overrides),
-              "train": dataclasses.asdict(config)}
-    if model_config is not None:  # every field, so a later change of a default cannot change this run
-        record["model_config"] = json.loads(json.dumps(dataclasses.asdict(model_config)))
-    return record
+def _run_record(model_name, preset, overrides, config: TrainConfig, model_config) -> dict:
+    # model_config: every field, so a later change of a default cannot change this run
+    return {"model": model_name, "preset": preset, "overrides": dict(overrides),
+            "train": dataclasses.asdict(config),
+            "model_config": json.loads(json.dumps(dataclasses.asdict(model_config)))}
 
 
 def _recorded_model_config(spec, record: dict, workdir: str):

@@ -442,12 +442,10 @@ def generated_dataset(task: str, split: str, batch_size: int, *, seed: int = 0, 
     low, high = (1, test_max_len) if split == "test" else (train_min_len, train_max_len)
     if split == "validation":
         low = max(1, low)  # zero-step problems only help training; what is reported starts at k = 1
-    pad_to = max_text_length(task, high) + answer_length
+    distractor_scale = train_distractor_scale if split == "train" else None
+    pad_to = max_text_length(task, high, distractor_scale or 1) + answer_length
     staged = split == "train" and bool(curriculum_stages)
     stage_ends = np.cumsum([batches for _, batches in curriculum_stages], dtype=np.int64)
-    distractor_scale = train_distractor_scale if split == "train" else None
-    if distractor_scale is not None:
-        pad_to = max_text_length(task, high, distractor_scale) + answer_length
 
     def make(batch_index):
         rng = np.random.default_rng([seed, _SPLIT_CODE[split], int(batch_index)])
