@@ -128,8 +128,23 @@ def test_a_task_specific_generator_option_is_refused_for_other_tasks():
         chains.generate_problem("pointer", 2, np.random.default_rng(0), negation_rate=0.0)
     with pytest.raises(UserError, match="applies to task 'registers' only"):
         chains.generate_problem("lego", 2, np.random.default_rng(0), copy_rate=0.1)
-    with pytest.raises(UserError, match="applies to task 'reassign' only"):
-        chains.generate_problem("lego", 2, np.random.default_rng(0), distractor_scale=2)
+    with pytest.raises(UserError, match="applies to task 'lego' and 'reassign' only"):
+        chains.generate_problem("pointer", 2, np.random.default_rng(0), distractor_scale=2)
+
+
+def test_lego_distractor_scale_lengthens_the_text_not_the_chain_and_one_draws_as_before():
+    rng = np.random.default_rng(0)
+    clauses = {1: [], 3: []}
+    for _ in range(300):
+        k = int(rng.integers(0, 9))
+        for scale in clauses:
+            text, answer = chains.generate_problem("lego", k, rng, negation_rate=0.5, distractor_scale=scale)
+            assert chains.solve("lego", text) == (answer, k)
+            assert len(text) <= chains.max_text_length("lego", k, scale)
+            clauses[scale].append((text.count(";") - k - 1) / max(1, -(-k // 2)))  # distractors per ceil(k/2)
+    assert set(clauses[1]) <= {0, 1} and set(clauses[3]) <= {0, 1, 2, 3} and 1.7 < np.mean(clauses[3]) < 2.3
+    seeded = [chains.generate_problem("lego", 5, np.random.default_rng(7), distractor_scale=scale) for scale in (None, 1)]
+    assert seeded[0] == seeded[1]
 
 
 def test_reassign_distractor_scale_lengthens_the_text_not_the_chain():

@@ -188,19 +188,21 @@ def test_registers_train_copy_rate_changes_training_problems_only():
     assert none["test"] == every["test"] == default["test"] > 0.25
 
 
-def test_reassign_train_distractor_scale_lengthens_training_problems_only():
-    def statements_per_step(scale):
-        cfg = tfmstep.get_config("chain_transformer", "tiny", task="reassign", train_distractor_scale=scale)
-        ratios = {}
+@pytest.mark.parametrize("task", chains.DISTRACTOR_SCALE_TASKS)
+def test_train_distractor_scale_lengthens_training_problems_only(task):
+    def clauses_per_problem(scale):
+        cfg = tfmstep.get_config("chain_transformer", "tiny", task=task, train_distractor_scale=scale)
+        counts = {}
         for split in ("train", "validation"):
             inputs, labels = next(iter(ct.chain_dataset(cfg, split, 64)))
             texts = [chains.decode(row) for row in inputs["tokens"].numpy()]
-            ratios[split] = np.mean([t.count(";") / k for t, k in zip(texts, labels["steps"].numpy())])
-        return ratios
+            assert [chains.solve(task, t)[1] for t in texts] == labels["steps"].numpy().tolist()
+            counts[split] = np.mean([t.count(";") for t in texts])
+        return counts
 
-    plain, scaled = statements_per_step(1), statements_per_step(3)
-    assert plain["train"] == 2.0 and scaled["train"] > 2.5
-    assert plain["validation"] == scaled["validation"] == 2.0  # scored on the generator's own problems
+    plain, scaled = clauses_per_problem(1), clauses_per_problem(3)
+    assert scaled["train"] > 1.2 * plain["train"]
+    assert plain["validation"] == scaled["validation"]  # scored on the generator's own problems
 
 
 def test_value_feedback_makes_each_iteration_read_the_answer_heads_distribution():
@@ -444,7 +446,8 @@ def test_model_fit_uses_the_family_loss_and_the_keras_file_round_trips(tmp_path)
     (dict(negation_rate=1.5), "negation_rate must be in"),
     (dict(task="lego", train_copy_rate=0.1), "applies to task 'registers' only"),
     (dict(task="registers", train_copy_rate=-0.1), "train_copy_rate must be in"),
-    (dict(task="lego", train_distractor_scale=2), "applies to task 'reassign' only"),
+    (dict(task="pointer", train_distractor_scale=2), "applies to tasks lego, reassign only"),
+    (dict(task="lego", train_max_len=16, train_distractor_scale=5), "more than the 52 names"),
     (dict(task="reassign", train_distractor_scale=0), "train_distractor_scale must be >= 1"),
     (dict(halt_confidence=1.0), r"halt_confidence must be in \[0, 1\)"),
     (dict(global_heads=5, heads=4), "global_heads must be in 0..heads=4"),

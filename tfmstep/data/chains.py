@@ -43,6 +43,7 @@ NAMES = string.ascii_lowercase + string.ascii_uppercase  # 52 single-character n
 ANSWER_LENGTH = {"lego": 1, "parity": 1, "pointer": 1, "kinship": 1, "registers": 3, "reassign": 1}
 KINSHIP_RELATIONS = 6  # elements of S3, written 0..5; 0 is "self" (the identity)
 REGISTERS = "ABC"
+DISTRACTOR_SCALE_TASKS = ("lego", "reassign")  # generators whose distractor count takes a multiple
 LEGO_NEGATION_RATE = 0.5  # lego's default share of negated clauses ("b=-a+1")
 REASSIGN_VARIABLES = 4  # names per reassign problem: each is reassigned ~k/2 times
 REGISTERS_COPY_RATE = 1 / 3  # registers' default share of copies ("C=A", "B=7") among instructions
@@ -124,12 +125,18 @@ def _names(rng, count):
     return [NAMES[i] for i in rng.choice(len(NAMES), size=count, replace=False)]
 
 
-def _lego(k, rng, modulus, negation_rate=LEGO_NEGATION_RATE):
+def _distractor_multiple(rng, distractor_scale):
+    # m uniform in 1..M; M = 1 draws nothing, so the generators' default problems stay as they were.
+    return 1 if distractor_scale == 1 else int(rng.integers(1, distractor_scale + 1))
+
+
+def _lego(k, rng, modulus, negation_rate=LEGO_NEGATION_RATE, distractor_scale=1):
     # The chain 0..k, then distractor clauses hanging off any earlier name (as kinship's relatives): without
     # them every clause is on the queried chain, and with no negated clause the answer is the sum of every
     # number in the text mod 5 -- a model trained so answered an inner node's query with the chain end's
     # value (0.19 right, 0.96 "the end's value" at k = 4), having learned no lookup at all.
-    names = _names(rng, names_needed("lego", k))
+    scale = _distractor_multiple(rng, distractor_scale)
+    names = _names(rng, k + 1 + scale * _distractors(k))
     values = [int(rng.integers(modulus))]
     clauses = [f"{names[0]}={values[0]};"]
     for i in range(1, len(names)):
@@ -208,7 +215,7 @@ def _registers_problem(k, rng, modulus, copy_rate=REGISTERS_COPY_RATE):
 def _reassign(k, rng, modulus, distractor_scale=1):
     names = _names(rng, REASSIGN_VARIABLES)
     # k distractors over k+1 gaps, or m * k with m drawn from 1..distractor_scale (a longer text, same k)
-    scale = 1 if distractor_scale == 1 else int(rng.integers(1, distractor_scale + 1))
+    scale = _distractor_multiple(rng, distractor_scale)
     gaps = np.bincount(rng.integers(k + 1, size=scale * k), minlength=k + 1)
     values: dict[str, int] = {}
     statements = []
@@ -251,21 +258,19 @@ def generate_problem(task: str, k: int, rng: np.random.Generator, modulus: int =
                      distractor_scale: int | None = None) -> tuple[str, str]:
     """(text, answer) of one problem of exactly ``k`` steps. ``negation_rate`` (lego only): the share of
     negated clauses (None: the generator's own, one half); ``copy_rate`` (registers only): the share of
-    copy instructions (None: the generator's own, one third); ``distractor_scale`` M (reassign only): m * k
-    distractor statements with m uniform in 1..M (None: k)."""
+    copy instructions (None: the generator's own, one third); ``distractor_scale`` M (lego, reassign): m times
+    the generator's distractor clauses, m uniform in 1..M (None: once) -- a longer text, the same chain."""
     if k < min_chain_length(task):
         raise UserError(f"task {task!r} has no problems of {k} steps (fewest: {min_chain_length(task)})")
-    for option, value, owner in (("negation_rate", negation_rate, "lego"), ("copy_rate", copy_rate, "registers"),
-                                 ("distractor_scale", distractor_scale, "reassign")):
-        if value is not None and task != owner:
-            raise UserError(f"{option} applies to task {owner!r} only, not {task!r}")
-    if negation_rate is not None:
-        return _lego(int(k), rng, modulus, negation_rate)
-    if copy_rate is not None:
-        return _registers_problem(int(k), rng, modulus, copy_rate)
-    if distractor_scale is not None:
-        return _reassign(int(k), rng, modulus, int(distractor_scale))
-    return _GENERATORS[task](int(k), rng, modulus)
+    options = {}
+    for option, value, owners in (("negation_rate", negation_rate, ("lego",)),
+                                  ("copy_rate", copy_rate, ("registers",)),
+                                  ("distractor_scale", distractor_scale, DISTRACTOR_SCALE_TASKS)):
+        if value is not None:
+            if task not in owners:
+                raise UserError(f"{option} applies to task {' and '.join(map(repr, owners))} only, not {task!r}")
+            options[option] = value
+    return _GENERATORS[task](int(k), rng, modulus, **options)
 
 
 def min_chain_length(task: str) -> int:
@@ -290,7 +295,7 @@ def max_chain_length(task: str) -> int | None:
 def max_text_length(task: str, k: int, distractor_scale: int = 1) -> int:
     """An upper bound on the characters of a problem of ``k`` steps (the padded length of a batch)."""
     extra = _distractors(k)
-    return {"lego": 4 + 7 * (k + extra) + 2, "parity": k + 1, "pointer": 4 * (k + _pointer_decoy_length(k) + 2) + 2,
+    return {"lego": 4 + 7 * (k + distractor_scale * extra) + 2, "parity": k + 1, "pointer": 4 * (k + _pointer_decoy_length(k) + 2) + 2,
             "kinship": 4 + 7 * (k + extra) + 2, "registers": 5 + 4 * k,
             "reassign": (1 + distractor_scale) * k * 6 + 2}[task]
 
@@ -432,8 +437,8 @@ def generated_dataset(task: str, split: str, batch_size: int, *, seed: int = 0, 
     shapes, short early problems cost little); lego with ``negation_curriculum_batches`` N: no negated
     clauses in the first N/2 batches, then their share rises linearly to ``negation_rate`` (None: the
     generator's own) by batch N; registers with ``train_copy_rate``: that share of copy instructions in
-    training problems only, so validation and test stay the generator's own; reassign with
-    ``train_distractor_scale`` M: m * k distractor statements (m uniform in 1..M) in training problems only --,
+    training problems only, so validation and test stay the generator's own; lego and reassign with
+    ``train_distractor_scale`` M: m times the distractor clauses (m uniform in 1..M) in training problems only --,
     batch b generated from the seed (seed, 0, b) alone
     (exact resume). "validation": the train range, finite. "test": k uniform in
     [1, test_max_len], finite. Without stages, every batch of a split is padded to one length."""

@@ -41,6 +41,7 @@ bias, the distance slopes, the reach mask and the length-scaled softmax inside t
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 import keras
@@ -96,8 +97,8 @@ class ChainConfig:
     # it writes (the sums and differences it has been through), and errors grow with that depth
     # (results/chain/README.md, "Fewer copies in training").
     train_copy_rate: float = chains.REGISTERS_COPY_RATE
-    # reassign: training problems of k steps get m * k distractor statements, m uniform in 1..this (1: k),
-    # so the "latest assignment" lookup is trained on texts as long as the tested chains'.
+    # lego, reassign: training problems get m times the generator's distractor clauses, m uniform in 1..this,
+    # so the lookup is trained on texts as long as the tested chains' (1: the generator's own problems).
     train_distractor_scale: int = 1
     # Model.
     looped: bool = True  # False: the stacked baseline
@@ -238,9 +239,16 @@ class ChainConfig:
                                                       and self.task != "registers"):
             raise UserError(f"train_copy_rate must be in [0, 1] and applies to task 'registers' only, got "
                             f"{self.train_copy_rate} for task {self.task!r}")
-        if self.train_distractor_scale < 1 or (self.train_distractor_scale != 1 and self.task != "reassign"):
-            raise UserError(f"train_distractor_scale must be >= 1 and applies to task 'reassign' only, got "
-                            f"{self.train_distractor_scale} for task {self.task!r}")
+        if self.train_distractor_scale < 1 or (self.train_distractor_scale != 1
+                                               and self.task not in chains.DISTRACTOR_SCALE_TASKS):
+            raise UserError(f"train_distractor_scale must be >= 1 and applies to tasks "
+                            f"{', '.join(chains.DISTRACTOR_SCALE_TASKS)} only, got {self.train_distractor_scale} "
+                            f"for task {self.task!r}")
+        if self.task == "lego" and self.train_max_len + 1 + self.train_distractor_scale * math.ceil(
+                self.train_max_len / 2) > len(chains.NAMES):
+            raise UserError(f"train_distractor_scale={self.train_distractor_scale} at train_max_len="
+                            f"{self.train_max_len} needs more than the {len(chains.NAMES)} names a lego problem "
+                            f"can use")
         if self.answer_lag < 0:
             raise UserError(f"answer_lag must be >= 0, got {self.answer_lag}")
         if self.train_loops < 0:
@@ -791,8 +799,8 @@ def chain_dataset(config: ChainConfig, split: str, batch_size: int, seed: int = 
                                     curriculum_stages=config.stages,
                                     negation_curriculum_batches=config.negation_curriculum_steps,
                                     train_copy_rate=config.train_copy_rate if config.task == "registers" else None,
-                                    train_distractor_scale=(config.train_distractor_scale
-                                                            if config.task == "reassign" else None),
+                                    train_distractor_scale=(config.train_distractor_scale if config.task
+                                                            in chains.DISTRACTOR_SCALE_TASKS else None),
                                     **config.generator_options)
 
 
