@@ -143,8 +143,9 @@ def test_lego_distractor_scale_lengthens_the_text_not_the_chain_and_one_draws_as
             assert len(text) <= chains.max_text_length("lego", k, scale)
             clauses[scale].append((text.count(";") - k - 1) / max(1, -(-k // 2)))  # distractors per ceil(k/2)
     assert set(clauses[1]) <= {0, 1} and set(clauses[3]) <= {0, 1, 2, 3} and 1.7 < np.mean(clauses[3]) < 2.3
-    seeded = [chains.generate_problem("lego", 5, np.random.default_rng(7), distractor_scale=scale) for scale in (None, 1)]
-    assert seeded[0] == seeded[1]
+    default, scale_one = (chains.generate_problem("lego", 5, np.random.default_rng(7), distractor_scale=scale)
+                          for scale in (None, 1))
+    assert default == scale_one
 
 
 def test_reassign_distractor_scale_lengthens_the_text_not_the_chain():

@@ -295,7 +295,8 @@ def max_chain_length(task: str) -> int | None:
 def max_text_length(task: str, k: int, distractor_scale: int = 1) -> int:
     """An upper bound on the characters of a problem of ``k`` steps (the padded length of a batch)."""
     extra = _distractors(k)
-    return {"lego": 4 + 7 * (k + distractor_scale * extra) + 2, "parity": k + 1, "pointer": 4 * (k + _pointer_decoy_length(k) + 2) + 2,
+    return {"lego": 4 + 7 * (k + distractor_scale * extra) + 2, "parity": k + 1,
+            "pointer": 4 * (k + _pointer_decoy_length(k) + 2) + 2,
             "kinship": 4 + 7 * (k + extra) + 2, "registers": 5 + 4 * k,
             "reassign": (1 + distractor_scale) * k * 6 + 2}[task]
 
