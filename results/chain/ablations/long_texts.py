@@ -1,7 +1,8 @@
 """Lego or reassign problems of k steps in longer texts: m times the generator's distractor clauses, as a JSONL
 test file for ``tools/evaluate.py --test_file`` (does a model lose on long chains, or on long texts?).
   python long_texts.py <task> <k> <m> <problems> <out.jsonl> [<lego negation rate, e.g. 0 as its recipe>]
-  (results/chain/README.md: reassign k = 8, m = 1..4; k = 4, m = 4 and 8; k = 16, m = 1; lego k = 4 and 8, m = 1..6)
+  (results/chain/README.md: reassign k = 8, m = 1..4; k = 4, m = 4 and 8; k = 16, m = 1;
+   lego with negation rate 0: k = 4, m = 1, 3, 6; k = 8, m = 1..4; k = 16, m = 1)
 Drawn with the generator's ``distractor_scale`` (m uniform in 1..M), keeping the problems whose m is the one
 asked for, so a file is the generator's own problems of that length."""
 import json
