@@ -136,7 +136,7 @@ def _lego(k, rng, modulus, negation_rate=LEGO_NEGATION_RATE, distractor_scale=1)
     # number in the text mod 5 -- a model trained so answered an inner node's query with the chain end's
     # value (0.19 right, 0.96 "the end's value" at k = 4), having learned no lookup at all.
     scale = _distractor_multiple(rng, distractor_scale)
-    names = _names(rng, k + 1 + scale * _distractors(k))
+    names = _names(rng, names_needed("lego", k, scale))
     values = [int(rng.integers(modulus))]
     clauses = [f"{names[0]}={values[0]};"]
     for i in range(1, len(names)):
@@ -279,9 +279,10 @@ def min_chain_length(task: str) -> int:
     return 1 if task == "reassign" else 0
 
 
-def names_needed(task: str, k: int) -> int | None:
-    """Distinct names a problem of ``k`` steps uses (None: the task has no named clauses)."""
-    return {"lego": k + 1 + _distractors(k), "pointer": k + _pointer_decoy_length(k) + 2,
+def names_needed(task: str, k: int, distractor_scale: int = 1) -> int | None:
+    """Distinct names a problem of ``k`` steps uses, with ``distractor_scale`` times lego's distractors (None:
+    the task has no named clauses)."""
+    return {"lego": k + 1 + distractor_scale * _distractors(k), "pointer": k + _pointer_decoy_length(k) + 2,
             "kinship": k + 1 + _distractors(k)}.get(task)
 
 

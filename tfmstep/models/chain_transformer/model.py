@@ -41,7 +41,6 @@ bias, the distance slopes, the reach mask and the length-scaled softmax inside t
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 
 import keras
@@ -244,8 +243,8 @@ class ChainConfig:
             raise UserError(f"train_distractor_scale must be >= 1 and applies to tasks "
                             f"{', '.join(chains.DISTRACTOR_SCALE_TASKS)} only, got {self.train_distractor_scale} "
                             f"for task {self.task!r}")
-        if self.task == "lego" and self.train_max_len + 1 + self.train_distractor_scale * math.ceil(
-                self.train_max_len / 2) > len(chains.NAMES):
+        if self.task == "lego" and chains.names_needed("lego", self.train_max_len,
+                                                       self.train_distractor_scale) > len(chains.NAMES):
             raise UserError(f"train_distractor_scale={self.train_distractor_scale} at train_max_len="
                             f"{self.train_max_len} needs more than the {len(chains.NAMES)} names a lego problem "
                             f"can use")
