@@ -3,6 +3,7 @@ tokenizer round-trips, splits have the promised lengths and shapes, and user JSO
 one clear error per bad line."""
 
 import json
+import math
 import re
 
 import numpy as np
@@ -181,6 +182,39 @@ def test_curriculum_stages_train_each_stage_top_padded_to_its_own_length_and_res
                                        start_batch=1, curriculum_stages=stages)
     for index, (inputs, _) in enumerate(resumed.take(3), start=1):  # a resumed run sees the same batches
         np.testing.assert_array_equal(inputs["tokens"].numpy(), batch(index)[0])
+
+
+def test_length_buckets_pad_sorted_groups_to_shared_shapes_and_resume_mid_group():
+    stages = ((2, 6), (5, 7))  # 6 batches of k <= 2, 7 of k <= 5 (a group of 4, then one of 3), then k <= 8
+    kwargs = dict(train_min_len=1, train_max_len=8, curriculum_stages=stages, train_distractor_scale=3, seed=3)
+    longest = chains.max_text_length("reassign", 8, 3) + 1
+    grid = {math.ceil(longest * i / 4) for i in (1, 2, 3, 4)}
+
+    def batches(start_batch, count, buckets=4):
+        ds = chains.generated_dataset("reassign", "train", 16, start_batch=start_batch, length_buckets=buckets,
+                                      **kwargs)
+        return [(inputs["tokens"].numpy(), labels) for inputs, labels in ds.take(count)]
+
+    served = batches(0, 21)
+    for index, (tokens, labels) in enumerate(served):
+        stage_top = 2 if index < 6 else 5 if index < 13 else 8
+        stage_length = chains.max_text_length("reassign", stage_top, 3) + 1
+        for row, answer, steps in zip(tokens, labels["answers"].numpy(), labels["steps"].numpy()):
+            solved, solved_steps = chains.solve("reassign", chains.decode(row))
+            assert (chains.encode_answer(solved, 1), solved_steps) == (answer.tolist(), steps)
+        assert labels["steps"].numpy().max() <= stage_top
+        assert tokens.shape[1] in grid | {stage_length} and tokens.shape[1] <= stage_length
+        lengths = (tokens != chains.PAD).sum(axis=1)
+        # The shortest grid length that holds the batch's longest problem (or the stage's own).
+        assert tokens.shape[1] == min(b for b in grid | {stage_length} if b >= lengths.max())
+    # A group's batches are its problems sorted by length: they do not overlap in length.
+    group = sorted(((t != chains.PAD).sum(axis=1) for t, _ in served[13:17]), key=np.min)
+    assert all(a.max() <= b.min() for a, b in zip(group, group[1:]))
+    assert len({t.shape[1] for t, _ in served[13:]}) > 2  # the k <= 8 stage uses several shapes
+    for resumed, (tokens, _) in zip(batches(15, 4), served[15:19]):  # resumed mid-group, same batches
+        np.testing.assert_array_equal(resumed[0], tokens)
+    plain = batches(0, 13, buckets=1)
+    assert {t.shape[1] for t, _ in plain} == {chains.max_text_length("reassign", top, 3) + 1 for top in (2, 5)}
 
 
 def test_pointer_decoy_chain_is_as_long_as_the_real_one_while_names_last():

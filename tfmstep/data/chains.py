@@ -26,6 +26,7 @@ Names are drawn at random for each problem from 52 letters, so nothing depends o
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -431,7 +432,8 @@ def generated_dataset(task: str, split: str, batch_size: int, *, seed: int = 0, 
                       negation_curriculum_batches: int = 0,
                       negation_rate: float | None = None,
                       train_copy_rate: float | None = None,
-                      train_distractor_scale: int | None = None) -> tf.data.Dataset:
+                      train_distractor_scale: int | None = None,
+                      length_buckets: int = 1) -> tf.data.Dataset:
     """"train": infinite, k uniform in [train_min_len, train_max_len] -- over the first
     ``curriculum_batches`` batches the upper end rises linearly from train_min_len, so the one-step
     lookup is learned on short chains first; or, with ``curriculum_stages`` ((top, batches), ...), it is
@@ -442,8 +444,13 @@ def generated_dataset(task: str, split: str, batch_size: int, *, seed: int = 0, 
     training problems only, so validation and test stay the generator's own; lego and reassign with
     ``train_distractor_scale`` M: m times the distractor clauses (m uniform in 1..M) in training problems only --,
     batch b generated from the seed (seed, 0, b) alone
-    (exact resume). "validation": the train range, finite. "test": k uniform in
-    [1, test_max_len], finite. Without stages, every batch of a split is padded to one length."""
+    (exact resume). With ``length_buckets`` N > 1, training batches come in groups of N within a stage:
+    a group's problems are drawn together (from the seed and the group's first batch), sorted by length
+    and cut into N batches, served in a shuffled order, each padded to the shortest length that holds it
+    among N evenly spaced ones up to the longest training text's and its stage's own -- so a batch of
+    short problems is not padded to the longest (a few shapes in all, each compiled once). "validation": the train range, finite.
+    "test": k uniform in [1, test_max_len], finite. Without stages, every batch of a split is padded to
+    one length (or to its bucket's)."""
     if split not in _SPLIT_CODE:
         raise UserError(f"unknown split {split!r}; choose train, validation or test")
     low, high = (1, test_max_len) if split == "test" else (train_min_len, train_max_len)
@@ -454,13 +461,19 @@ def generated_dataset(task: str, split: str, batch_size: int, *, seed: int = 0, 
     staged = split == "train" and bool(curriculum_stages)
     stage_ends = np.cumsum([batches for _, batches in curriculum_stages], dtype=np.int64)
 
-    def make(batch_index):
-        rng = np.random.default_rng([seed, _SPLIT_CODE[split], int(batch_index)])
-        top, padded = high, pad_to
+    if length_buckets < 1:
+        raise UserError(f"length_buckets must be >= 1, got {length_buckets}")
+    bucketed = split == "train" and length_buckets > 1
+    copy_rate = train_copy_rate if split == "train" else None
+
+    def schedule(batch_index):
+        """(top k, padded length, negation rate, first batch of its stage, end of its stage or None)."""
+        top, padded, first, end = high, pad_to, 0, None
         if staged:
             stage = int(np.searchsorted(stage_ends, batch_index, side="right"))
+            first = int(stage_ends[stage - 1]) if stage else 0
             if stage < len(curriculum_stages):
-                top = curriculum_stages[stage][0]
+                top, end = curriculum_stages[stage][0], int(stage_ends[stage])
                 padded = max_text_length(task, top, distractor_scale or 1) + answer_length
         elif split == "train" and batch_index < curriculum_batches:
             top = min(high, low + int((high - low + 1) * batch_index / curriculum_batches))
@@ -469,15 +482,46 @@ def generated_dataset(task: str, split: str, batch_size: int, *, seed: int = 0, 
             half = negation_curriculum_batches / 2
             full = LEGO_NEGATION_RATE if negation_rate is None else negation_rate
             rate = full * max(0.0, (batch_index - half) / half)
-        copy_rate = train_copy_rate if split == "train" else None
-        inputs, labels = generate_batch(task, rng.integers(low, top + 1, size=batch_size), rng,
-                                        answer_length, padded, modulus, rate, copy_rate, distractor_scale)
+        return top, padded, rate, first, end
+
+    def as_arrays(inputs, labels):
         return inputs["tokens"], labels["answers"], labels["steps"]
+
+    @functools.lru_cache(maxsize=2 * length_buckets)  # a group serves its batches from one draw
+    def group(start):
+        top, padded, rate, _, end = schedule(start)
+        size = length_buckets if end is None else min(length_buckets, end - start)
+        rng = np.random.default_rng([seed, _SPLIT_CODE[split], start, length_buckets])
+        problems = [(*generate_problem(task, k, rng, modulus, rate, copy_rate, distractor_scale), int(k))
+                    for k in rng.integers(low, top + 1, size=size * batch_size)]
+        lengths = np.array([len(problem_ids(text, answer_length)) for text, _, _ in problems])
+        by_length = np.argsort(lengths, kind="stable")
+        # One grid for every stage (fractions of the longest training text) so stages share compiled shapes.
+        buckets = sorted({math.ceil(pad_to * (i + 1) / length_buckets) for i in range(length_buckets)
+                          if math.ceil(pad_to * (i + 1) / length_buckets) < padded} | {padded})
+        batches = []
+        for j in rng.permutation(size):
+            rows = by_length[j * batch_size:(j + 1) * batch_size]
+            longest = int(lengths[rows].max())
+            batches.append(as_arrays(*make_batch([problems[r] for r in rows], answer_length,
+                                                 next(b for b in buckets if b >= longest))))
+        return batches
+
+    def make(batch_index):
+        batch_index = int(batch_index)
+        if bucketed:
+            first = schedule(batch_index)[3]
+            start = first + (batch_index - first) // length_buckets * length_buckets
+            return group(start)[batch_index - start]
+        rng = np.random.default_rng([seed, _SPLIT_CODE[split], batch_index])
+        top, padded, rate, _, _ = schedule(batch_index)
+        return as_arrays(*generate_batch(task, rng.integers(low, top + 1, size=batch_size), rng,
+                                         answer_length, padded, modulus, rate, copy_rate, distractor_scale))
 
     if split == "train":
         def to_tensors(b):
             tokens, answers, steps = tf.numpy_function(make, [b], [tf.int32] * 3, stateful=False)
-            tokens.set_shape((batch_size, None if staged else pad_to))
+            tokens.set_shape((batch_size, None if staged or bucketed else pad_to))
             answers.set_shape((batch_size, answer_length))
             steps.set_shape((batch_size,))
             return {"tokens": tokens}, {"answers": answers, "steps": steps}
