@@ -262,6 +262,33 @@ def test_jsonl_file_task_reads_problems_and_streams_them_resumably(tmp_path):
         assert int(a) + int(b) == int(chains.decode(answer))
 
 
+def test_jsonl_file_task_length_buckets_cut_sorted_batches_and_resume_mid_group(tmp_path):
+    lines = [{"input": "+".join(["1"] * n), "answer": str(n % 10)} for n in range(1, 41)]  # 1 to 79 chars
+    train = _write(tmp_path / "train.jsonl", lines)
+    longest = 79 + 1  # the longest line and its answer slot
+
+    def batches(start_batch, count, buckets=4):
+        ds = chains.file_dataset(train, "", "train", 5, answer_length=1, max_tokens=128, seed=2,
+                                 start_batch=start_batch, length_buckets=buckets)
+        return [(inputs["tokens"].numpy(), labels["answers"].numpy()) for inputs, labels in ds.take(count)]
+
+    served = batches(0, 16)  # two epochs of 8 batches
+    grid = {20, 40, 60, 80}
+    for tokens, answers in served:
+        lengths = (tokens != chains.PAD).sum(axis=1)
+        assert tokens.shape[1] == min(b for b in grid if b >= lengths.max())
+        for row, answer in zip(tokens, answers):  # cut only PADs: every problem whole, with its answer
+            text = chains.decode(row)
+            assert chains.encode_answer(str(text.count("1") % 10), 1) == answer.tolist()
+    group = sorted(((t != chains.PAD).sum(axis=1) for t, _ in served[:4]), key=np.min)
+    assert all(a.max() <= b.min() for a, b in zip(group, group[1:]))  # a group is sorted by length
+    firsts = [sorted(chains.decode(t) for t in tokens) for tokens, _ in served[:8]]
+    assert sorted(sum(firsts, [])) == sorted(line["input"] for line in lines)  # an epoch is the file once
+    for resumed, (tokens, _) in zip(batches(6, 4), served[6:10]):
+        np.testing.assert_array_equal(resumed[0], tokens)
+    assert {t.shape[1] for t, _ in batches(0, 4, buckets=1)} == {longest}
+
+
 @pytest.mark.parametrize("line, message", [
     ("not json", r"train.jsonl:2: not a JSON object"),
     ({"answer": "1"}, r"train.jsonl:2: missing key 'input'"),

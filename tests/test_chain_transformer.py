@@ -450,7 +450,6 @@ def test_model_fit_uses_the_family_loss_and_the_keras_file_round_trips(tmp_path)
     (dict(task="lego", train_max_len=16, train_distractor_scale=5), "more than the 52 names"),
     (dict(task="reassign", train_distractor_scale=0), "train_distractor_scale must be >= 1"),
     (dict(train_length_buckets=0), "train_length_buckets must be >= 1"),
-    (dict(task="file", train_length_buckets=4), "is for generated tasks, got 4 for task 'file'"),
     (dict(halt_confidence=1.0), r"halt_confidence must be in \[0, 1\)"),
     (dict(global_heads=5, heads=4), "global_heads must be in 0..heads=4"),
     (dict(readout="pool"), "unknown readout 'pool'"),

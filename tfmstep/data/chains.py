@@ -605,10 +605,13 @@ def read_file_task(train_file: str, test_file: str, *, answer_length: int, max_t
 
 def file_dataset(train_file: str, test_file: str, split: str, batch_size: int, *, seed: int = 0,
                  start_batch: int = 0, answer_length: int, max_tokens: int, max_steps: int | None = None,
-                 tokenizer=CHARS):
+                 tokenizer=CHARS, length_buckets: int = 1):
     """A user's JSONL task. "train": the train file, reshuffled every epoch; batch b starts at stream
-    position b * batch_size (exact resume). "validation": the test file when given, else the train
-    file's last 10%. "test": the test file (its characters must all occur in the train file)."""
+    position b * batch_size (exact resume); with ``length_buckets`` N > 1, every N batches of the stream
+    are sorted by length, cut into N batches served in a shuffled order, and each is cut to the shortest
+    of N evenly spaced lengths up to the file's longest that holds it (as ``generated_dataset``).
+    "validation": the test file when given, else the train file's last 10%. "test": the test file (its
+    characters must all occur in the train file)."""
     from tfmstep.data import common
 
     train, test = read_file_task(train_file, test_file if split != "train" else "", answer_length=answer_length,
@@ -623,11 +626,33 @@ def file_dataset(train_file: str, test_file: str, split: str, batch_size: int, *
         raise UserError("task=file needs --config=test_file=<jsonl> for the test split")
     inputs, labels = make_batch(problems, answer_length, tokenizer=tokenizer)  # padded to the longest
     if split == "train":
-        indices = common.shuffled_index_stream(len(problems), seed, int(start_batch) * batch_size)
+        if length_buckets < 1:
+            raise UserError(f"length_buckets must be >= 1, got {length_buckets}")
+        first_group, skip = divmod(int(start_batch), length_buckets)
+        indices = common.shuffled_index_stream(len(problems), seed, first_group * length_buckets * batch_size)
         tensors = (tf.constant(inputs["tokens"]), tf.constant(labels["answers"]), tf.constant(labels["steps"]))
+        lengths = tf.reduce_sum(tf.cast(tensors[0] != PAD, tf.int32), axis=1)
+        longest = int(inputs["tokens"].shape[1])
+        grid = tf.constant(sorted({math.ceil(longest * (i + 1) / length_buckets) for i in range(length_buckets)}))
+
+        def sorted_batches(group, index):
+            """A group's N * B stream indices as N batches of similar lengths, in a shuffled order."""
+            by_length = tf.reshape(tf.gather(index, tf.argsort(tf.gather(lengths, index), stable=True)),
+                                   [length_buckets, batch_size])
+            order = tf.random.experimental.stateless_shuffle(
+                tf.range(length_buckets), seed=tf.stack([tf.cast(seed, tf.int64), group]))
+            return tf.data.Dataset.from_tensor_slices(tf.gather(by_length, order))
 
         def gather(index):
-            return ({"tokens": tf.gather(tensors[0], index)},
+            width = longest
+            if length_buckets > 1:  # trailing PADs beyond the batch's bucket cut off
+                width = tf.reduce_min(tf.boolean_mask(grid, grid >= tf.reduce_max(tf.gather(lengths, index))))
+            return ({"tokens": tf.gather(tensors[0], index)[:, :width]},
                     {"answers": tf.gather(tensors[1], index), "steps": tf.gather(tensors[2], index)})
-        return indices.batch(batch_size, drop_remainder=True).map(gather).prefetch(tf.data.AUTOTUNE)
+        if length_buckets == 1:
+            batches = indices.batch(batch_size, drop_remainder=True)
+        else:
+            batches = (indices.batch(length_buckets * batch_size, drop_remainder=True).enumerate(first_group)
+                       .flat_map(sorted_batches).skip(skip))
+        return batches.map(gather).prefetch(tf.data.AUTOTUNE)
     return tf.data.Dataset.from_tensor_slices((inputs, labels)).batch(batch_size)

@@ -101,8 +101,9 @@ class ChainConfig:
     train_distractor_scale: int = 1
     # Training batches in groups of this many, each group sorted by text length and every batch padded to
     # the shortest of as many evenly spaced lengths that holds it (1: each batch padded to its stage's
-    # longest). A step's cost grows with its padded length, and a stage's texts average about half its
-    # longest (reassign with train_distractor_scale=3: 77 of 195 tokens at k <= 8).
+    # longest text, or a file task's longest line). A step's cost grows with its padded length, and a
+    # stage's texts average well under its longest (reassign with train_distractor_scale=3: 77 of 195
+    # tokens at k <= 8).
     train_length_buckets: int = 1
     # Model.
     looped: bool = True  # False: the stacked baseline
@@ -248,9 +249,8 @@ class ChainConfig:
             raise UserError(f"train_distractor_scale must be >= 1 and applies to tasks "
                             f"{', '.join(chains.DISTRACTOR_SCALE_TASKS)} only, got {self.train_distractor_scale} "
                             f"for task {self.task!r}")
-        if self.train_length_buckets < 1 or (self.train_length_buckets > 1 and self.task == chains.FILE_TASK):
-            raise UserError(f"train_length_buckets must be >= 1 and is for generated tasks, got "
-                            f"{self.train_length_buckets} for task {self.task!r}")
+        if self.train_length_buckets < 1:
+            raise UserError(f"train_length_buckets must be >= 1, got {self.train_length_buckets}")
         if self.task == "lego" and chains.names_needed("lego", self.train_max_len,
                                                        self.train_distractor_scale) > len(chains.NAMES):
             raise UserError(f"train_distractor_scale={self.train_distractor_scale} at train_max_len="
@@ -798,7 +798,8 @@ def _file_limits(config: ChainConfig) -> dict:
 def chain_dataset(config: ChainConfig, split: str, batch_size: int, seed: int = 0, start_batch: int = 0):
     if config.task == chains.FILE_TASK:
         return chains.file_dataset(config.train_file, config.test_file, split, batch_size, seed=seed,
-                                   start_batch=start_batch, **_file_limits(config))
+                                   start_batch=start_batch, length_buckets=config.train_length_buckets,
+                                   **_file_limits(config))
     return chains.generated_dataset(config.task, split, batch_size, seed=seed, start_batch=start_batch,
                                     train_min_len=config.train_min_len, train_max_len=config.train_max_len,
                                     test_max_len=config.test_max_len, answer_length=config.answers,
