@@ -448,9 +448,9 @@ def generated_dataset(task: str, split: str, batch_size: int, *, seed: int = 0, 
     a group's problems are drawn together (from the seed and the group's first batch), sorted by length
     and cut into N batches, served in a shuffled order, each padded to the shortest length that holds it
     among N evenly spaced ones up to the longest training text's and its stage's own -- so a batch of
-    short problems is not padded to the longest (a few shapes in all, each compiled once). "validation": the train range, finite.
-    "test": k uniform in [1, test_max_len], finite. Without stages, every batch of a split is padded to
-    one length (or to its bucket's)."""
+    short problems is not padded to the longest (a few shapes in all, each compiled once).
+    "validation": the train range, finite. "test": k uniform in [1, test_max_len], finite. Without
+    stages, every batch of a split is padded to one length (or to its bucket's)."""
     if split not in _SPLIT_CODE:
         raise UserError(f"unknown split {split!r}; choose train, validation or test")
     low, high = (1, test_max_len) if split == "test" else (train_min_len, train_max_len)
