@@ -425,6 +425,13 @@ def fixed_length_batches(task: str, k: int, num_examples: int, batch_size: int, 
 _SPLIT_CODE = {"train": 0, "validation": 1, "test": 2}
 
 
+def length_grid(longest: int, buckets: int) -> list[int]:
+    """The padded lengths of ``buckets`` length buckets: evenly spaced up to ``longest``."""
+    if buckets < 1:
+        raise UserError(f"length_buckets must be >= 1, got {buckets}")
+    return sorted({math.ceil(longest * (i + 1) / buckets) for i in range(buckets)})
+
+
 def generated_dataset(task: str, split: str, batch_size: int, *, seed: int = 0, start_batch: int = 0,
                       train_min_len: int = 1, train_max_len: int = 8, test_max_len: int = 32,
                       modulus: int = 5, answer_length: int = 1, eval_examples: int = 512,
@@ -461,8 +468,7 @@ def generated_dataset(task: str, split: str, batch_size: int, *, seed: int = 0, 
     staged = split == "train" and bool(curriculum_stages)
     stage_ends = np.cumsum([batches for _, batches in curriculum_stages], dtype=np.int64)
 
-    if length_buckets < 1:
-        raise UserError(f"length_buckets must be >= 1, got {length_buckets}")
+    grid = length_grid(pad_to, length_buckets)  # one grid for every stage, so stages share compiled shapes
     bucketed = split == "train" and length_buckets > 1
     copy_rate = train_copy_rate if split == "train" else None
 
@@ -496,9 +502,7 @@ def generated_dataset(task: str, split: str, batch_size: int, *, seed: int = 0, 
                     for k in rng.integers(low, top + 1, size=size * batch_size)]
         lengths = np.array([len(problem_ids(text, answer_length)) for text, _, _ in problems])
         by_length = np.argsort(lengths, kind="stable")
-        # One grid for every stage (fractions of the longest training text) so stages share compiled shapes.
-        buckets = sorted({math.ceil(pad_to * (i + 1) / length_buckets) for i in range(length_buckets)
-                          if math.ceil(pad_to * (i + 1) / length_buckets) < padded} | {padded})
+        buckets = [b for b in grid if b < padded] + [padded]
         batches = []
         for j in rng.permutation(size):
             rows = by_length[j * batch_size:(j + 1) * batch_size]
@@ -626,14 +630,12 @@ def file_dataset(train_file: str, test_file: str, split: str, batch_size: int, *
         raise UserError("task=file needs --config=test_file=<jsonl> for the test split")
     inputs, labels = make_batch(problems, answer_length, tokenizer=tokenizer)  # padded to the longest
     if split == "train":
-        if length_buckets < 1:
-            raise UserError(f"length_buckets must be >= 1, got {length_buckets}")
+        longest = int(inputs["tokens"].shape[1])
+        grid = tf.constant(length_grid(longest, length_buckets))
         first_group, skip = divmod(int(start_batch), length_buckets)
         indices = common.shuffled_index_stream(len(problems), seed, first_group * length_buckets * batch_size)
         tensors = (tf.constant(inputs["tokens"]), tf.constant(labels["answers"]), tf.constant(labels["steps"]))
         lengths = tf.reduce_sum(tf.cast(tensors[0] != PAD, tf.int32), axis=1)
-        longest = int(inputs["tokens"].shape[1])
-        grid = tf.constant(sorted({math.ceil(longest * (i + 1) / length_buckets) for i in range(length_buckets)}))
 
         def sorted_batches(group, index):
             """A group's N * B stream indices as N batches of similar lengths, in a shuffled order."""
