@@ -154,8 +154,8 @@ class ChainConfig:
     # problems whose answer was still arriving (top probability ~0.8, right two iterations later).
     halt_confidence: float = 0.0
     # Training cost of the state's mean |change| per iteration after iteration k, which teaches the loop
-    # to settle once the answer is due (what the fixed-point rule reads); 0: none (lego: k = 16 at 0.16
-    # against 0.54 with it, though a distractor clause deeper than k is charged too -- results/chain/README.md).
+    # to settle once the answer is due (what the fixed-point rule reads); 0: none (lego / kinship: k = 16 at
+    # 0.16 / 0.15 against 0.54 / 0.39 with it, though a clause deeper than k is charged too -- results/chain/README.md).
     fixed_point_weight: float = 0.5
     relative_clip: int = 8  # relative offsets beyond +-clip share one learned bias (plus the slopes)
     # Attention reach of the prelude and core (the stack, in the baseline). All heads but `global_heads`
