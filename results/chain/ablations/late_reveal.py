@@ -93,12 +93,16 @@ def ids(texts):
     return tf.pad(t, [[0, 0], [1, 0]], constant_values=chains.FIRST_CHAR_ID) if c.start_token else t
 real_ids, hidden_ids = ids(real), ids(hidden)
 truth = np.array(truth)
+# The copied loop must be the model's own: from zeros it answers as call() does.
+reference = model({"tokens": real_ids[:, 1:] if c.start_token else real_ids}, training=False, num_loops=K + 2,
+                  use_halting=False)["logits"].numpy().argmax(-1)[:, 0]
+assert (answers(real_ids, run(real_ids, None, K + 2)) == reference).all(), "the copied inference path differs"
 print(f"lego K={K}, {P} problems (chain clause at depth {J} hidden first), text {width} tokens; {workdir}")
 for N in Ns:
     state = run(hidden_ids, None, N) if N else None
     accs = []
-    for M in (K + 2, K + 6, K + 12):
-        s = run(real_ids, state, M)
-        accs.append((answers(real_ids, s) == truth).mean())
+    for more in (K + 2, 4, 6):  # read after K + 2, K + 6 and K + 12 iterations, each run once
+        state = run(real_ids, state, more)
+        accs.append((answers(real_ids, state) == truth).mean())
     print(f"N={N:3d} hidden iterations first: accuracy after K+2/K+6/K+12 more = "
           + " / ".join(f"{a:.3f}" for a in accs), flush=True)
